@@ -1,0 +1,36 @@
+# Set-up and checks. `make test` and `make demo` work from a fresh clone: they create .venv first.
+# TORCH picks the PyTorch build; the default is the CPU build (`make test TORCH=torch` on a CUDA machine).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+DEMO_MODEL ?= sample_models/mlp_uneven.onnx
+DEMO_OUT ?= build/demo
+
+.PHONY: install test demo samples bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+test: install
+	$(BIN)/python -m pytest -q
+
+demo: install
+	mkdir -p $(DEMO_OUT)
+	$(BIN)/pathcond inspect $(DEMO_MODEL)
+	$(BIN)/pathcond rescale $(DEMO_MODEL) $(DEMO_OUT)/rescaled.onnx --force
+
+samples: install
+	$(BIN)/python sample_models/make_samples.py
+
+bench: install
+	$(BIN)/python benchmarks/bench_solver.py
+
+clean:
+	rm -rf $(VENV) build .pytest_cache

@@ -1,0 +1,58 @@
+"""The user-facing error types and the exit codes they map to.
+
+A :class:`PathcondError` is a mistake or a limit the user can act on: the CLI prints its message and
+exits with its code, without a traceback. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+EXIT_OK = 0
+EXIT_VERIFICATION_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNSUPPORTED = 3
+
+
+class PathcondError(Exception):
+    """Base class of errors caused by the input or the options, not by pathcond itself."""
+
+    exit_code = EXIT_USAGE
+
+
+class UsageError(PathcondError):
+    """Bad options, an unreadable input, or an output that may not be written."""
+
+    exit_code = EXIT_USAGE
+
+
+@dataclass(frozen=True)
+class Offender:
+    """One node that keeps a model from being treated as a ReLU network."""
+
+    node: str
+    op: str
+    why: str
+
+
+class UnsupportedModelError(PathcondError):
+    """The model is not a positively homogeneous (ReLU) network, or uses ops pathcond does not know."""
+
+    exit_code = EXIT_UNSUPPORTED
+
+    def __init__(self, message: str, offenders: list[Offender] | None = None):
+        super().__init__(message)
+        self.offenders = list(offenders or [])
+
+
+class VerificationError(PathcondError):
+    """The rescaled model does not compute the same function as the original, within tolerance."""
+
+    exit_code = EXIT_VERIFICATION_FAILED
+
+
+class NumericalError(PathcondError):
+    """A statistic or a rescaling factor came out non-finite; nothing is written."""
+
+    exit_code = EXIT_UNSUPPORTED
+
