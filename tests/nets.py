@@ -1,0 +1,174 @@
+"""Small test architectures written here (torchvision is not available beside the CPU torch build).
+
+Each factory returns a module in eval mode with deterministic, non-trivial parameters (BatchNorm running
+statistics and affine parameters randomised so that a wrong rescaling of them would show).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _randomise_bn(module: nn.Module, generator: torch.Generator) -> None:
+    for m in module.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=generator) * 0.3)
+            m.running_var.copy_(torch.rand(c, generator=generator) + 0.5)
+            if m.affine:
+                m.weight.data.copy_(torch.rand(c, generator=generator) + 0.5)
+                m.bias.data.copy_(torch.randn(c, generator=generator) * 0.2)
+
+
+def _finish(module: nn.Module, seed: int) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        _randomise_bn(module, g)
+    return module.eval()
+
+
+class MLP(nn.Module):
+    """Uneven widths, biases: the case where PathCond matters most."""
+
+    def __init__(self, widths=(8, 32, 4, 16, 3), bias: bool = True):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+            layers.append(nn.Linear(a, b, bias=bias))
+            if i < len(widths) - 2:
+                layers.append(nn.ReLU())
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class SmallCNN(nn.Module):
+    """Conv + BN + ReLU + max-pool, conv + BN + ReLU + average pool, global pooling, linear head."""
+
+    def __init__(self, in_ch: int = 3, classes: int = 5):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_ch, 8, 3, padding=1, bias=False),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.AvgPool2d(2),
+            nn.Conv2d(16, 12, 3, padding=1),
+            nn.ReLU(),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(12, classes)
+
+    def forward(self, x):
+        return self.head(torch.flatten(self.pool(self.features(x)), 1))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return torch.relu(y + self.shortcut(x))
+
+
+class ResNetLike(nn.Module):
+    """A stem, two identity-shortcut blocks, one block with a 1x1 conv shortcut, global pool, fc."""
+
+    def __init__(self, in_ch: int = 3, width: int = 8, classes: int = 4):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_ch, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.layer1 = nn.Sequential(BasicBlock(width, width), BasicBlock(width, width))
+        self.layer2 = BasicBlock(width, 2 * width, stride=2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2 * width, classes)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.stem(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class PlainResNet(nn.Module):
+    """Residual blocks without BatchNorm: identity shortcuts join groups across the whole stream."""
+
+    def __init__(self, in_ch: int = 2, width: int = 4, classes: int = 3):
+        super().__init__()
+        self.stem = nn.Conv2d(in_ch, width, 3, padding=1)
+        self.a1 = nn.Conv2d(width, 6, 3, padding=1)
+        self.a2 = nn.Conv2d(6, width, 3, padding=1)
+        self.b1 = nn.Conv2d(width, 5, 1)
+        self.b2 = nn.Conv2d(5, width, 1)
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(x + self.a2(torch.relu(self.a1(x))))
+        x = torch.relu(x + self.b2(torch.relu(self.b1(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class ConcatNet(nn.Module):
+    """Two branches concatenated along channels, then a max-pool and a linear head."""
+
+    def __init__(self, in_ch: int = 3, classes: int = 3):
+        super().__init__()
+        self.stem = nn.Conv2d(in_ch, 6, 3, padding=1)
+        self.left = nn.Conv2d(6, 4, 3, padding=1)
+        self.right = nn.Conv2d(6, 7, 1)
+        self.mix = nn.Conv2d(11, 5, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Linear(5 * 4 * 4, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.cat([torch.relu(self.left(x)), torch.relu(self.right(x))], dim=1)
+        x = self.pool(torch.relu(self.mix(x)))
+        return self.head(torch.flatten(x, 1))
+
+
+def mlp(seed: int = 0, widths=(8, 32, 4, 16, 3)) -> nn.Module:
+    torch.manual_seed(seed)
+    return _finish(MLP(widths), seed)
+
+
+def small_cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return _finish(SmallCNN(), seed)
+
+
+def resnet_like(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return _finish(ResNetLike(), seed)
+
+
+def plain_resnet(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return _finish(PlainResNet(), seed)
+
+
+def concat_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return _finish(ConcatNet(), seed)
+
+
+#: name -> (factory, input shape at batch 1)
+ZOO = {
+    "mlp": (mlp, (1, 8)),
+    "small_cnn": (small_cnn, (1, 3, 16, 16)),
+    "resnet_like": (resnet_like, (1, 3, 8, 8)),
+    "plain_resnet": (plain_resnet, (1, 2, 6, 6)),
+    "concat_net": (concat_net, (1, 3, 8, 8)),
+}
