@@ -1,0 +1,397 @@
+"""The PathCond solver (MATH §5–6) on the block-aggregated problem.
+
+With λ_j = e^{u_j} per free group and ``u_ext = [0, u]`` (index 0 = pinned), parameter i is rescaled by
+e^{(Bu)_i}, (Bu)_i = u[out(i)] − u[in(i)]. All parameters with the same (out, in) pair share that
+factor, so the objective only needs one number per *block*: ln Σ g over the block and the block's size.
+
+    F(u) = G · ln Σ_b g_b e^{−2(Bu)_b} + 2 Σ_j k_j u_j,     k_j = n_in(j) − n_out(j)
+
+Three methods reach the same minimum:
+
+* ``"bcd"``: exact block coordinate descent. λ = G/S is optimal for the current u; then groups that
+  share no block (a colour class) are independent and each solves λ·C·x² + k·x − λ·A = 0 in closed
+  form; u_j += ½ ln x.
+* ``"auto"`` (default): a few BCD sweeps, then L-BFGS on the smooth convex F (it removes the slow
+  "ramp" mode of deep chains), then BCD again if needed.
+* ``"sequential"``: the per-group exact update of MATH §6, one group at a time (the reference; slow).
+
+Every method stops on optimality: the largest |ln x| over free groups, x being the exact coordinate
+minimiser of F along u_j at the current point ((G+k)·C·x² + k·R·x + (k−G)·A = 0), must fall below
+``tol``. Groups with no incoming or no outgoing mass (A = 0 or C = 0) have no finite optimum: they are
+pinned and reported.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .groups import Role
+
+LOG2 = math.log(2.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Blocks
+
+
+@dataclass
+class Blocks:
+    """The aggregated problem. Index 0 of the group space is the pinned group (u = 0)."""
+
+    out: torch.Tensor  # (nb,) int64
+    inn: torch.Tensor  # (nb,) int64
+    log_g: torch.Tensor  # (nb,) float64, ln Σ g over the block (-inf when all g are 0)
+    count: torch.Tensor  # (nb,) float64, parameters in the block
+    count_pos: torch.Tensor  # (nb,) float64, parameters with g > 0
+    sum_log_g_pos: float  # Σ ln g over parameters with g > 0
+    n_groups: int  # H (free groups before degeneracy checks)
+    levels: torch.Tensor | None = None  # (H+1,) a coarse colouring hint (see build_blocks)
+
+    @property
+    def n_params(self) -> int:
+        return int(self.count.sum())
+
+    @property
+    def n_params_pos(self) -> int:
+        return int(self.count_pos.sum())
+
+
+def scatter_logsumexp(values: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    """ln Σ exp(values) per index (−inf for empty slots)."""
+    top = torch.full((n,), -math.inf, dtype=values.dtype, device=values.device)
+    top = top.scatter_reduce(0, index, values, reduce="amax", include_self=True)
+    safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    total = torch.zeros(n, dtype=values.dtype, device=values.device)
+    total = total.scatter_add(0, index, torch.exp(values - safe[index]))
+    return safe + torch.log(total)
+
+
+def _role_blocks(role: Role, log_g: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(out, in, ln Σ g, count, count of g > 0) for the blocks of one parameter tensor."""
+    device = log_g.device
+    finite = torch.isfinite(log_g)
+    top = float(log_g[finite].max()) if bool(finite.any()) else 0.0
+    mats = [torch.exp(log_g - top), torch.ones_like(log_g), finite.to(torch.float64)]
+    out_idx = role.out_idx.to(device)
+    o = role.shape[0]
+    if role.in_idx is None or role.in_idx.dim() == 2:  # bias, BN, diag, grouped conv: per (o, i') entry
+        in_idx = torch.zeros((o, 1), dtype=torch.int64, device=device) if role.in_idx is None else role.in_idx.to(device)
+        mats = [m.reshape(o, in_idx.shape[1], -1).sum(-1) for m in mats]
+        outs = out_idx[:, None].expand_as(in_idx).reshape(-1)
+        return (outs, in_idx.reshape(-1), *(m.reshape(-1) for m in mats), top)
+    in_idx = role.in_idx.to(device)  # dense weight: collapse input channels, then output channels
+    uniq_in, inv_in = torch.unique(in_idx, return_inverse=True)
+    uniq_out, inv_out = torch.unique(out_idx, return_inverse=True)
+    reduced = []
+    for m in mats:
+        m = m.reshape(o, in_idx.shape[0], -1).sum(-1)
+        m = torch.zeros((o, len(uniq_in)), dtype=m.dtype, device=device).index_add_(1, inv_in, m)
+        m = torch.zeros((len(uniq_out), len(uniq_in)), dtype=m.dtype, device=device).index_add_(0, inv_out, m)
+        reduced.append(m.reshape(-1))
+    outs = uniq_out[:, None].expand(len(uniq_out), len(uniq_in)).reshape(-1)
+    ins = uniq_in[None, :].expand(len(uniq_out), len(uniq_in)).reshape(-1)
+    return (outs, ins, *reduced, top)
+
+
+def build_blocks(
+    roles: Sequence[Role], log_g: Sequence[torch.Tensor], n_groups: int, levels: torch.Tensor | None = None
+) -> Blocks:
+    """Aggregate per-parameter ln g into blocks of equal (out group, in group)."""
+    parts = [_role_blocks(r, lg.to(torch.float64)) for r, lg in zip(roles, log_g)]
+    device = log_g[0].device if log_g else torch.device("cpu")
+    if not parts:
+        empty = torch.zeros(0, dtype=torch.float64, device=device)
+        return Blocks(empty.long(), empty.long(), empty, empty, empty, 0.0, n_groups, levels)
+    out = torch.cat([p[0] for p in parts])
+    inn = torch.cat([p[1] for p in parts])
+    log_vals = torch.cat([torch.log(p[2]) + p[5] for p in parts])
+    key = out * (n_groups + 1) + inn
+    uniq, inv = torch.unique(key, return_inverse=True)
+    nb = len(uniq)
+    merged = scatter_logsumexp(log_vals, inv, nb)
+    count = torch.zeros(nb, dtype=torch.float64, device=device).scatter_add(0, inv, torch.cat([p[3] for p in parts]))
+    pos = torch.zeros(nb, dtype=torch.float64, device=device).scatter_add(0, inv, torch.cat([p[4] for p in parts]))
+    sum_log = sum(float(lg[torch.isfinite(lg)].double().sum()) for lg in log_g)
+    return Blocks(uniq // (n_groups + 1), uniq % (n_groups + 1), merged, count, pos, sum_log, n_groups, levels)
+
+
+# --------------------------------------------------------------------------------------------------
+# The objective and the closed-form coordinate minimisers
+
+
+def _positive_root_log(log_a: torch.Tensor, b: torch.Tensor, log_c: torch.Tensor) -> torch.Tensor:
+    """ln x for the positive root of a·x² + b·x − c = 0 (a, c > 0), stable in log space."""
+    log_abs_b = torch.log(b.abs())
+    log_q = LOG2 + 0.5 * (log_a + log_c)  # q = 2√(ac)
+    top = torch.maximum(log_abs_b, log_q)
+    p, q = torch.exp(log_abs_b - top), torch.exp(log_q - top)
+    log_l = top + torch.log(p + torch.hypot(p, q))  # ln(|b| + √(b² + 4ac))
+    return torch.where(b >= 0, LOG2 + log_c - log_l, log_l - LOG2 - log_a)
+
+
+@dataclass
+class _State:
+    """Precomputed per-problem tensors."""
+
+    blocks: Blocks
+    fixed: torch.Tensor  # (H+1,) bool: pinned (index 0) or degenerate
+    k: torch.Tensor  # (H+1,) float64
+    k_pos: torch.Tensor  # (H+1,) float64, counting only g > 0 (for the score)
+    G: float
+    pos_mask: torch.Tensor  # blocks with g > 0
+    cross: torch.Tensor  # blocks with out != in
+
+    def block_logs(self, u: torch.Tensor) -> torch.Tensor:
+        b = self.blocks
+        return b.log_g - 2.0 * (u[b.out] - u[b.inn])
+
+    def objective(self, u: torch.Tensor) -> float:
+        lv = self.block_logs(u)[self.pos_mask]
+        return float(self.G * torch.logsumexp(lv, 0) + 2.0 * (self.k * u).sum())
+
+    def log_score(self, u: torch.Tensor) -> float:
+        """ln(AM/GM) of the rescaled diagonal over parameters with g > 0."""
+        b = self.blocks
+        gp = float(b.count_pos.sum())
+        if gp == 0:
+            return 0.0
+        log_s = float(torch.logsumexp(self.block_logs(u)[self.pos_mask], 0))
+        mean_log = (b.sum_log_g_pos - 2.0 * float((self.k_pos * u).sum())) / gp
+        return max(0.0, log_s - math.log(gp) - mean_log)
+
+    def group_sums(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ln A, ln C, ln S): incoming and outgoing mass per group, total mass."""
+        b, n = self.blocks, self.blocks.n_groups + 1
+        lv = self.block_logs(u)
+        lv_cross = lv[self.cross]
+        log_a = scatter_logsumexp(lv_cross, b.out[self.cross], n)
+        log_c = scatter_logsumexp(lv_cross, b.inn[self.cross], n)
+        return log_a, log_c, torch.logsumexp(lv, 0)
+
+    def coordinate_log_x(self, u: torch.Tensor) -> torch.Tensor:
+        """ln x of the exact coordinate minimiser of every group at ``u`` (MATH §6); 0 on fixed groups."""
+        log_a, log_c, log_s = self.group_sums(u)
+        # R = S − A − C (the mass that does not move with u_j), ≥ 0 up to rounding
+        rel = torch.exp(log_a - log_s) + torch.exp(log_c - log_s)
+        log_r = log_s + torch.log1p(-torch.clamp(rel, max=1.0))
+        G, k = self.G, self.k
+        b = k * torch.exp(log_r)
+        log_x = _positive_root_log(torch.log(G + k) + log_c, b, torch.log(G - k) + log_a)
+        return torch.where(self.fixed, torch.zeros_like(log_x), log_x)
+
+    def bcd_step(self, u: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
+        """One exact block update of the groups in ``colour`` (mutually independent)."""
+        log_a, log_c, log_s = self.group_sums(u)
+        log_lam = math.log(self.G) - log_s
+        log_x = _positive_root_log(log_lam + log_c, self.k, log_lam + log_a)
+        step = torch.where(colour, 0.5 * log_x, torch.zeros_like(log_x))
+        return u + step
+
+
+def _prepare(blocks: Blocks) -> tuple[_State, list[int]]:
+    """Counts per group, and the groups with no incoming or outgoing mass (pinned as degenerate)."""
+    n = blocks.n_groups + 1
+    dev = blocks.log_g.device
+    zeros = torch.zeros(n, dtype=torch.float64, device=dev)
+    k = zeros.scatter_add(0, blocks.out, blocks.count).scatter_add(0, blocks.inn, -blocks.count)
+    k_pos = zeros.scatter_add(0, blocks.out, blocks.count_pos).scatter_add(0, blocks.inn, -blocks.count_pos)
+    cross = blocks.out != blocks.inn
+    pos = torch.isfinite(blocks.log_g)
+    state = _State(blocks, torch.zeros(n, dtype=torch.bool, device=dev), k, k_pos, float(blocks.count.sum()), pos, cross)
+    log_a, log_c, _ = state.group_sums(torch.zeros(n, dtype=torch.float64, device=dev))
+    fixed = ~torch.isfinite(log_a) | ~torch.isfinite(log_c)
+    fixed[0] = True
+    degenerate = [int(j) for j in torch.nonzero(fixed[1:]).reshape(-1) + 1]
+    state.fixed = fixed
+    return state, degenerate
+
+
+# --------------------------------------------------------------------------------------------------
+# Colouring: groups that share a block may not move together
+
+
+def colour_classes(blocks: Blocks, fixed: torch.Tensor) -> list[torch.Tensor]:
+    """Boolean masks of independent sets covering the free groups.
+
+    Groups are first coloured by level (``blocks.levels``: groups of one level never share a block
+    unless the level conflicts with itself), which keeps the Python work proportional to the number of
+    levels; a level that conflicts with itself is coloured group by group.
+    """
+    n = blocks.n_groups + 1
+    free = ~fixed
+    sel = (blocks.out != blocks.inn) & free[blocks.out] & free[blocks.inn]
+    pairs = torch.stack([blocks.out[sel], blocks.inn[sel]], 1).cpu()
+    levels = blocks.levels.cpu() if blocks.levels is not None else torch.arange(n)
+    level_pairs = torch.unique(levels[pairs], dim=0) if len(pairs) else torch.zeros((0, 2), dtype=torch.int64)
+    self_conflict = {int(a) for a, b in level_pairs.tolist() if a == b}
+    level_colour = _greedy({(a, b) for a, b in level_pairs.tolist() if a != b}, sorted(set(levels[free.cpu()].tolist())))
+    fine = torch.zeros(n, dtype=torch.int64)
+    if self_conflict:
+        inner = [(a, b) for a, b in pairs.tolist() if int(levels[a]) == int(levels[b]) and int(levels[a]) in self_conflict]
+        members = [j for j in range(n) if bool(free[j]) and int(levels[j]) in self_conflict]
+        for j, c in _greedy(set(inner), members).items():
+            fine[j] = c
+    width = int(fine.max()) + 1
+    colour = torch.tensor([level_colour.get(int(levels[j]), 0) for j in range(n)]) * width + fine
+    colour = colour.to(fixed.device)
+    return [free & (colour == c) for c in torch.unique(colour[free]).tolist()]
+
+
+def _greedy(edges: set[tuple[int, int]], vertices: list[int]) -> dict[int, int]:
+    neighbours: dict[int, set[int]] = {v: set() for v in vertices}
+    for a, b in edges:
+        neighbours.setdefault(a, set()).add(b)
+        neighbours.setdefault(b, set()).add(a)
+    colour: dict[int, int] = {}
+    for v in vertices:
+        taken = {colour[w] for w in neighbours[v] if w in colour}
+        colour[v] = next(c for c in range(len(taken) + 1) if c not in taken)
+    return colour
+
+
+# --------------------------------------------------------------------------------------------------
+# Solving
+
+
+@dataclass
+class Solution:
+    u: torch.Tensor  # (H+1,) ln of the factor per group; u[0] = 0
+    objective_before: float
+    objective_after: float
+    log_score_before: float
+    log_score_after: float
+    sweeps: int
+    converged: bool
+    max_abs_log_x: float
+    method: str
+    history: list[float] = field(default_factory=list)
+    degenerate: list[int] = field(default_factory=list)  # groups pinned for lack of incoming/outgoing mass
+
+    @property
+    def max_abs_log_scale(self) -> float:
+        return float(self.u.abs().max()) if self.u.numel() else 0.0
+
+
+Progress = Callable[[int, float, float], None]  # (sweep, F, max |ln x|)
+
+
+def solve(
+    blocks: Blocks,
+    *,
+    method: str = "auto",
+    tol: float = 1e-3,
+    max_sweeps: int = 2000,
+    progress: Progress | None = None,
+) -> Solution:
+    """Minimise F over the free groups; stop when every coordinate is optimal within ``tol``."""
+    if method not in ("auto", "bcd", "sequential"):
+        raise ValueError(f"unknown solver method {method!r}")
+    state, degenerate = _prepare(blocks)
+    n = blocks.n_groups + 1
+    u = torch.zeros(n, dtype=torch.float64, device=blocks.log_g.device)
+    f0, s0 = state.objective(u), state.log_score(u)
+    run = _Run(state, tol, max_sweeps, progress)
+    if bool((~state.fixed).any()):
+        if method == "sequential":
+            u = run.sequential(u)
+        else:
+            u = run.bcd(u, warmup=(method == "auto"))
+            if method == "auto" and not run.converged:
+                u = run.bcd(run.lbfgs(u), warmup=False)
+    return Solution(
+        u=u,
+        objective_before=f0,
+        objective_after=state.objective(u),
+        log_score_before=s0,
+        log_score_after=state.log_score(u),
+        sweeps=run.sweeps,
+        converged=run.converged or not bool((~state.fixed).any()),
+        max_abs_log_x=run.last_gap,
+        method=method,
+        history=run.history,
+        degenerate=degenerate,
+    )
+
+
+class _Run:
+    """Bookkeeping shared by the methods: sweeps, F history, stopping rule."""
+
+    WARMUP_SWEEPS = 5
+    STALL = 1e-15  # relative decrease of F below which a method has stalled
+
+    def __init__(self, state: _State, tol: float, max_sweeps: int, progress: Progress | None):
+        self.state, self.tol, self.max_sweeps, self.progress = state, tol, max_sweeps, progress
+        self.sweeps, self.history, self.converged, self.last_gap = 0, [], False, math.inf
+
+    def record(self, u: torch.Tensor, passes: int = 1) -> bool:
+        """Count ``passes`` sweeps' worth of work; True when the method should stop (optimal, stalled,
+        or out of sweeps)."""
+        f = self.state.objective(u)
+        gap = float(self.state.coordinate_log_x(u).abs().max())
+        stalled = bool(self.history) and self.history[-1] - f <= self.STALL * max(1.0, abs(f))
+        self.sweeps += passes
+        self.history.append(f)
+        self.last_gap = gap
+        self.converged = gap <= self.tol
+        if self.progress:
+            self.progress(self.sweeps, f, gap)
+        return self.converged or stalled or self.sweeps >= self.max_sweeps
+
+    def bcd(self, u: torch.Tensor, warmup: bool) -> torch.Tensor:
+        colours = colour_classes(self.state.blocks, self.state.fixed)
+        limit = self.WARMUP_SWEEPS if warmup else self.max_sweeps
+        for _ in range(limit):
+            for colour in colours:
+                u = self.state.bcd_step(u, colour)
+            if self.record(u):
+                break
+        return u
+
+    def sequential(self, u: torch.Tensor) -> torch.Tensor:
+        free = [int(j) for j in torch.nonzero(~self.state.fixed).reshape(-1)]
+        while True:
+            for j in free:
+                log_x = self.state.coordinate_log_x(u)[j]
+                u = u.clone()
+                u[j] += 0.5 * log_x
+            if self.record(u):
+                return u
+
+    def lbfgs(self, u: torch.Tensor) -> torch.Tensor:
+        """Quasi-Newton steps on the smooth convex F over the free groups."""
+        state = self.state
+        free = ~state.fixed
+        x = u[free].clone().requires_grad_(True)
+        lv_mask = state.pos_mask
+
+        def full(xv: torch.Tensor) -> torch.Tensor:
+            return torch.zeros_like(u).masked_scatter(free, xv)
+
+        evaluations = [0]
+
+        def closure():
+            evaluations[0] += 1
+            opt.zero_grad()
+            uu = full(x)
+            f = state.G * torch.logsumexp(state.block_logs(uu)[lv_mask], 0) + 2.0 * (state.k * uu).sum()
+            f = f / state.G  # O(1) scale for the line search tolerances
+            f.backward()
+            return f
+
+        opt = torch.optim.LBFGS(
+            [x], lr=1.0, max_iter=20, history_size=30, line_search_fn="strong_wolfe",
+            tolerance_grad=0.0, tolerance_change=0.0,
+        )
+        while True:
+            evaluations[0] = 0
+            opt.step(closure)
+            uu = full(x.detach())
+            if self.record(uu, passes=evaluations[0]):
+                return uu
+
+
+__all__ = ["Blocks", "Solution", "build_blocks", "colour_classes", "scatter_logsumexp", "solve"]
