@@ -192,7 +192,7 @@ class _State:
         return u + step
 
 
-def _prepare(blocks: Blocks) -> tuple[_State, list[int]]:
+def _prepare(blocks: Blocks) -> tuple[_State, list[tuple[int, str]]]:
     """Counts per group, and the groups with no incoming or outgoing mass (pinned as degenerate)."""
     n = blocks.n_groups + 1
     dev = blocks.log_g.device
@@ -203,9 +203,14 @@ def _prepare(blocks: Blocks) -> tuple[_State, list[int]]:
     pos = torch.isfinite(blocks.log_g)
     state = _State(blocks, torch.zeros(n, dtype=torch.bool, device=dev), k, k_pos, float(blocks.count.sum()), pos, cross)
     log_a, log_c, _ = state.group_sums(torch.zeros(n, dtype=torch.float64, device=dev))
-    fixed = ~torch.isfinite(log_a) | ~torch.isfinite(log_c)
+    no_in, no_out = ~torch.isfinite(log_a), ~torch.isfinite(log_c)
+    fixed = no_in | no_out
     fixed[0] = True
-    degenerate = [int(j) for j in torch.nonzero(fixed[1:]).reshape(-1) + 1]
+    degenerate = [
+        (j, "dead unit: g = 0 on all its incoming parameters (its outgoing weights are all zero)"
+         if bool(no_in[j]) else "dead unit: g = 0 on all its outgoing weights (nothing reaches it)")
+        for j in (torch.nonzero(fixed[1:]).reshape(-1) + 1).tolist()
+    ]
     state.fixed = fixed
     return state, degenerate
 
@@ -269,7 +274,7 @@ class Solution:
     max_abs_log_x: float
     method: str
     history: list[float] = field(default_factory=list)
-    degenerate: list[int] = field(default_factory=list)  # groups pinned for lack of incoming/outgoing mass
+    degenerate: list[tuple[int, str]] = field(default_factory=list)  # (group, why) pinned by the solver
 
     @property
     def max_abs_log_scale(self) -> float:

@@ -1,0 +1,189 @@
+"""From an IR graph to a solved rescaling: groups, statistics, solver, and the rescaled parameters.
+
+This is the format-free engine the CLI and the Python API call:
+
+    analysis = analyze(graph)                 # groups + path statistics + solver
+    new_params = rescaled_params(analysis)    # key -> tensor in its stored dtype (only changed keys)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import NumericalError, UsageError
+from .groups import Groups, Role, build_groups
+from .ir import Graph
+from .solver import Blocks, Solution, build_blocks, solve
+from .stats import PathStats, path_statistics, role_summary
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a usage error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is available: use --device cpu or auto")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise UsageError(f"unknown device {device!r}: use auto, cpu or cuda")
+    return torch.device(device)
+
+
+@dataclass
+class Pinned:
+    """A pinned group (or set of channels) and why, for reports."""
+
+    node: str
+    reason: str
+    channels: int
+
+
+@dataclass
+class LayerRow:
+    node: str
+    op: str
+    width: int
+    params: int
+    log10_g_before: tuple[float | None, float | None, float | None]  # min, median, max
+    log10_g_after: tuple[float | None, float | None, float | None]
+    mean_log_scale: float  # mean ln λ over the layer's output channels
+
+
+@dataclass
+class Analysis:
+    graph: Graph
+    groups: Groups
+    stats: PathStats
+    blocks: Blocks
+    solution: Solution
+    device: torch.device
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def u(self) -> torch.Tensor:
+        """ln λ per group on the CPU, index 0 = pinned."""
+        return self.solution.u.detach().cpu()
+
+    @property
+    def pinned(self) -> list[Pinned]:
+        pins = [Pinned(p.node, p.reason, p.channels) for p in self.groups.pins]
+        owners = _group_owners(self.groups)
+        for j, why in self.solution.degenerate:
+            pins.append(Pinned(owners.get(j, f"group {j}"), why, 1))
+        return pins
+
+    @property
+    def width_ratio(self) -> float:
+        widths = [shape[1] for shape in self.graph.inputs.values()]
+        widths += [self.graph.shapes[n.output][1] for n in self.graph.nodes if n.op in ("linear", "conv")]
+        return max(widths) / min(widths) if widths else 1.0
+
+
+def _group_owners(groups: Groups) -> dict[int, str]:
+    """group index -> name of the layer that creates it (its first role as an output)."""
+    owners: dict[int, str] = {}
+    for role in groups.roles:
+        for j in role.out_idx.tolist():
+            owners.setdefault(int(j), role.node.name)
+    return owners
+
+
+def analyze(
+    graph: Graph,
+    *,
+    device: str | torch.device = "auto",
+    method: str = "auto",
+    tol: float = 1e-3,
+    max_sweeps: int = 2000,
+    progress: Callable[[str, dict], None] | None = None,
+) -> Analysis:
+    """Groups, path statistics and the optimal rescaling of ``graph`` (nothing is modified)."""
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    notify = progress or (lambda stage, info: None)
+    timings: dict[str, float] = {}
+
+    start = time.perf_counter()
+    notify("groups", {})
+    groups = build_groups(graph)
+    timings["groups"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    notify("statistics", {})
+    stats = path_statistics(graph, groups, dev)
+    timings["statistics"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    notify("solve", {"max_sweeps": max_sweeps})
+    levels = None if groups.levels is None else torch.from_numpy(groups.levels).to(dev)
+    blocks = build_blocks(groups.roles, stats.log_g, groups.n_free, levels)
+    solution = solve(
+        blocks, method=method, tol=tol, max_sweeps=max_sweeps,
+        progress=lambda sweep, f, gap: notify("sweep", {"sweep": sweep, "objective": f, "gap": gap}),
+    )
+    timings["solve"] = time.perf_counter() - start
+    return Analysis(graph, groups, stats, blocks, solution, dev, timings)
+
+
+def role_factor(role: Role, u: torch.Tensor) -> torch.Tensor:
+    """e^{(Bu)_i} for every entry of one parameter tensor (float64, the tensor's shape)."""
+    out = u[role.out_idx]
+    if role.in_idx is None:
+        log_f = out
+    elif role.in_idx.dim() == 1:
+        log_f = out[:, None] - u[role.in_idx][None, :]
+    else:
+        log_f = out[:, None] - u[role.in_idx]
+    log_f = log_f.reshape(log_f.shape + (1,) * (len(role.shape) - log_f.dim()))
+    return torch.exp(log_f).expand(role.shape)
+
+
+def rescaled_params(analysis: Analysis) -> dict[str, torch.Tensor]:
+    """New values of every parameter the rescaling changes, each in its stored dtype and device.
+
+    BatchNorm roles stand for a and b; their factor is applied to the stored γ and β (MATH §7).
+    """
+    u = analysis.u
+    new: dict[str, torch.Tensor] = {}
+    for role in analysis.groups.roles:
+        factor = role_factor(role, u)
+        if bool((factor == 1.0).all()):
+            continue
+        stored = analysis.graph.params[role.key]
+        value = stored.detach().to("cpu", torch.float64) * factor
+        if not torch.isfinite(value).all():
+            raise NumericalError(f"rescaled parameter {role.key!r} is not finite; nothing was written")
+        new[role.key] = value.to(stored.dtype).to(stored.device)
+    return new
+
+
+def layer_rows(analysis: Analysis) -> list[LayerRow]:
+    """Per-layer statistics before and after the rescaling, one row per node with parameters."""
+    u = analysis.u
+    offset = analysis.stats.log_g_offset
+    by_node: dict[str, list[tuple[Role, torch.Tensor]]] = {}
+    for role, log_g in zip(analysis.groups.roles, analysis.stats.log_g):
+        by_node.setdefault(role.node.name, []).append((role, log_g.detach().cpu()))
+    rows = []
+    for name, entries in by_node.items():
+        node = entries[0][0].node
+        before = torch.cat([(lg + offset).reshape(-1) for _, lg in entries])
+        after = torch.cat([(lg + offset - 2.0 * torch.log(role_factor(r, u))).reshape(-1) for r, lg in entries])
+        out = entries[0][0].out_idx
+        rows.append(
+            LayerRow(
+                node=name,
+                op=node.op,
+                width=int(analysis.graph.shapes[node.output][1]),
+                params=sum(r.numel for r, _ in entries),
+                log10_g_before=role_summary(before),
+                log10_g_after=role_summary(after),
+                mean_log_scale=float(u[out].mean()),
+            )
+        )
+    return rows
+
+
+__all__ = ["Analysis", "LayerRow", "Pinned", "analyze", "layer_rows", "rescaled_params", "resolve_device"]
