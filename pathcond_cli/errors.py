@@ -50,6 +50,10 @@ class VerificationError(PathcondError):
 
     exit_code = EXIT_VERIFICATION_FAILED
 
+    def __init__(self, message: str, report: dict | None = None):
+        super().__init__(message)
+        self.report = report
+
 
 class NumericalError(PathcondError):
     """A statistic or a rescaling factor came out non-finite; nothing is written."""

@@ -68,6 +68,7 @@ class PinnedGroup:
 @dataclass
 class Groups:
     n_free: int
+    n_pinned: int  # distinct pinned groups (a pin may cover several channels of one group)
     value_groups: dict[str, np.ndarray]  # value -> per-channel group index (0 = pinned)
     roles: list[Role]
     pins: list[PinnedGroup] = field(default_factory=list)
@@ -251,6 +252,7 @@ def _resolve(graph: Graph, b: _Builder) -> Groups:
     }
     return Groups(
         n_free=len(free_roots),
+        n_pinned=len(pinned_roots),
         value_groups={v: group_of[ids] for v, ids in b.raw.items()},
         roles=roles,
         pins=pins,
