@@ -1,0 +1,244 @@
+"""The ``pathcond`` command line: thin wrappers around :mod:`pathcond_cli.jobs`.
+
+Heavy modules (torch, onnx) are imported inside the commands so that ``pathcond --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import EXIT_USAGE, PathcondError, UnsupportedModelError, UsageError, VerificationError
+
+EXIT_CODES = """Exit codes: 0 ok · 1 verification failed (nothing written) · 2 usage error or unreadable input ·
+3 unsupported model (not a ReLU network, or an op pathcond does not know)."""
+
+app = typer.Typer(
+    name="pathcond",
+    help="Rescale ReLU networks (ONNX, PyTorch) to condition their path kernel, without changing what they "
+    "compute (PathCond, Lebeurrier, Vayer & Gribonval 2026).",
+    epilog=EXIT_CODES,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+
+# -- reusable options ------------------------------------------------------------------------------
+InputShape = Annotated[
+    Optional[list[str]],
+    typer.Option("--input-shape", metavar="NAME=1x3x224x224",
+                 help="Full shape of an input (repeatable). Needed for dynamic dimensions other than the batch, "
+                      "and for PyTorch state_dicts / TorchScript."),
+]
+Arch = Annotated[Optional[str], typer.Option(metavar="PACKAGE.MODULE:FACTORY",
+                                             help="PyTorch state_dict: an importable callable that builds the nn.Module.")]
+ArchKwargs = Annotated[Optional[str], typer.Option(metavar="JSON", help="Keyword arguments for --arch, as a JSON object.")]
+Key = Annotated[Optional[str], typer.Option(help="PyTorch checkpoint dict: the entry holding the state_dict.")]
+TrustPickle = Annotated[bool, typer.Option("--trust-pickle",
+                                           help="Allow loading a pickled nn.Module (runs code from the file).")]
+Device = Annotated[str, typer.Option(help="Where to compute the statistics and solve: auto, cpu or cuda.")]
+MaxSweeps = Annotated[int, typer.Option(min=1, help="Cap on solver sweeps.")]
+Tol = Annotated[float, typer.Option(min=0.0, help="Optimality tolerance: largest |ln x| of a coordinate step.")]
+Solver = Annotated[str, typer.Option(help="auto (BCD + L-BFGS), bcd, or sequential (the slow reference).")]
+Layers = Annotated[bool, typer.Option("--layers", help="Also print the per-layer table.")]
+Json = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout, nothing else.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display and no tables.")]
+
+
+class Output:
+    """Where messages go: tables and progress on stderr/stdout for people, one JSON document for scripts."""
+
+    def __init__(self, *, as_json: bool, quiet: bool):
+        self.as_json, self.quiet = as_json, quiet
+        self.out = Console()
+        self.err = Console(stderr=True)
+
+    @contextmanager
+    def progress(self):
+        """A status line on stderr that follows the job's stages; silent for --json / --quiet."""
+        if self.as_json or self.quiet or not self.err.is_terminal:
+            yield lambda stage, info: None
+            return
+        labels = {"load": "loading model", "groups": "finding rescaling groups", "statistics": "path statistics",
+                  "solve": "solving", "write": "writing output", "verify": "verifying with the model's runtime"}
+        with self.err.status("starting") as status:
+            def notify(stage: str, info: dict) -> None:
+                if stage == "sweep":
+                    status.update(f"solving: sweep {info['sweep']}, largest |ln x| {info['gap']:.2e}")
+                else:
+                    status.update(labels.get(stage, stage))
+            yield notify
+
+    def report(self, report: dict[str, Any], *, layers: bool) -> None:
+        if self.as_json:
+            print(json.dumps(report, indent=2))
+        elif not self.quiet:
+            from .report import render
+
+            render(report, self.out, layers=layers)
+
+    def error(self, exc: PathcondError) -> None:
+        self.err.print(f"[bold red]error:[/] {exc}")
+        if isinstance(exc, UnsupportedModelError) and exc.offenders:
+            table = Table(title="nodes that keep this model from being a ReLU network")
+            for col in ("node", "op", "why"):
+                table.add_column(col)
+            for o in exc.offenders:
+                table.add_row(o.node, o.op, o.why)
+            self.err.print(table)
+        if self.as_json:
+            payload: dict[str, Any] = {"error": {"type": type(exc).__name__, "message": str(exc), "exit_code": exc.exit_code}}
+            if isinstance(exc, UnsupportedModelError):
+                payload["error"]["offenders"] = [vars(o) for o in exc.offenders]
+            if isinstance(exc, VerificationError) and exc.report is not None:
+                payload["report"] = exc.report
+            print(json.dumps(payload, indent=2))
+
+
+def _run(output: Output, job: Callable[[], Any]) -> Any:
+    """The one place where user errors become messages and exit codes."""
+    try:
+        return job()
+    except PathcondError as exc:
+        output.error(exc)
+        raise typer.Exit(exc.exit_code) from None
+
+
+def parse_input_shapes(values: list[str] | None) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for item in values or []:
+        name, sep, dims = item.rpartition("=")
+        try:
+            shape = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            shape = ()
+        if not sep or not name or not shape or any(d <= 0 for d in shape):
+            raise UsageError(f"--input-shape {item!r}: expected NAME=1x3x224x224 (positive integers joined by 'x')")
+        shapes[name] = shape
+    return shapes
+
+
+def _load_options(input_shape, arch, arch_kwargs, key, trust_pickle):
+    from .frontends.base import LoadOptions
+
+    try:
+        kwargs = json.loads(arch_kwargs) if arch_kwargs else {}
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--arch-kwargs is not valid JSON: {exc}") from None
+    if not isinstance(kwargs, dict):
+        raise UsageError("--arch-kwargs must be a JSON object, e.g. '{\"width\": 64}'")
+    return LoadOptions(input_shapes=parse_input_shapes(input_shape), arch=arch, arch_kwargs=kwargs,
+                       key=key, trust_pickle=trust_pickle)
+
+
+def _check_solver(solver: str, device: str) -> None:
+    if solver not in ("auto", "bcd", "sequential"):
+        raise UsageError(f"--solver {solver!r}: use auto, bcd or sequential")
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise UsageError(f"--device {device!r}: use auto, cpu or cuda")
+
+
+@app.command()
+def inspect(
+    model: Annotated[Path, typer.Argument(help="An ONNX model or a PyTorch checkpoint.", show_default=False)],
+    input_shape: InputShape = None,
+    arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
+    key: Key = None,
+    trust_pickle: TrustPickle = False,
+    device: Device = "auto",
+    max_sweeps: MaxSweeps = 2000,
+    tol: Tol = 1e-3,
+    solver: Solver = "auto",
+    layers: Layers = False,
+    as_json: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Path and width diagnostics: groups, paths, path norms, diag(G) spread, and the conditioning score
+    before and after the optimal rescaling. Writes nothing."""
+    output = Output(as_json=as_json, quiet=quiet)
+
+    def job():
+        from .jobs import SolveOptions, inspect_model
+
+        _check_solver(solver, device)
+        load = _load_options(input_shape, arch, arch_kwargs, key, trust_pickle)
+        with output.progress() as notify:
+            return inspect_model(model, load, SolveOptions(device, solver, tol, max_sweeps), notify)
+
+    result = _run(output, job)
+    output.report(result.report, layers=layers)
+
+
+@app.command()
+def rescale(
+    source: Annotated[Path, typer.Argument(metavar="IN", help="An ONNX model or a PyTorch checkpoint.", show_default=False)],
+    target: Annotated[Path, typer.Argument(metavar="OUT", help="Where to write the rescaled model (same format).", show_default=False)],
+    input_shape: InputShape = None,
+    arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
+    key: Key = None,
+    trust_pickle: TrustPickle = False,
+    device: Device = "auto",
+    max_sweeps: MaxSweeps = 2000,
+    tol: Tol = 1e-3,
+    solver: Solver = "auto",
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT (and its report) if they exist.")] = False,
+    report: Annotated[Optional[Path], typer.Option(help="Where to write the JSON report [default: OUT.pathcond.json].")] = None,
+    rtol: Annotated[Optional[float], typer.Option(min=0.0, help="Verification tolerance, relative to each output's scale [default: 1e-4 for float32, 1e-9 for float64, 2e-2 for float16].")] = None,
+    verify_inputs: Annotated[int, typer.Option(min=1, help="How many seeded random inputs to verify on.")] = 3,
+    seed: Annotated[int, typer.Option(help="Seed of the verification inputs.")] = 0,
+    layers: Layers = False,
+    as_json: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Write a function-equivalent copy of IN with the PathCond rescaling applied, verified with the model's
+    own runtime (onnxruntime / torch) before it is moved into place, and a JSON report beside it."""
+    output = Output(as_json=as_json, quiet=quiet)
+
+    def job():
+        from .jobs import RescaleOptions, SolveOptions, rescale_model
+
+        _check_solver(solver, device)
+        load = _load_options(input_shape, arch, arch_kwargs, key, trust_pickle)
+        options = RescaleOptions(force=force, report_path=report, rtol=rtol, verify_inputs=verify_inputs, seed=seed)
+        with output.progress() as notify:
+            return rescale_model(source, target, load, SolveOptions(device, solver, tol, max_sweeps), options, notify)
+
+    result = _run(output, job)
+    output.report(result.report, layers=layers)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"pathcond {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    pass
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:  # pragma: no cover - interactive
+        print("interrupted; nothing was written", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,142 @@
+"""The two jobs behind the CLI: ``inspect`` and ``rescale``. Format-free: front ends do the I/O."""
+
+from __future__ import annotations
+
+import json
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .analysis import analyze, rescaled_params
+from .errors import UsageError, VerificationError
+from .frontends.base import LoadedModel, LoadOptions
+from .outputs import StagedOutput, check_output_path, sha256
+from .report import build_report
+from .verify import verify
+
+Notify = Callable[[str, dict], None]
+
+
+@dataclass
+class SolveOptions:
+    device: str = "auto"
+    method: str = "auto"
+    tol: float = 1e-3
+    max_sweeps: int = 2000
+
+
+@dataclass
+class RescaleOptions:
+    force: bool = False
+    report_path: Path | None = None  # default: beside the output
+    rtol: float | None = None  # default: by parameter dtype
+    verify_inputs: int = 3
+    seed: int = 0
+
+
+@dataclass
+class JobResult:
+    report: dict[str, Any]
+    written: list[Path] = field(default_factory=list)
+
+
+def detect_format(path: Path) -> str:
+    """"onnx" or "torch", from the file's content (a zip or pickle is torch; a protobuf is ONNX)."""
+    if not path.exists():
+        raise UsageError(f"{path} does not exist")
+    if not path.is_file():
+        raise UsageError(f"{path} is not a file")
+    if zipfile.is_zipfile(path):
+        return "torch"
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    if head[:1] == b"\x80":  # a pickle protocol header: legacy torch.save
+        return "torch"
+    return "onnx"
+
+
+def load_model(path: Path, options: LoadOptions) -> LoadedModel:
+    if detect_format(path) == "torch":
+        from .frontends.torch_frontend import load_torch
+
+        return load_torch(path, options)
+    from .frontends.onnx_frontend import load_onnx
+
+    return load_onnx(path, options)
+
+
+def _input_info(model: LoadedModel) -> dict[str, Any]:
+    return {"path": str(model.path), "sha256": sha256(model.path), "format": model.format}
+
+
+def _timed(timings: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
+    start = time.perf_counter()
+    try:
+        return fn()
+    finally:
+        timings[name] = time.perf_counter() - start
+
+
+def inspect_model(path: Path, load: LoadOptions, solve: SolveOptions, notify: Notify | None = None) -> JobResult:
+    notify = notify or (lambda stage, info: None)
+    timings: dict[str, float] = {}
+    notify("load", {"path": str(path)})
+    model = _timed(timings, "load", lambda: load_model(path, load))
+    analysis = analyze(model.graph, device=solve.device, method=solve.method, tol=solve.tol,
+                       max_sweeps=solve.max_sweeps, progress=notify)
+    timings.update(analysis.timings)
+    report = build_report(analysis, input_info=_input_info(model), timings=timings, warnings=model.warnings)
+    return JobResult(report)
+
+
+def default_report_path(output: Path) -> Path:
+    return output.with_name(output.name + ".pathcond.json")
+
+
+def rescale_model(
+    source: Path, target: Path, load: LoadOptions, solve: SolveOptions, options: RescaleOptions,
+    notify: Notify | None = None,
+) -> JobResult:
+    """Load, solve, write to a staged file, verify, then move into place with the report.
+
+    Nothing is left behind on failure and the input is never written.
+    """
+    notify = notify or (lambda stage, info: None)
+    report_path = options.report_path or default_report_path(target)
+    check_output_path(target, inputs=[source], force=options.force)
+    check_output_path(report_path, inputs=[source, target], force=options.force)
+    timings: dict[str, float] = {}
+    notify("load", {"path": str(source)})
+    model = _timed(timings, "load", lambda: load_model(source, load))
+    analysis = analyze(model.graph, device=solve.device, method=solve.method, tol=solve.tol,
+                       max_sweeps=solve.max_sweeps, progress=notify)
+    timings.update(analysis.timings)
+    new_params = rescaled_params(analysis)
+    with StagedOutput(target) as stage:
+        notify("write", {"path": str(target)})
+        _timed(timings, "write", lambda: model.save(new_params, stage.path))
+        notify("verify", {"inputs": options.verify_inputs})
+        result = _timed(timings, "verify", lambda: verify(model, stage.path, n_inputs=options.verify_inputs,
+                                                          rtol=options.rtol, seed=options.seed))
+        output_info = {"path": str(target), "sha256": sha256(stage.path)}
+        report = build_report(analysis, input_info=_input_info(model), output_info=output_info,
+                              verification=result, timings=timings, warnings=model.warnings)
+        if not result.passed:
+            raise VerificationError(
+                f"the rescaled model differs from the original: max relative error {result.max_rel_error:.3g} "
+                f"> rtol {result.rtol:.3g}; nothing was written",
+                report,
+            )
+        written = stage.commit()
+    written.append(_write_report(report, report_path))
+    return JobResult(report, written)
+
+
+def _write_report(report: dict[str, Any], path: Path) -> Path:
+    with StagedOutput(path) as stage:
+        stage.path.write_text(json.dumps(report, indent=2) + "\n")
+        stage.commit()
+    return path

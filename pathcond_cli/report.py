@@ -1,0 +1,164 @@
+"""The report: one structure, serialised to JSON (with a schema version) and rendered with Rich."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .analysis import Analysis, layer_rows
+from .verify import Verification
+
+SCHEMA_VERSION = 1
+LN10 = math.log(10.0)
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _score(log_score: float) -> float | None:
+    return _finite(math.exp(log_score)) if log_score < 700 else None
+
+
+def verdict(analysis: Analysis) -> str:
+    """One line on whether rescaling is likely to matter for this model (MATH §8)."""
+    sol = analysis.solution
+    gain = (sol.log_score_before - sol.log_score_after) / LN10
+    biggest = sol.max_abs_log_scale
+    if analysis.groups.n_free - len(sol.degenerate) == 0:
+        return "Nothing to rescale: every group is pinned."
+    if gain >= 0.1 or biggest >= math.log(2.0):
+        return (
+            f"PathCond is likely to matter: the conditioning score drops {10 ** gain:.3g}x and some units are "
+            f"rescaled by up to {math.exp(biggest):.3g}x."
+        )
+    if gain < 0.01 and biggest < 0.1:
+        return "PathCond is unlikely to matter: the diagonal of the path kernel is already nearly constant."
+    return f"PathCond may matter a little: the conditioning score drops {10 ** gain:.3g}x."
+
+
+def build_report(
+    analysis: Analysis,
+    *,
+    input_info: dict[str, Any],
+    output_info: dict[str, Any] | None = None,
+    verification: Verification | None = None,
+    timings: dict[str, float] | None = None,
+    warnings: list[str] | None = None,
+) -> dict[str, Any]:
+    sol, stats, groups = analysis.solution, analysis.stats, analysis.groups
+    degenerate = len(sol.degenerate)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "pathcond_version": __version__,
+        "input": input_info,
+        "model": {
+            "parameters": groups.n_params,
+            "hidden_units": groups.hidden_units,
+            "groups_free": groups.n_free - degenerate,
+            "groups_pinned": groups.n_pinned + degenerate,
+            "log10_paths": _finite(stats.log10_paths),
+            "log10_path1_norm": _finite(stats.log10_path1_norm),
+            "log10_path2_norm": _finite(stats.log10_path2_norm),
+            "width_ratio": analysis.width_ratio,
+        },
+        "conditioning": {
+            "objective_before": sol.objective_before,
+            "objective_after": sol.objective_after,
+            "score_before": _score(sol.log_score_before),
+            "score_after": _score(sol.log_score_after),
+            "log10_score_before": sol.log_score_before / LN10,
+            "log10_score_after": sol.log_score_after / LN10,
+            "sweeps": sol.sweeps,
+            "converged": sol.converged,
+            "max_abs_log_x": _finite(sol.max_abs_log_x),
+            "method": sol.method,
+            "max_abs_log_scale": sol.max_abs_log_scale,
+        },
+        "verdict": verdict(analysis),
+        "pinned": [asdict(p) for p in analysis.pinned],
+        "layers": [asdict(row) for row in layer_rows(analysis)],
+        "verification": None if verification is None else {
+            "passed": verification.passed,
+            "max_abs_error": _finite(verification.max_abs_error),
+            "max_rel_error": _finite(verification.max_rel_error),
+            "rtol": verification.rtol,
+            "inputs": verification.inputs,
+            "modes": sorted({e.mode for e in verification.outputs}),
+        },
+        "output": output_info,
+        "timings": {k: round(v, 4) for k, v in (timings or {}).items()},
+        "device": str(analysis.device),
+        "warnings": list(warnings or []),
+    }
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def render(report: dict[str, Any], console: Console, *, layers: bool = False) -> None:
+    """Human-readable tables of a report."""
+    model, cond = report["model"], report["conditioning"]
+    table = Table(title=f"pathcond — {report['input']['path']} ({report['input']['format']})", show_header=False)
+    table.add_column("quantity", style="bold")
+    table.add_column("value")
+    rows = [
+        ("parameters (in the objective)", f"{model['parameters']:,}"),
+        ("hidden units", f"{model['hidden_units']:,}"),
+        ("rescaling groups", f"{model['groups_free']:,} free, {model['groups_pinned']:,} pinned"),
+        ("log10 number of paths", _fmt(model["log10_paths"])),
+        ("log10 path-1 norm / path-2 norm", f"{_fmt(model['log10_path1_norm'])} / {_fmt(model['log10_path2_norm'])}"),
+        ("width ratio (max/min)", _fmt(model["width_ratio"])),
+        ("conditioning score (AM/GM of diag G)", f"{_fmt(cond['score_before'])} → {_fmt(cond['score_after'])}"),
+        ("largest |ln λ|", _fmt(cond["max_abs_log_scale"])),
+        ("solver", f"{cond['method']}, {cond['sweeps']} sweeps, " + ("converged" if cond["converged"] else "NOT converged")),
+    ]
+    ver = report.get("verification")
+    if ver is not None:
+        status = "[green]passed[/]" if ver["passed"] else "[red]FAILED[/]"
+        rows.append(("verification", f"{status}: max rel error {_fmt(ver['max_rel_error'], 3)} (rtol {_fmt(ver['rtol'], 3)}, {ver['inputs']} inputs, {'+'.join(ver['modes'])})"))
+    if report.get("output"):
+        rows.append(("output", report["output"]["path"]))
+    rows.append(("time", ", ".join(f"{k} {v:.2f}s" for k, v in report["timings"].items())))
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+    if report["pinned"]:
+        console.print(_pinned_table(report["pinned"]))
+    if layers:
+        console.print(_layers_table(report["layers"]))
+    for warning in report.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {warning}")
+    console.print(f"[bold]{report['verdict']}[/]")
+
+
+def _pinned_table(pinned: list[dict[str, Any]]) -> Table:
+    table = Table(title="pinned groups (left unscaled)")
+    for col in ("node", "channels", "reason"):
+        table.add_column(col)
+    for p in pinned:
+        table.add_row(p["node"], str(p["channels"]), p["reason"])
+    return table
+
+
+def _layers_table(layers: list[dict[str, Any]]) -> Table:
+    table = Table(title="layers: log10 diag(G) min / median / max")
+    for col in ("node", "op", "width", "params", "before", "after", "mean ln λ"):
+        table.add_column(col, justify="right" if col not in ("node", "op") else "left")
+    for row in layers:
+        triple = lambda t: " / ".join(_fmt(v, 3) for v in t)  # noqa: E731
+        table.add_row(
+            row["node"], row["op"], str(row["width"]), f"{row['params']:,}",
+            triple(row["log10_g_before"]), triple(row["log10_g_after"]), _fmt(row["mean_log_scale"], 3),
+        )
+    return table

@@ -1,0 +1,145 @@
+"""The rescale job's guarantees, independent of any file format: staged writes, verification, refusals.
+
+A fake front end stores the IR's parameters with ``torch.save`` and runs them with ``ir.evaluate``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pathcond_cli import jobs
+from pathcond_cli.errors import UsageError, VerificationError
+from pathcond_cli.frontends.base import InputSpec, LoadOptions
+from pathcond_cli.ir import Graph, Node, evaluate
+
+
+def uneven_mlp(widths=(6, 40, 3, 20, 2), seed=0) -> Graph:
+    gen = torch.Generator().manual_seed(seed)
+    nodes, params, prev = [], {}, "x"
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        params[f"w{i}"] = torch.randn(b, a, generator=gen, dtype=torch.float64) / math.sqrt(a)
+        params[f"b{i}"] = torch.randn(b, generator=gen, dtype=torch.float64) * 0.1
+        nodes.append(Node(f"fc{i}", "linear", (prev,), f"h{i}", {"weight": f"w{i}", "bias": f"b{i}"}))
+        prev = f"h{i}"
+        if i < len(widths) - 2:
+            nodes.append(Node(f"relu{i}", "relu", (prev,), f"r{i}"))
+            prev = f"r{i}"
+    return Graph({"x": (1, widths[0])}, nodes, [prev], params)
+
+
+class FakeModel:
+    """A LoadedModel whose container is a torch.save'd dict of the IR parameters."""
+
+    format = "fake"
+    has_batchnorm = False
+
+    def __init__(self, path: Path, graph: Graph, corrupt: bool = False):
+        self.path, self.graph, self.warnings, self.corrupt = path, graph, [], corrupt
+
+    def save(self, new_params, path: Path) -> None:
+        params = {**self.graph.params, **new_params}
+        if self.corrupt:  # a broken writer: perturb one value
+            key = next(iter(new_params))
+            params[key] = params[key] * 1.5
+        torch.save(params, path)
+
+    def input_specs(self):
+        return [InputSpec("x", self.graph.inputs["x"], np.dtype(np.float64))]
+
+    def run(self, path: Path, inputs, *, train: bool = False):
+        params = torch.load(path, weights_only=True)
+        out = evaluate(self.graph, {"x": torch.from_numpy(inputs["x"])}, params)
+        return [t.detach().numpy() for t in out.values()]
+
+
+@pytest.fixture
+def fake_source(tmp_path, monkeypatch):
+    graph = uneven_mlp()
+    source = tmp_path / "model.fake"
+    torch.save(graph.params, source)
+    state = {"corrupt": False}
+    monkeypatch.setattr(jobs, "load_model", lambda path, options: FakeModel(path, graph, state["corrupt"]))
+    return source, state
+
+
+def _rescale(source: Path, target: Path, **options):
+    return jobs.rescale_model(source, target, LoadOptions(), jobs.SolveOptions(device="cpu"),
+                              jobs.RescaleOptions(**options))
+
+
+def test_rescale_writes_verified_output_and_report(fake_source, tmp_path):
+    source, _ = fake_source
+    before = source.read_bytes()
+    result = _rescale(source, tmp_path / "out.fake")
+    assert source.read_bytes() == before
+    assert (tmp_path / "out.fake").exists()
+    report = json.loads((tmp_path / "out.fake.pathcond.json").read_text())
+    assert report["verification"]["passed"] and report["verification"]["max_rel_error"] < 1e-9
+    assert report["conditioning"]["score_after"] < report["conditioning"]["score_before"]
+    assert report["output"]["path"] == str(tmp_path / "out.fake")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.fake", "out.fake", "out.fake.pathcond.json"]
+    assert result.written == [tmp_path / "out.fake", tmp_path / "out.fake.pathcond.json"]
+    rescaled = torch.load(tmp_path / "out.fake", weights_only=True)
+    assert any(not torch.equal(rescaled[k], v) for k, v in torch.load(source, weights_only=True).items())
+
+
+def test_failed_verification_leaves_nothing(fake_source, tmp_path):
+    source, state = fake_source
+    state["corrupt"] = True
+    with pytest.raises(VerificationError) as info:
+        _rescale(source, tmp_path / "out.fake")
+    assert info.value.exit_code == 1
+    assert info.value.report["verification"]["passed"] is False
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.fake"]
+
+
+def test_refuses_to_overwrite_input_or_existing_output(fake_source, tmp_path):
+    source, _ = fake_source
+    with pytest.raises(UsageError, match="input"):
+        _rescale(source, source)
+    existing = tmp_path / "out.fake"
+    existing.write_bytes(b"keep me")
+    with pytest.raises(UsageError, match="--force"):
+        _rescale(source, existing)
+    assert existing.read_bytes() == b"keep me"
+    _rescale(source, existing, force=True)
+    assert existing.read_bytes() != b"keep me"
+
+
+def test_missing_output_folder_is_a_usage_error(fake_source, tmp_path):
+    source, _ = fake_source
+    with pytest.raises(UsageError, match="does not exist"):
+        _rescale(source, tmp_path / "nowhere" / "out.fake")
+
+
+def test_report_path_option(fake_source, tmp_path):
+    source, _ = fake_source
+    custom = tmp_path / "r.json"
+    _rescale(source, tmp_path / "out.fake", report_path=custom)
+    assert json.loads(custom.read_text())["schema_version"] == 1
+    assert not (tmp_path / "out.fake.pathcond.json").exists()
+
+
+def test_inspect_reports_without_writing(fake_source, tmp_path):
+    source, _ = fake_source
+    result = jobs.inspect_model(source, LoadOptions(), jobs.SolveOptions(device="cpu"))
+    report = result.report
+    assert report["output"] is None and report["verification"] is None
+    assert report["model"]["hidden_units"] == 40 + 3 + 20
+    assert report["model"]["groups_free"] == 63 and report["model"]["width_ratio"] == 40 / 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.fake"]
+
+
+def test_detect_format(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        jobs.detect_format(tmp_path / "missing.onnx")
+    torch.save({"a": torch.zeros(1)}, tmp_path / "ckpt.bin")
+    assert jobs.detect_format(tmp_path / "ckpt.bin") == "torch"
+    (tmp_path / "m.onnx").write_bytes(b"\x08\x07")
+    assert jobs.detect_format(tmp_path / "m.onnx") == "onnx"
