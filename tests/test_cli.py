@@ -1,0 +1,145 @@
+"""The CLI end to end: Typer's runner and a real subprocess, every exit code, the report keys."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pathcond_cli.cli import app
+from tests import nets
+
+runner = CliRunner()
+
+REPORT_KEYS = {
+    "schema_version", "pathcond_version", "input", "model", "conditioning", "pinned", "layers",
+    "verification", "output", "timings", "device",
+}
+MODEL_KEYS = {"parameters", "hidden_units", "groups_free", "groups_pinned", "log10_paths", "log10_path1_norm",
+              "log10_path2_norm", "width_ratio"}
+CONDITIONING_KEYS = {"objective_before", "objective_after", "score_before", "score_after", "sweeps",
+                     "max_abs_log_scale"}
+
+
+def export_onnx(module: torch.nn.Module, shape, path: Path) -> Path:
+    torch.onnx.export(module.eval(), (torch.randn(*shape),), str(path), dynamo=False,
+                      input_names=["input"], output_names=["output"], dynamic_axes={"input": {0: "batch"}},
+                      do_constant_folding=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def mlp_onnx(tmp_path_factory) -> Path:
+    return export_onnx(nets.mlp(widths=(8, 64, 4, 32, 3)), (1, 8), tmp_path_factory.mktemp("m") / "mlp.onnx")
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def ort_outputs(path: Path, x: np.ndarray) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def test_help_documents_exit_codes():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    assert "Exit codes" in result.output and "unsupported model" in result.output
+    for command in ("inspect", "rescale"):
+        assert invoke(command, "--help").exit_code == 0
+
+
+def test_version():
+    from pathcond_cli import __version__
+
+    result = invoke("--version")
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+def test_inspect_json_has_every_key(mlp_onnx):
+    result = invoke("inspect", mlp_onnx, "--json", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert REPORT_KEYS <= set(report)
+    assert MODEL_KEYS <= set(report["model"]) and CONDITIONING_KEYS <= set(report["conditioning"])
+    assert report["output"] is None and report["verification"] is None
+    assert report["input"]["format"] == "onnx" and len(report["input"]["sha256"]) == 64
+    assert report["model"]["hidden_units"] == 64 + 4 + 32
+    assert report["model"]["width_ratio"] == 64 / 3
+
+
+def test_inspect_tables_and_layers(mlp_onnx):
+    result = invoke("inspect", mlp_onnx, "--layers", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "conditioning score" in result.output and "log10 diag(G)" in result.output
+    assert "PathCond" in result.output  # the verdict line
+
+
+def test_rescale_is_equivalent_and_better_conditioned(mlp_onnx, tmp_path):
+    out = tmp_path / "out.onnx"
+    before = mlp_onnx.read_bytes()
+    result = invoke("rescale", mlp_onnx, out, "--json", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert mlp_onnx.read_bytes() == before
+    assert json.loads((tmp_path / "out.onnx.pathcond.json").read_text()) == report
+    assert report["verification"]["passed"] and report["output"]["path"] == str(out)
+    cond = report["conditioning"]
+    assert cond["score_after"] < cond["score_before"] and cond["converged"]
+    x = np.random.default_rng(1).standard_normal((5, 8)).astype(np.float32)
+    a, b = ort_outputs(mlp_onnx, x), ort_outputs(out, x)
+    assert np.max(np.abs(a - b)) <= 1e-4 * np.max(np.abs(a))
+    assert out.read_bytes() != before
+
+
+def test_exit_2_usage_errors(mlp_onnx, tmp_path):
+    assert invoke("inspect", tmp_path / "missing.onnx").exit_code == 2
+    assert invoke("inspect", mlp_onnx, "--input-shape", "input=1xA").exit_code == 2
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"this is not a model at all")
+    result = invoke("inspect", garbage)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    existing = tmp_path / "exists.onnx"
+    existing.write_bytes(b"x")
+    assert invoke("rescale", mlp_onnx, existing).exit_code == 2
+    assert existing.read_bytes() == b"x"
+    assert invoke("rescale", mlp_onnx, mlp_onnx, "--force").exit_code == 2
+
+
+def test_exit_3_unsupported_lists_nodes(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8), torch.nn.GELU(),
+                                torch.nn.Linear(8, 2))
+    path = export_onnx(model, (1, 4), tmp_path / "tanh.onnx")
+    result = invoke("inspect", path, "--json")
+    assert result.exit_code == 3
+    payload = json.loads(result.stdout)
+    ops = {o["op"] for o in payload["error"]["offenders"]}
+    assert "Tanh" in ops and len(payload["error"]["offenders"]) >= 2
+
+
+def test_exit_1_verification_failure_writes_nothing(mlp_onnx, tmp_path):
+    out = tmp_path / "out.onnx"
+    result = invoke("rescale", mlp_onnx, out, "--rtol", "0", "--device", "cpu")
+    assert result.exit_code == 1, result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_subprocess_json_stdout_only(mlp_onnx, tmp_path):
+    out = tmp_path / "o.onnx"
+    proc = subprocess.run([sys.executable, "-m", "pathcond_cli", "rescale", str(mlp_onnx), str(out), "--json",
+                           "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["verification"]["passed"]
+    proc = subprocess.run([sys.executable, "-m", "pathcond_cli", "inspect", str(tmp_path / "nope.onnx")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
