@@ -1,0 +1,978 @@
+"""The ONNX front end: an ONNX ReLU network -> :class:`pathcond_cli.ir.Graph`, and back.
+
+Reading
+    The model is loaded with its external data. Input shapes are fixed (dynamic batch -> 1, other
+    dynamic dims from ``--input-shape``) and ONNX shape inference gives every value a shape. A first
+    pass folds every value that does not depend on the inputs (initializers, Constant nodes, Identity
+    chains, shape subgraphs such as ``Shape -> Gather -> Concat`` feeding a Reshape): those are
+    *static*. Each remaining node that reaches an output is translated by a converter of
+    :data:`CONVERTERS`; a node that cannot be translated is collected as an
+    :class:`~pathcond_cli.errors.Offender` and all of them are reported at once.
+
+Parameter keys
+    A parameter stored once and read by exactly one (node, input) is keyed by its initializer name
+    (or by the output name of the Constant node / folded value holding it). A stored tensor read by
+    several roles (exporters deduplicate equal tensors) gets one key per role:
+    ``"<tensor>@<node name>:<input slot>"``, so that each role is rescaled on its own.
+
+Writing
+    :meth:`OnnxModel.save` copies the ModelProto and changes only the parameters whose values
+    changed: in place when the tensor has a single role, else as a new initializer wired into that
+    one node input. Transforms applied on reading (Gemm ``transB=0`` and ``alpha``/``beta``, MatMul's
+    (I, O) layout, Sub's negation, Div's reciprocal, broadcast scalars) are inverted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from ..errors import Offender, UnsupportedModelError, UsageError
+from ..ir import Graph, GraphError, Node
+from .base import InputSpec, LoadOptions
+
+MIN_OPSET = 11
+HEAD_OPS = frozenset({"Softmax", "LogSoftmax", "Sigmoid"})
+#: ops known not to be positively homogeneous (f(a x) != a f(x) for some a > 0)
+NOT_HOMOGENEOUS = frozenset(
+    {
+        "Clip", "Tanh", "Sigmoid", "HardSigmoid", "HardSwish", "Gelu", "Erf", "Exp", "Log", "Softmax",
+        "LogSoftmax", "Softplus", "Softsign", "Elu", "Selu", "Celu", "Mish", "Swish", "Sqrt", "Pow",
+        "LayerNormalization", "InstanceNormalization", "GroupNormalization", "LpNormalization",
+        "LRN", "Abs", "Neg", "Reciprocal", "Sin", "Cos", "ThresholdedRelu", "Shrink",
+    }
+)
+SHAPE_READERS = frozenset({"Shape", "Size"})
+
+
+class _Refuse(Exception):
+    """Raised by a converter: this node cannot be translated (the message says why)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameter transforms: stored tensor <-> IR tensor.
+
+
+@dataclass(frozen=True)
+class _Transform:
+    """How the IR value of a parameter is derived from the stored tensor (and back)."""
+
+    ir_shape: tuple[int, ...]
+    transpose: bool = False
+    factor: float = 1.0
+    reciprocal: bool = False
+    expanded_shape: tuple[int, ...] | None = None  # stored layout to use when a broadcast scalar splits
+
+    def forward(self, stored: np.ndarray) -> np.ndarray:
+        a = stored.astype(np.float64)
+        a = a.T if self.transpose else a
+        a = 1.0 / a if self.reciprocal else a
+        a = a * self.factor
+        if a.size == math.prod(self.ir_shape):
+            return a.reshape(self.ir_shape)
+        return np.full(self.ir_shape, a.reshape(-1)[0])
+
+    def inverse(self, new: np.ndarray, stored: np.ndarray) -> tuple[np.ndarray, bool]:
+        """The value to store, and whether it keeps the stored dims (else it needs a new tensor)."""
+        b = new.astype(np.float64) / self.factor
+        b = 1.0 / b if self.reciprocal else b
+        b = b.T if self.transpose else b
+        if b.size == stored.size:
+            return b.reshape(stored.shape).astype(stored.dtype), True
+        flat = b.reshape(-1)
+        if stored.size == 1 and np.all(flat == flat[0]):
+            return np.full(stored.shape, flat[0]).astype(stored.dtype), True
+        return b.reshape(self.expanded_shape or (-1,)).astype(stored.dtype), False
+
+
+@dataclass
+class _ParamRef:
+    """One role of one stored tensor: where it lives, who reads it, and its transform."""
+
+    key: str
+    kind: str  # "initializer" | "constant" | "computed"
+    base: str  # initializer name, Constant output name, or folded value name
+    node_index: int  # the ONNX node reading it
+    slot: int  # ... at this input
+    stored: np.ndarray
+    transform: _Transform
+    sole_role: bool  # the stored tensor has no other reader
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading the file and fixing the input shapes.
+
+
+def _read_model(path: Path) -> onnx.ModelProto:
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
+    try:
+        model = onnx.load(str(path), load_external_data=True)
+    except Exception as exc:  # protobuf DecodeError, missing external data, ...
+        raise UsageError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
+    if model.ir_version <= 0 or not model.graph.node or not model.graph.output:
+        raise UsageError(f"{path} is not an ONNX model (no graph found in the file)")
+    return model
+
+
+def _uses_external_data(path: Path) -> bool:
+    proto = onnx.load(str(path), load_external_data=False)
+    tensors = list(proto.graph.initializer)
+    tensors += [a.t for n in proto.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    return any(onnx.external_data_helper.uses_external_data(t) for t in tensors)
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    raise UnsupportedModelError("the model imports no standard ONNX opset")
+
+
+def _real_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    inits = {t.name for t in model.graph.initializer}
+    return [v for v in model.graph.input if v.name not in inits]
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[int | str | None] | None:
+    tt = value.type.tensor_type
+    if not tt.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None) for d in tt.shape.dim]
+
+
+def _shape_hint(name: str, dims: Sequence) -> str:
+    guess = ["1" if i == 0 else (str(d) if isinstance(d, int) else "N") for i, d in enumerate(dims)]
+    return f"--input-shape {name}={'x'.join(guess)}"
+
+
+def _fixed_shape(value: onnx.ValueInfoProto, given: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:
+    dims = _dims(value)
+    if value.name in given:
+        shape = tuple(int(d) for d in given[value.name])
+        if dims is not None and (len(dims) != len(shape) or any(
+                isinstance(d, int) and d != s for d, s in zip(dims, shape))):
+            raise UsageError(f"--input-shape {value.name}: {shape} does not fit the model's shape {dims}")
+        return shape
+    if dims is None:
+        raise UsageError(f"input {value.name!r} has no shape in the model: pass --input-shape {value.name}=1xCx...")
+    shape = []
+    for axis, d in enumerate(dims):
+        if not isinstance(d, int) and axis > 0:
+            raise UsageError(
+                f"input {value.name!r} has a dynamic dimension {d or '?'} at axis {axis}: "
+                f"give the full shape with {_shape_hint(value.name, dims)}")
+        shape.append(d if isinstance(d, int) else 1)
+    return tuple(shape)
+
+
+def _input_shapes(model: onnx.ModelProto, options: LoadOptions) -> dict[str, tuple[int, ...]]:
+    inputs = _real_inputs(model)
+    names = [v.name for v in inputs]
+    for name in options.input_shapes:
+        if name not in names:
+            raise UsageError(f"--input-shape names {name!r}, but the model's inputs are {names}")
+    return {v.name: _fixed_shape(v, options.input_shapes) for v in inputs}
+
+
+def _probe(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]], folder: _Folder) -> onnx.ModelProto:
+    """A light copy of the graph for shape inference: folded values become small initializers (or,
+    when large, typed inputs), folded nodes are dropped and the inputs get their fixed shapes."""
+    nodes = [n for i, n in enumerate(model.graph.node) if i not in folder.static_nodes]
+    read = {name for n in nodes for name in n.input if name in folder.values}
+    small = [numpy_helper.from_array(folder.values[n], n) for n in read if folder.values[n].size <= 4096]
+    large = [onnx.helper.make_tensor_value_info(
+        n, onnx.helper.np_dtype_to_tensor_dtype(folder.values[n].dtype), folder.values[n].shape)
+        for n in read if folder.values[n].size > 4096]
+    inputs = []
+    for value in _real_inputs(model):
+        elem = value.type.tensor_type.elem_type
+        inputs.append(onnx.helper.make_tensor_value_info(value.name, elem, shapes[value.name]))
+    outputs = [onnx.helper.make_empty_tensor_value_info(v.name) for v in model.graph.output]
+    graph = onnx.helper.make_graph(nodes, "probe", inputs + large, outputs, small)
+    probe = onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    probe.functions.extend(model.functions)
+    return probe
+
+
+def _infer(probe: onnx.ModelProto) -> dict:
+    """ONNX shape inference: value name -> (shape or None, elem type)."""
+    try:
+        probe = onnx.shape_inference.infer_shapes(probe, strict_mode=False, data_prop=True)
+    except Exception:  # inference is a help; missing shapes are reported where they matter
+        pass
+    info: dict[str, tuple[tuple[int, ...] | None, int]] = {}
+    for value in list(probe.graph.input) + list(probe.graph.value_info) + list(probe.graph.output):
+        dims = _dims(value)
+        known = dims is not None and all(isinstance(d, int) for d in dims)
+        info[value.name] = (tuple(dims) if known else None, value.type.tensor_type.elem_type)
+    return info
+
+
+def _fold_graph(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]], opset: int):
+    """Alternate folding and shape inference until no more value becomes static."""
+    folder = _Folder(model, {}, opset)
+    for _ in range(8):
+        info = _infer(_probe(model, shapes, folder))
+        before = len(folder.static_nodes)
+        folder = _Folder(model, info, opset)
+        if len(folder.static_nodes) == before:
+            break
+    return folder, info
+
+
+# --------------------------------------------------------------------------------------------------
+# Folding the static part of the graph.
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray:
+    a = node.attribute[0]
+    if a.name == "value":
+        return numpy_helper.to_array(a.t)
+    value = onnx.helper.get_attribute_value(a)
+    if a.name in ("value_float", "value_floats"):
+        return np.asarray(value, dtype=np.float32)
+    if a.name in ("value_int", "value_ints"):
+        return np.asarray(value, dtype=np.int64)
+    raise _Refuse(f"Constant with a {a.name!r} attribute is not supported")
+
+
+class _Folder:
+    """Evaluates the nodes whose outputs do not depend on the graph inputs."""
+
+    def __init__(self, model: onnx.ModelProto, info, opset: int):
+        self.model, self.info, self.opset = model, info, opset
+        self.values: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        self.origin: dict[str, tuple[str, str]] = {n: ("initializer", n) for n in self.values}
+        self.static_nodes: set[int] = set()
+        for index, node in enumerate(model.graph.node):
+            self._visit(index, node)
+
+    def _visit(self, index: int, node: onnx.NodeProto) -> None:
+        if node.domain not in ("", "ai.onnx") or any(a.type == onnx.AttributeProto.GRAPH for a in node.attribute):
+            return
+        outputs = self._fold(node)
+        if outputs is None:
+            return
+        self.static_nodes.add(index)
+        for name, value in zip(node.output, outputs):
+            if name:
+                self.values[name] = np.asarray(value)
+        if node.op_type == "Constant":
+            self.origin[node.output[0]] = ("constant", node.output[0])
+        elif node.op_type == "Identity" and node.input[0] in self.origin:
+            self.origin[node.output[0]] = self.origin[node.input[0]]
+        else:
+            self.origin.update({name: ("computed", name) for name in node.output if name})
+
+    def _known(self, name: str) -> bool:
+        return not name or name in self.values
+
+    def _fold(self, node: onnx.NodeProto) -> list[np.ndarray] | None:
+        op = node.op_type
+        try:
+            if op == "Constant":
+                return [_constant_value(node)]
+            if op in SHAPE_READERS:
+                shape = self._shape_of(node.input[0])
+                if shape is None:
+                    return None
+                if op == "Size":
+                    return [np.array(math.prod(shape), dtype=np.int64)]
+                start, end = _attr(node, "start", 0), _attr(node, "end", None)
+                return [np.array(shape[start:end], dtype=np.int64)]
+            if op == "CastLike" and self._known(node.input[0]):
+                return self._cast_like(node)
+            if not all(self._known(n) for n in node.input):
+                return None
+            if op == "Identity":
+                return [self.values[node.input[0]]]
+            return self._reference(node)
+        except _Refuse:
+            return None
+
+    def _shape_of(self, name: str) -> tuple[int, ...] | None:
+        if name in self.values:
+            return tuple(self.values[name].shape)
+        return self.info.get(name, (None, 0))[0]
+
+    def _cast_like(self, node: onnx.NodeProto) -> list[np.ndarray] | None:
+        target = node.input[1]
+        if target in self.values:
+            return [self.values[node.input[0]].astype(self.values[target].dtype)]
+        elem = self.info.get(target, (None, 0))[1]
+        if not elem:
+            return None
+        return [self.values[node.input[0]].astype(onnx.helper.tensor_dtype_to_np_dtype(elem))]
+
+    def _reference(self, node: onnx.NodeProto) -> list[np.ndarray] | None:
+        from onnx.reference import ReferenceEvaluator
+
+        try:
+            evaluator = ReferenceEvaluator(node, opsets={"": self.opset})
+            feeds = {n: self.values[n] for n in node.input if n}
+            return [np.asarray(v) for v in evaluator.run(None, feeds)]
+        except Exception:
+            return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Translation context.
+
+
+@dataclass
+class _Context:
+    model: onnx.ModelProto
+    folder: _Folder
+    info: dict
+    node_names: list[str]
+    uses: dict[tuple[str, str], list[tuple[int, int]]]
+    nodes: list[Node] = field(default_factory=list)
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+    refs: dict[str, _ParamRef] = field(default_factory=dict)
+    alias: dict[str, str] = field(default_factory=dict)
+    offenders: list[Offender] = field(default_factory=list)
+    index: int = -1  # the ONNX node being converted
+
+    @property
+    def node(self) -> onnx.NodeProto:
+        return self.model.graph.node[self.index]
+
+    def const(self, name: str) -> np.ndarray | None:
+        return self.folder.values.get(name) if name else None
+
+    def x(self, slot: int = 0) -> str:
+        """The IR value read at this input, which must be an activation."""
+        name = self.node.input[slot]
+        if name in self.folder.values:
+            raise _Refuse(f"input {slot} ({name!r}) is a constant where an activation is expected")
+        return self.alias.get(name, name)
+
+    def shape(self, slot: int = 0) -> tuple[int, ...]:
+        name = self.node.input[slot]
+        shape = self.folder._shape_of(name)
+        if shape is None:
+            raise _Refuse(f"the shape of {name!r} is unknown (ONNX shape inference could not tell)")
+        return shape
+
+    def static(self, slot: int, what: str) -> np.ndarray:
+        value = self.const(self.node.input[slot]) if slot < len(self.node.input) else None
+        if value is None:
+            raise _Refuse(f"its {what} (input {slot}) is not a constant")
+        return value
+
+    def param(self, slot: int, transform: _Transform) -> str:
+        name = self.node.input[slot]
+        kind, base = self.folder.origin[name]
+        readers = self.uses.get((kind, base), [])
+        sole = kind != "computed" and len(readers) <= 1
+        key = base if sole else f"{base}@{self.node_names[self.index]}:{slot}"
+        stored = self.folder.values[name]
+        self.refs[key] = _ParamRef(key, kind, base, self.index, slot, stored, transform, sole)
+        self.params[key] = torch.from_numpy(np.ascontiguousarray(transform.forward(stored))).to(
+            _torch_dtype(stored.dtype))
+        return key
+
+    def emit(self, op: str, inputs: Sequence[str], params=None, attrs=None) -> None:
+        node = self.node
+        self.nodes.append(Node(self.node_names[self.index], op, tuple(inputs), node.output[0],
+                               dict(params or {}), dict(attrs or {}), node.op_type))
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.zeros(1, dtype=dtype)).dtype
+
+
+# --------------------------------------------------------------------------------------------------
+# Converters: one per ONNX op type.
+
+
+def _channel_vector(ctx: _Context, value: np.ndarray, rank: int, channels: int) -> tuple[int, ...] | None:
+    """If ``value`` broadcasts against a (1, C, ...) tensor as a per-channel constant: the stored
+    layout to use for a full per-channel vector; else None."""
+    if value.ndim > rank:
+        return None
+    padded = (1,) * (rank - value.ndim) + tuple(value.shape)
+    if padded[0] != 1 or any(d != 1 for d in padded[2:]) or padded[1] not in (1, channels):
+        return None
+    return (channels,) + (1,) * (rank - 2) if value.ndim < rank else (1, channels) + (1,) * (rank - 2)
+
+
+def _gemm(ctx: _Context) -> None:
+    node = ctx.node
+    if _attr(node, "transA", 0):
+        raise _Refuse("transA=1 (transposed activations) is not a linear layer on features")
+    w = ctx.static(1, "weight")
+    if w.ndim != 2:
+        raise _Refuse("its weight is not 2-D")
+    trans_b = bool(_attr(node, "transB", 0))
+    out = w.shape[0] if trans_b else w.shape[1]
+    alpha, beta = float(_attr(node, "alpha", 1.0)), float(_attr(node, "beta", 1.0))
+    params = {"weight": ctx.param(1, _Transform((out, w.size // out), transpose=not trans_b, factor=alpha))}
+    if len(node.input) > 2 and node.input[2] and beta != 0.0:
+        c = ctx.static(2, "bias")
+        if c.size not in (1, out) or (c.ndim == 2 and c.shape[0] != 1) or c.ndim > 2:
+            raise _Refuse(f"its bias of shape {c.shape} is not a vector of {out} values")
+        params["bias"] = ctx.param(2, _Transform((out,), factor=beta, expanded_shape=(out,)))
+    ctx.emit("linear", [ctx.x(0)], params)
+
+
+def _matmul(ctx: _Context) -> None:
+    if len(ctx.shape(0)) != 2:
+        raise _Refuse(f"MatMul on a {len(ctx.shape(0))}-D activation acts on its last axis, not on features")
+    w = ctx.static(1, "right operand")
+    if w.ndim != 2:
+        raise _Refuse("its right operand is not a constant 2-D matrix")
+    ctx.emit("linear", [ctx.x(0)], {"weight": ctx.param(1, _Transform((w.shape[1], w.shape[0]), transpose=True))})
+
+
+def _spatial_pads(ctx: _Context, kernel, strides, dilations) -> list[int]:
+    node = ctx.node
+    d = len(kernel)
+    auto_pad = _attr(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad in ("NOTSET", ""):
+        return list(_attr(node, "pads", [0] * (2 * d)))
+    if auto_pad == "VALID":
+        return [0] * (2 * d)
+    spatial = ctx.shape(0)[2:]
+    begin, end = [], []
+    for length, k, s, dil in zip(spatial, kernel, strides, dilations):
+        total = max(0, (math.ceil(length / s) - 1) * s + (k - 1) * dil + 1 - length)
+        small, large = total // 2, total - total // 2
+        begin.append(small if auto_pad == "SAME_UPPER" else large)
+        end.append(large if auto_pad == "SAME_UPPER" else small)
+    return begin + end
+
+
+def _conv(ctx: _Context) -> None:
+    node = ctx.node
+    w = ctx.static(1, "weight")
+    d = w.ndim - 2
+    if d not in (1, 2):
+        raise _Refuse(f"{d}-D convolutions are not supported (1-D and 2-D are)")
+    kernel = list(w.shape[2:])
+    if list(_attr(node, "kernel_shape", kernel)) != kernel:
+        raise _Refuse("its kernel_shape does not match its weight")
+    strides = list(_attr(node, "strides", [1] * d))
+    dilations = list(_attr(node, "dilations", [1] * d))
+    attrs = {"stride": strides, "dilation": dilations, "groups": int(_attr(node, "group", 1)),
+             "pads": _spatial_pads(ctx, kernel, strides, dilations)}
+    params = {"weight": ctx.param(1, _Transform(tuple(w.shape)))}
+    if len(node.input) > 2 and node.input[2]:
+        params["bias"] = ctx.param(2, _Transform((w.shape[0],), expanded_shape=(w.shape[0],)))
+    ctx.emit("conv", [ctx.x(0)], params, attrs)
+
+
+def _batchnorm(ctx: _Context) -> None:
+    node = ctx.node
+    if _attr(node, "training_mode", 0) or len([o for o in node.output if o]) > 1:
+        raise _Refuse("training-mode BatchNormalization (batch statistics) is not an inference layer")
+    c = ctx.static(1, "scale").size
+    roles = {"weight": 1, "bias": 2, "running_mean": 3, "running_var": 4}
+    params = {}
+    for role, slot in roles.items():
+        if ctx.static(slot, role).size != c:
+            raise _Refuse(f"its {role} does not have {c} values")
+        params[role] = ctx.param(slot, _Transform((c,), expanded_shape=(c,)))
+    ctx.emit("batchnorm", [ctx.x(0)], params, {"eps": float(_attr(node, "epsilon", 1e-5))})
+
+
+def _simple(op: str, **defaults) -> Callable[[_Context], None]:
+    def convert(ctx: _Context) -> None:
+        attrs = {k: float(_attr(ctx.node, k, v)) for k, v in defaults.items()}
+        ctx.emit(op, [ctx.x(0)], attrs=attrs)
+
+    return convert
+
+
+def _prelu(ctx: _Context) -> None:
+    slope = ctx.static(1, "slope")
+    channels = ctx.shape(0)[1]
+    if slope.size not in (1, channels):
+        raise _Refuse(f"its slope of shape {slope.shape} is not per channel")
+    ctx.emit("prelu", [ctx.x(0)], {"slope": ctx.param(1, _Transform((slope.size,)))})
+
+
+def _pool_attrs(ctx: _Context) -> dict:
+    node = ctx.node
+    kernel = list(_attr(node, "kernel_shape"))
+    d = len(kernel)
+    if d not in (1, 2):
+        raise _Refuse(f"{d}-D pooling is not supported (1-D and 2-D are)")
+    strides = list(_attr(node, "strides", [1] * d))
+    dilations = list(_attr(node, "dilations", [1] * d))
+    pads = _spatial_pads(ctx, kernel, strides, dilations)
+    return {"kernel": kernel, "stride": strides, "dilation": dilations, "pads": pads,
+            "ceil_mode": bool(_attr(node, "ceil_mode", 0))}
+
+
+def _maxpool(ctx: _Context) -> None:
+    node = ctx.node
+    if _attr(node, "storage_order", 0) != 0:
+        raise _Refuse("storage_order=1 (column-major indices) is not supported")
+    if len(node.output) > 1 and node.output[1]:
+        raise _Refuse("its second output (argmax indices) is used")
+    ctx.emit("maxpool", [ctx.x(0)], attrs=_pool_attrs(ctx))
+
+
+def _avgpool(ctx: _Context) -> None:
+    attrs = _pool_attrs(ctx)
+    attrs["count_include_pad"] = bool(_attr(ctx.node, "count_include_pad", 0))
+    ctx.emit("avgpool", [ctx.x(0)], attrs=attrs)
+
+
+def _global_avgpool(ctx: _Context) -> None:
+    ctx.emit("global_avgpool", [ctx.x(0)], attrs={"keepdim": True})
+
+
+def _global_maxpool(ctx: _Context) -> None:
+    spatial = list(ctx.shape(0)[2:])
+    if len(spatial) not in (1, 2):
+        raise _Refuse("only 1-D and 2-D global max pooling is supported")
+    d = len(spatial)
+    attrs = {"kernel": spatial, "stride": [1] * d, "dilation": [1] * d, "pads": [0] * (2 * d), "ceil_mode": False}
+    ctx.emit("maxpool", [ctx.x(0)], attrs=attrs)
+
+
+def _reduce_axes(ctx: _Context, rank: int) -> list[int]:
+    node = ctx.node
+    axes = _attr(node, "axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        axes = ctx.static(1, "axes").reshape(-1).tolist()
+    if not axes:
+        raise _Refuse("it reduces over all axes, channels included")
+    return sorted(a % rank for a in axes)
+
+
+def _reduce_mean(ctx: _Context) -> None:
+    rank = len(ctx.shape(0))
+    axes = _reduce_axes(ctx, rank)
+    if axes != list(range(2, rank)) or rank < 3:
+        raise _Refuse(f"it averages over axes {axes}, not over exactly the spatial axes {list(range(2, rank))}")
+    ctx.emit("global_avgpool", [ctx.x(0)], attrs={"keepdim": bool(_attr(ctx.node, "keepdims", 1))})
+
+
+def _reshape_kind(before: tuple[int, ...], after: tuple[int, ...]) -> str:
+    if tuple(after[1:]) == tuple(before[1:]):
+        return "identity"
+    if len(after) == 2 and len(before) > 2 and after[1] == math.prod(before[1:]):
+        return "flatten"
+    raise _Refuse(f"it reshapes {before} to {after}, which moves values across channels")
+
+
+def _reshape_target(ctx: _Context, before: tuple[int, ...]) -> tuple[int, ...]:
+    target = ctx.static(1, "target shape").reshape(-1).astype(np.int64).tolist()
+    allow_zero = bool(_attr(ctx.node, "allowzero", 0))
+    dims = [before[i] if t == 0 and not allow_zero else t for i, t in enumerate(target)]
+    if -1 in dims:
+        known = math.prod(d for d in dims if d != -1)
+        dims[dims.index(-1)] = math.prod(before) // max(known, 1)
+    return tuple(dims)
+
+
+def _reshape(ctx: _Context) -> None:
+    before = ctx.shape(0)
+    ctx.emit(_reshape_kind(before, _reshape_target(ctx, before)), [ctx.x(0)])
+
+
+def _flatten(ctx: _Context) -> None:
+    rank = len(ctx.shape(0))
+    if _attr(ctx.node, "axis", 1) % rank != 1:
+        raise _Refuse("only Flatten with axis=1 keeps the batch axis apart")
+    ctx.emit("flatten", [ctx.x(0)])
+
+
+def _squeeze(ctx: _Context) -> None:
+    before = ctx.shape(0)
+    axes = _reduce_axes(ctx, len(before))
+    if axes[0] < 2 or any(before[a] != 1 for a in axes):
+        raise _Refuse(f"it squeezes axes {axes}, not unit spatial axes")
+    after = tuple(d for i, d in enumerate(before) if i not in axes)
+    if len(after) != 2:
+        raise _Refuse(f"it squeezes {before} to {after}, keeping spatial axes")
+    ctx.emit(_reshape_kind(before, after), [ctx.x(0)])
+
+
+def _identity(ctx: _Context) -> None:
+    node = ctx.node
+    if node.op_type == "Dropout":
+        if len(node.output) > 1 and node.output[1]:
+            raise _Refuse("its mask output is used")
+        if len(node.input) > 2 and node.input[2] and bool(ctx.static(2, "training_mode").reshape(-1)[0]):
+            raise _Refuse("it runs in training mode")
+    ctx.emit("identity", [ctx.x(0)])
+
+
+def _split_operands(ctx: _Context) -> tuple[int, int]:
+    """(slot of the activation, slot of the constant) of a binary op with one constant operand."""
+    static = [ctx.const(n) is not None for n in ctx.node.input]
+    if static == [False, True]:
+        return 0, 1
+    if static == [True, False]:
+        return 1, 0
+    raise _Refuse("it combines two activations")
+
+
+def _per_channel(ctx: _Context, xs: int, cs: int, what: str) -> tuple[int, tuple[int, ...]]:
+    shape = ctx.shape(xs)
+    layout = _channel_vector(ctx, ctx.const(ctx.node.input[cs]), len(shape), shape[1])
+    if layout is None:
+        raise _Refuse(f"its constant of shape {ctx.const(ctx.node.input[cs]).shape} is not {what}")
+    return shape[1], layout
+
+
+def _add(ctx: _Context) -> None:
+    node = ctx.node
+    if all(ctx.const(n) is None for n in node.input):
+        shapes = {ctx.shape(i)[1:] for i in range(len(node.input))}
+        if len(shapes) != 1:
+            raise _Refuse(f"it adds values of different shapes {sorted(shapes)}")
+        ctx.emit("add", [ctx.x(i) for i in range(len(node.input))])
+        return
+    xs, cs = _split_operands(ctx)
+    if node.op_type == "Sub" and xs == 1:
+        raise _Refuse("it subtracts an activation from a constant (negates it)")
+    channels, layout = _per_channel(ctx, xs, cs, "a per-channel bias")
+    factor = -1.0 if node.op_type == "Sub" else 1.0
+    ctx.emit("bias", [ctx.x(xs)], {"bias": ctx.param(cs, _Transform((channels,), factor=factor, expanded_shape=layout))})
+
+
+def _mul(ctx: _Context) -> None:
+    xs, cs = _split_operands(ctx)
+    divide = ctx.node.op_type == "Div"
+    if divide and xs == 1:
+        raise _Refuse("it divides a constant by an activation")
+    c = ctx.const(ctx.node.input[cs])
+    if c.size == 1 and c.ndim <= len(ctx.shape(xs)):
+        value = float(c.reshape(-1)[0])
+        ctx.emit("scale", [ctx.x(xs)], attrs={"value": 1.0 / value if divide else value})
+        return
+    channels, layout = _per_channel(ctx, xs, cs, "a per-channel factor")
+    transform = _Transform((channels,), reciprocal=divide, expanded_shape=layout)
+    ctx.emit("affine", [ctx.x(xs)], {"weight": ctx.param(cs, transform)})
+
+
+def _concat(ctx: _Context) -> None:
+    rank = len(ctx.shape(0))
+    if _attr(ctx.node, "axis") % rank != 1:
+        raise _Refuse("it concatenates along an axis other than channels")
+    ctx.emit("concat", [ctx.x(i) for i in range(len(ctx.node.input))])
+
+
+def _clip(ctx: _Context) -> None:
+    node = ctx.node
+    low = _attr(node, "min")
+    high = _attr(node, "max")
+    if low is None and len(node.input) > 1 and node.input[1]:
+        low = float(ctx.static(1, "min").reshape(-1)[0])
+    if high is None and len(node.input) > 2 and node.input[2]:
+        high = float(ctx.static(2, "max").reshape(-1)[0])
+    if low != 0.0 or (high is not None and math.isfinite(high)):
+        raise _Refuse(f"Clip({low}, {high}) is not positively homogeneous (only Clip(0, inf) = ReLU is)")
+    ctx.emit("relu", [ctx.x(0)])
+
+
+CONVERTERS: dict[str, Callable[[_Context], None]] = {
+    "Gemm": _gemm,
+    "MatMul": _matmul,
+    "Conv": _conv,
+    "BatchNormalization": _batchnorm,
+    "Relu": _simple("relu"),
+    "LeakyRelu": _simple("leaky_relu", alpha=0.01),
+    "PRelu": _prelu,
+    "MaxPool": _maxpool,
+    "AveragePool": _avgpool,
+    "GlobalAveragePool": _global_avgpool,
+    "GlobalMaxPool": _global_maxpool,
+    "ReduceMean": _reduce_mean,
+    "Reshape": _reshape,
+    "Flatten": _flatten,
+    "Squeeze": _squeeze,
+    "Identity": _identity,
+    "Dropout": _identity,
+    "Add": _add,
+    "Sub": _add,
+    "Mul": _mul,
+    "Div": _mul,
+    "Concat": _concat,
+    "Sum": _add,
+    "Clip": _clip,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole-graph translation.
+
+
+def _node_names(model: onnx.ModelProto) -> list[str]:
+    names, seen = [], set()
+    for index, node in enumerate(model.graph.node):
+        name = node.name or f"{node.op_type}_{index}"
+        if name in seen:
+            name = f"{name}_{index}"
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def _readers(model: onnx.ModelProto, folder: _Folder) -> dict[tuple[str, str], list[tuple[int, int]]]:
+    """Every (node, input slot) reading each stored tensor, Identity pass-throughs and shape reads aside."""
+    readers: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    for index, node in enumerate(model.graph.node):
+        passthrough = node.op_type == "Identity" and index in folder.static_nodes
+        if passthrough or node.op_type in SHAPE_READERS:
+            continue
+        for slot, name in enumerate(node.input):
+            if name in folder.origin:
+                readers.setdefault(folder.origin[name], []).append((index, slot))
+    for value in model.graph.output:
+        if value.name in folder.origin:
+            readers.setdefault(folder.origin[value.name], []).append((-1, -1))
+    return readers
+
+
+def _heads(model: onnx.ModelProto, folder: _Folder) -> dict[str, onnx.NodeProto]:
+    """Graph output -> the trailing Softmax / LogSoftmax / Sigmoid node producing it."""
+    consumed = {name for node in model.graph.node for name in node.input}
+    heads = {}
+    for index, node in enumerate(model.graph.node):
+        out = node.output[0] if node.output else ""
+        is_output = out in {v.name for v in model.graph.output}
+        if node.op_type in HEAD_OPS and is_output and out not in consumed and index not in folder.static_nodes:
+            heads[out] = node
+    return heads
+
+
+def _live_nodes(model: onnx.ModelProto, folder: _Folder, outputs: list[str]) -> list[int]:
+    """The non-static nodes whose result reaches an output through data (not shape) edges."""
+    producer = {name: i for i, node in enumerate(model.graph.node) for name in node.output if name}
+    live, stack = set(), [producer[n] for n in outputs if n in producer]
+    while stack:
+        index = stack.pop()
+        if index in live or index in folder.static_nodes:
+            continue
+        live.add(index)
+        stack += [producer[n] for n in model.graph.node[index].input if n in producer]
+    return sorted(live)
+
+
+def _why_unsupported(node: onnx.NodeProto) -> str:
+    if node.op_type in NOT_HOMOGENEOUS:
+        return f"{node.op_type} is not positively homogeneous (f(a x) != a f(x) for a > 0)"
+    if node.domain not in ("", "ai.onnx"):
+        return f"custom op of domain {node.domain!r} is not supported"
+    return f"op {node.op_type} is not supported by pathcond"
+
+
+def _convert(ctx: _Context, live: list[int]) -> None:
+    for index in live:
+        ctx.index = index
+        node = ctx.node
+        converter = CONVERTERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        try:
+            if converter is None:
+                raise _Refuse(_why_unsupported(node))
+            converter(ctx)
+        except _Refuse as exc:
+            ctx.offenders.append(Offender(ctx.node_names[index], node.op_type, str(exc)))
+            first = next((n for n in node.input if n and n not in ctx.folder.values), None)
+            if first is not None and node.output:  # keep going so that every offender is reported
+                ctx.alias[node.output[0]] = ctx.alias.get(first, first)
+
+
+def _fuse_linear_bias(nodes: list[Node], outputs: list[str]) -> list[Node]:
+    """MatMul + Add of a (O,) constant -> one linear node with a bias."""
+    readers: dict[str, list[Node]] = {}
+    for node in nodes:
+        for value in node.inputs:
+            readers.setdefault(value, []).append(node)
+    fused, dropped = {}, set()
+    for node in nodes:
+        nexts = readers.get(node.output, [])
+        if node.op == "linear" and "bias" not in node.params and node.output not in outputs and len(nexts) == 1 \
+                and nexts[0].op == "bias":
+            b = nexts[0]
+            fused[id(b)] = Node(node.name, "linear", node.inputs, b.output,
+                                {**node.params, "bias": b.params["bias"]}, node.attrs, node.source_op)
+            dropped.add(id(node))
+    return [fused.get(id(n), n) for n in nodes if id(n) not in dropped]
+
+
+def _translate(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], warnings: list[str]):
+    opset = _opset(model)
+    if opset < MIN_OPSET:
+        raise UnsupportedModelError(
+            f"the model uses opset {opset}; pathcond reads opset {MIN_OPSET} or later "
+            "(upgrade it with onnx.version_converter.convert_version)")
+    folder, info = _fold_graph(model, shapes, opset)
+    names = _node_names(model)
+    ctx = _Context(model, folder, info, names, _readers(model, folder))
+    heads = _heads(model, folder)
+    for head in heads.values():
+        warnings.append(f"head {head.op_type} {names[list(model.graph.node).index(head)]!r} ignored for the "
+                        "statistics: they are computed on its input")
+    outputs = [heads[v.name].input[0] if v.name in heads else v.name for v in model.graph.output]
+    _convert(ctx, _live_nodes(model, folder, outputs))
+    _check_outputs(ctx, outputs)
+    if ctx.offenders:
+        listing = "; ".join(f"{o.node} ({o.op}): {o.why}" for o in ctx.offenders)
+        raise UnsupportedModelError(
+            f"the model is not a ReLU network pathcond can rescale: {listing}", ctx.offenders)
+    ir_inputs = {name: (1,) + tuple(shape[1:]) for name, shape in shapes.items()}
+    nodes = _fuse_linear_bias(ctx.nodes, outputs)
+    used = {key for node in nodes for key in node.params.values()}
+    try:
+        graph = Graph(ir_inputs, nodes, [ctx.alias.get(o, o) for o in outputs],
+                      {k: v for k, v in ctx.params.items() if k in used})
+    except GraphError as exc:
+        raise UnsupportedModelError(f"the model cannot be represented: {exc}") from exc
+    return graph, ctx.refs
+
+
+def _check_outputs(ctx: _Context, outputs: list[str]) -> None:
+    produced = {node.output for node in ctx.nodes} | set(ctx.alias)
+    for name in outputs:
+        if name not in produced and not ctx.offenders:
+            raise UnsupportedModelError(f"graph output {name!r} is not computed by any supported layer "
+                                        "(it is a constant or a graph input)")
+
+
+# --------------------------------------------------------------------------------------------------
+# The loaded model.
+
+
+class OnnxModel:
+    """An ONNX model read by :func:`load_onnx` (implements the ``LoadedModel`` protocol)."""
+
+    format = "onnx"
+
+    def __init__(self, path: Path, model: onnx.ModelProto, graph: Graph, refs: dict[str, _ParamRef],
+                 specs: list[InputSpec], external: bool, warnings: list[str]):
+        self.path = path
+        self.graph = graph
+        self.warnings = warnings
+        self._model = model
+        self._refs = refs
+        self._specs = specs
+        self._external = external
+
+    @property
+    def has_batchnorm(self) -> bool:
+        return False
+
+    def input_specs(self) -> list[InputSpec]:
+        return list(self._specs)
+
+    def parameter_source(self, key: str) -> tuple[str, str]:
+        """(kind, stored tensor name) behind an IR key: kind is initializer, constant or computed."""
+        ref = self._refs[key]
+        return ref.kind, ref.base
+
+    def save(self, new_params: Mapping[str, torch.Tensor], path: Path) -> None:
+        model = onnx.ModelProto()
+        model.CopyFrom(self._model)
+        taken = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
+        taken |= {v.name for v in model.graph.input}
+        for key, value in new_params.items():
+            if key not in self._refs:
+                raise KeyError(f"{key!r} is not a parameter of {self.path}")
+            self._write(model, self._refs[key], value, taken)
+        _save_proto(model, Path(path), self._external)
+
+    def _write(self, model: onnx.ModelProto, ref: _ParamRef, value: torch.Tensor, taken: set[str]) -> None:
+        new = value.detach().to("cpu", self.graph.params[ref.key].dtype)
+        if torch.equal(new, self.graph.params[ref.key]):
+            return
+        stored, same_dims = ref.transform.inverse(new.double().numpy(), ref.stored)
+        if ref.sole_role and same_dims:
+            _write_in_place(model, ref, stored)
+            return
+        name = _fresh_name(f"{ref.base}.pathcond.{ref.slot}", taken)
+        model.graph.initializer.append(numpy_helper.from_array(stored, name))
+        model.graph.node[ref.node_index].input[ref.slot] = name
+
+    def run(self, path: Path, inputs: Mapping[str, np.ndarray], *, train: bool = False) -> list[np.ndarray]:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        dtypes = {spec.name: spec.dtype for spec in self._specs}
+        feeds = {name: np.asarray(v, dtype=dtypes.get(name)) for name, v in inputs.items()}
+        return [np.asarray(out) for out in session.run(None, feeds)]
+
+
+def _fresh_name(base: str, taken: set[str]) -> str:
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}.{i}", i + 1
+    taken.add(name)
+    return name
+
+
+def _write_in_place(model: onnx.ModelProto, ref: _ParamRef, stored: np.ndarray) -> None:
+    if ref.kind == "initializer":
+        for tensor in model.graph.initializer:
+            if tensor.name == ref.base:
+                tensor.CopyFrom(numpy_helper.from_array(stored, ref.base))
+                return
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output[0] == ref.base:
+            del node.attribute[:]
+            node.attribute.append(onnx.helper.make_attribute("value", numpy_helper.from_array(stored)))
+            return
+    raise KeyError(f"stored tensor {ref.base!r} not found")  # pragma: no cover - refs come from this model
+
+
+def _save_proto(model: onnx.ModelProto, path: Path, external: bool) -> None:
+    if not external:
+        onnx.save_model(model, str(path))
+        return
+    location = path.name + ".data"
+    data_file = path.parent / location
+    if data_file.exists():  # onnx appends to an existing data file
+        data_file.unlink()
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=location, size_threshold=0)
+
+
+def _input_specs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> list[InputSpec]:
+    specs = []
+    for value in _real_inputs(model):
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
+        specs.append(InputSpec(value.name, shapes[value.name], dtype))
+    return specs
+
+
+def load_onnx(path: Path, options: LoadOptions | None = None) -> OnnxModel:
+    """Read an ONNX file into pathcond's IR.
+
+    Raises :class:`UsageError` for an unreadable file or a missing ``--input-shape`` and
+    :class:`UnsupportedModelError` (listing every offending node) for a model that is not a ReLU network.
+    """
+    path = Path(path)
+    options = options or LoadOptions()
+    model = _read_model(path)
+    external = _uses_external_data(path)
+    shapes = _input_shapes(model, options)
+    warnings: list[str] = []
+    graph, refs = _translate(model, shapes, warnings)
+    return OnnxModel(path, model, graph, refs, _input_specs(model, shapes), external, warnings)
+
+
+__all__ = ["OnnxModel", "load_onnx", "CONVERTERS"]

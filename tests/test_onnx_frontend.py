@@ -1,0 +1,424 @@
+"""The ONNX front end: translation to the IR, the reference forward against onnxruntime, and save."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from pathcond_cli import ir
+from pathcond_cli.errors import UnsupportedModelError, UsageError
+from pathcond_cli.frontends.base import LoadOptions
+from pathcond_cli.frontends.onnx_frontend import load_onnx
+from tests import nets
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPORTERS = ["torchscript", "dynamo", "dynamo_noopt"]
+CHAIN_OPS = {"relu", "maxpool", "avgpool", "global_avgpool", "identity", "flatten"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _export(name: str, exporter: str, folder: Path) -> Path:
+    factory, shape = nets.ZOO[name]
+    model, x = factory(), torch.randn(shape)
+    path = folder / f"{name}-{exporter}.onnx"
+    try:
+        if exporter == "torchscript":
+            torch.onnx.export(model, (x,), str(path), dynamo=False, do_constant_folding=False,
+                              input_names=["input"], output_names=["output"],
+                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+        else:
+            torch.onnx.export(model, (x,), str(path), dynamo=True, external_data=False,
+                              optimize=exporter == "dynamo", dynamic_shapes=({0: torch.export.Dim("batch")},))
+    except Exception as exc:  # pragma: no cover - depends on the installed exporter
+        pytest.skip(f"{exporter} export of {name} failed here: {type(exc).__name__}: {exc}")
+    proto = onnx.load(str(path))
+    helper.set_model_props(proto, {"origin": "pathcond-test"})
+    onnx.save(proto, str(path))
+    return path
+
+
+def _ort(model, path: Path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return model.run(path, inputs)
+
+
+def _random_inputs(model, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in model.input_specs()}
+
+
+def _assert_ir_matches_ort(model, path: Path, seeds=(0, 1, 2)) -> None:
+    for seed in seeds:
+        feeds = _random_inputs(model, seed)
+        expected = _ort(model, path, feeds)
+        got = ir.evaluate(model.graph, {k: torch.from_numpy(v) for k, v in feeds.items()})
+        for name, want in zip(model.graph.outputs, expected):
+            have = got[name].numpy()
+            assert have.shape == want.shape
+            scale = max(float(np.abs(want).max()), 1e-12)
+            np.testing.assert_allclose(have, want, rtol=0, atol=1e-4 * scale)
+
+
+def _assert_same_function(model, path_a: Path, path_b: Path, exact: bool = False) -> None:
+    for seed in (0, 1, 2):
+        feeds = _random_inputs(model, seed)
+        for a, b in zip(_ort(model, path_a, feeds), _ort(model, path_b, feeds)):
+            if exact:
+                np.testing.assert_array_equal(a, b)
+            else:
+                np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * max(float(np.abs(a).max()), 1e-12))
+
+
+def _layer_pair(graph: ir.Graph) -> tuple[ir.Node, ir.Node]:
+    """A linear/conv layer A and the next layer B, joined through a ReLU (and pooling) only.
+    Whole layers are rescaled (every channel by the same factor), so a flatten in between is fine."""
+    for a in graph.nodes:
+        if a.op not in ("linear", "conv", "batchnorm") or a.attrs.get("groups", 1) != 1 or "weight" not in a.params:
+            continue
+        value, seen = a.output, []
+        while len(graph.consumers[value]) == 1 and value not in graph.outputs:
+            nxt = graph.consumers[value][0]
+            if nxt.op not in CHAIN_OPS:
+                break
+            seen.append(nxt.op)
+            value = nxt.output
+        consumers = graph.consumers[value]
+        if "relu" in seen and len(consumers) == 1 and consumers[0].op in ("linear", "conv") \
+                and value not in graph.outputs:
+            return a, consumers[0]
+    raise AssertionError("no layer pair across a ReLU")
+
+
+def _rescaled_pair(graph: ir.Graph) -> dict[str, torch.Tensor]:
+    """Scale layer A by 2 (weight and bias; a BatchNorm's affine parameters) and the next layer's weight by 0.5."""
+    a, b = _layer_pair(graph)
+    new = {a.params["weight"]: graph.params[a.params["weight"]] * 2,
+           b.params["weight"]: graph.params[b.params["weight"]] * 0.5}
+    if "bias" in a.params:
+        new[a.params["bias"]] = graph.params[a.params["bias"]] * 2
+    return new
+
+
+def _model(nodes, inputs, outputs, inits=(), opset=17) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, [numpy_helper.from_array(v, k) for k, v in inits])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def _write(proto: onnx.ModelProto, folder: Path, name: str = "m.onnx") -> Path:
+    path = folder / name
+    onnx.save(proto, str(path))
+    return path
+
+
+def _vi(name: str, shape) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def _rand(*shape, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed + sum(shape)).standard_normal(shape).astype(np.float32)
+
+
+def _inits(path: Path) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+def _gemm_model(trans_b: int = 0, alpha: float = 0.5, beta: float = 2.0) -> onnx.ModelProto:
+    w1 = _rand(4, 6) if not trans_b else _rand(6, 4)
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], "fc1", transB=trans_b, alpha=alpha, beta=beta),
+        helper.make_node("Relu", ["h"], ["r"], "relu"),
+        helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], "fc2", transB=1),
+    ]
+    inits = [("w1", w1), ("b1", _rand(6, seed=1)), ("w2", _rand(3, 6, seed=2)), ("b2", _rand(3, seed=3))]
+    return _model(nodes, [_vi("x", ["batch", 4])], [_vi("y", ["batch", 3])], inits)
+
+
+# --------------------------------------------------------------------------------------------------
+# Torch-exported models
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("name", sorted(nets.ZOO))
+def test_exported_model_matches_onnxruntime(name, exporter, tmp_path):
+    path = _export(name, exporter, tmp_path)
+    model = load_onnx(path, LoadOptions())
+    assert model.format == "onnx" and model.has_batchnorm is False
+    if exporter in ("torchscript", "dynamo_noopt") and name in ("small_cnn", "resnet_like"):
+        assert any(n.op == "batchnorm" for n in model.graph.nodes), "BatchNorm was not kept"
+    _assert_ir_matches_ort(model, path)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("name", sorted(nets.ZOO))
+def test_exported_model_save_round_trip(name, exporter, tmp_path):
+    path = _export(name, exporter, tmp_path)
+    model = load_onnx(path, LoadOptions())
+    same = tmp_path / "same.onnx"
+    model.save(dict(model.graph.params), same)
+    _assert_same_function(model, path, same, exact=True)
+
+    new = _rescaled_pair(model.graph)
+    out = tmp_path / "rescaled.onnx"
+    model.save(new, out)
+    _assert_same_function(model, path, out)
+    reloaded = load_onnx(out, LoadOptions())
+    checked = 0
+    for key, value in new.items():
+        if model.parameter_source(key)[0] == "initializer" and key in reloaded.graph.params:
+            assert torch.allclose(reloaded.graph.params[key].double(), value.double(), rtol=1e-6)
+            assert not torch.equal(reloaded.graph.params[key], model.graph.params[key])
+            checked += 1
+    assert checked >= 2, "the rescaled initializers were not written"
+    before, after = onnx.load(str(path)), onnx.load(str(out))
+    assert [n.name for n in before.graph.node] == [n.name for n in after.graph.node]
+    assert before.opset_import == after.opset_import
+    assert {p.key: p.value for p in after.metadata_props} == {"origin": "pathcond-test"}
+    assert after.producer_name == before.producer_name
+
+
+@pytest.mark.parametrize("name", ["mlp_uneven", "small_cnn", "resnet_like"])
+def test_sample_models(name):
+    path = ROOT / "sample_models" / f"{name}.onnx"
+    assert path.stat().st_size < 1_000_000
+    model = load_onnx(path, LoadOptions())
+    _assert_ir_matches_ort(model, path)
+    if name != "mlp_uneven":
+        assert sum(n.op == "batchnorm" for n in model.graph.nodes) >= 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Hand-built models
+
+
+def test_gemm_trans_b_zero_alpha_beta(tmp_path):
+    path = _write(_gemm_model(trans_b=0, alpha=0.5, beta=2.0), tmp_path)
+    model = load_onnx(path, LoadOptions())
+    _assert_ir_matches_ort(model, path)
+    fc1 = model.graph.nodes[0]
+    assert tuple(model.graph.params[fc1.params["weight"]].shape) == (6, 4)
+    new = _rescaled_pair(model.graph)
+    out = tmp_path / "out.onnx"
+    model.save(new, out)
+    _assert_same_function(model, path, out)
+    old, saved = _inits(path), _inits(out)
+    np.testing.assert_allclose(saved["w1"], 2 * old["w1"], rtol=1e-6)  # stored (I, O), alpha divided out
+    np.testing.assert_allclose(saved["b1"], 2 * old["b1"], rtol=1e-6)
+    assert saved["w1"].shape == old["w1"].shape
+
+
+def test_matmul_add_becomes_linear_with_bias(tmp_path):
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["m1"], "mm1"),
+        helper.make_node("Add", ["m1", "b1"], ["h"], "add1"),
+        helper.make_node("Relu", ["h"], ["r"], "relu"),
+        helper.make_node("MatMul", ["r", "w2"], ["m2"], "mm2"),
+        helper.make_node("Add", ["b2", "m2"], ["y"], "add2"),
+    ]
+    inits = [("w1", _rand(4, 7)), ("b1", _rand(7)), ("w2", _rand(7, 2)), ("b2", _rand(1, 2))]
+    path = _write(_model(nodes, [_vi("x", ["batch", 4])], [_vi("y", ["batch", 2])], inits), tmp_path)
+    model = load_onnx(path, LoadOptions())
+    assert [n.op for n in model.graph.nodes] == ["linear", "relu", "linear"]
+    assert all("bias" in n.params for n in model.graph.nodes if n.op == "linear")
+    _assert_ir_matches_ort(model, path)
+    out = tmp_path / "out.onnx"
+    model.save(_rescaled_pair(model.graph), out)
+    _assert_same_function(model, path, out)
+    assert _inits(out)["b2"].shape == (1, 2)
+
+
+def _conv_sub_model() -> onnx.ModelProto:
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], "conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Sub", ["c1", "shift"], ["s"], "sub"),
+        helper.make_node("Relu", ["s"], ["r"], "relu"),
+        helper.make_node("Conv", ["r", "w2", "b2"], ["y"], "conv2"),
+    ]
+    inits = [("w1", _rand(4, 2, 3, 3)), ("shift", _rand(1, 4, 1, 1)), ("w2", _rand(3, 4, 1, 1)), ("b2", _rand(3))]
+    return _model(nodes, [_vi("x", ["batch", 2, 5, 5])], [_vi("y", ["batch", 3, 5, 5])], inits)
+
+
+def test_sub_constant_is_a_negated_bias(tmp_path):
+    path = _write(_conv_sub_model(), tmp_path)
+    model = load_onnx(path, LoadOptions())
+    bias = next(n for n in model.graph.nodes if n.op == "bias")
+    np.testing.assert_array_equal(model.graph.params[bias.params["bias"]].numpy(), -_inits(path)["shift"].reshape(4))
+    _assert_ir_matches_ort(model, path)
+    new = {bias.params["bias"]: model.graph.params[bias.params["bias"]] * 3}
+    out = tmp_path / "out.onnx"
+    model.save(new, out)
+    np.testing.assert_allclose(_inits(out)["shift"], 3 * _inits(path)["shift"], rtol=1e-6)
+
+
+def _shared_bn_model() -> onnx.ModelProto:
+    """Exporter-style dedup: 'shared' is bn1's scale and bn2's running_var."""
+    nodes = [
+        helper.make_node("BatchNormalization", ["x", "shared", "b1", "m1", "v1"], ["h"], "bn1"),
+        helper.make_node("Relu", ["h"], ["r"], "relu"),
+        helper.make_node("BatchNormalization", ["r", "s2", "b2", "m2", "shared"], ["y"], "bn2"),
+    ]
+    c = 3
+    pos = np.array([0.7, 1.3, 0.9], dtype=np.float32)
+    inits = [("shared", pos), ("b1", _rand(c)), ("m1", _rand(c, seed=1)), ("v1", pos + 0.5),
+             ("s2", pos * 2), ("b2", _rand(c, seed=2)), ("m2", _rand(c, seed=3))]
+    return _model(nodes, [_vi("x", ["batch", c, 4, 4])], [_vi("y", ["batch", c, 4, 4])], inits)
+
+
+def test_shared_initializer_gets_one_key_per_role(tmp_path):
+    path = _write(_shared_bn_model(), tmp_path)
+    model = load_onnx(path, LoadOptions())
+    bn1, bn2 = (n for n in model.graph.nodes if n.op == "batchnorm")
+    assert bn1.params["weight"] == "shared@bn1:1" and bn2.params["running_var"] == "shared@bn2:4"
+    _assert_ir_matches_ort(model, path)
+    old = model.graph.params["shared@bn1:1"].clone()
+    out = tmp_path / "out.onnx"
+    model.save({"shared@bn1:1": old * 2, "shared@bn2:4": old.clone()}, out)
+    saved = onnx.load(str(out))
+    bn1_p, bn2_p = saved.graph.node[0], saved.graph.node[2]
+    assert bn2_p.input[4] == "shared" and bn1_p.input[1] != "shared"
+    values = _inits(out)
+    np.testing.assert_array_equal(values["shared"], old.numpy())
+    np.testing.assert_allclose(values[bn1_p.input[1]], 2 * old.numpy())
+    reloaded = load_onnx(out, LoadOptions())
+    rb1, rb2 = (n for n in reloaded.graph.nodes if n.op == "batchnorm")
+    assert torch.equal(reloaded.graph.params[rb2.params["running_var"]], old)
+
+
+def test_constant_node_weights_and_identity_chains(tmp_path):
+    w1 = _rand(5, 3)
+    nodes = [
+        helper.make_node("Constant", [], ["w1"], "const_w1", value=numpy_helper.from_array(w1)),
+        helper.make_node("Identity", ["w2_store"], ["w2_a"], "id_a"),
+        helper.make_node("Identity", ["w2_a"], ["w2"], "id_b"),
+        helper.make_node("Gemm", ["x", "w1"], ["h"], "fc1", transB=1),
+        helper.make_node("Relu", ["h"], ["r"], "relu"),
+        helper.make_node("Gemm", ["r", "w2"], ["y"], "fc2", transB=1),
+    ]
+    proto = _model(nodes, [_vi("x", ["batch", 3])], [_vi("y", ["batch", 2])], [("w2_store", _rand(2, 5))])
+    path = _write(proto, tmp_path)
+    model = load_onnx(path, LoadOptions())
+    assert set(model.graph.params) == {"w1", "w2_store"}
+    assert model.parameter_source("w1") == ("constant", "w1")
+    _assert_ir_matches_ort(model, path)
+    out = tmp_path / "out.onnx"
+    model.save(_rescaled_pair(model.graph), out)
+    _assert_same_function(model, path, out)
+    saved = onnx.load(str(out))
+    assert len(saved.graph.node) == len(proto.graph.node) and len(saved.graph.initializer) == 1
+    np.testing.assert_allclose(numpy_helper.to_array(saved.graph.node[0].attribute[0].t), 2 * w1, rtol=1e-6)
+    np.testing.assert_allclose(_inits(out)["w2_store"], 0.5 * _inits(path)["w2_store"], rtol=1e-6)
+
+
+def test_external_data_round_trip(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir(), dst.mkdir()
+    path = src / "model.onnx"
+    onnx.save_model(_gemm_model(trans_b=1, alpha=1.0, beta=1.0), str(path), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+    data_before = (src / "weights.bin").read_bytes()
+    model = load_onnx(path, LoadOptions())
+    _assert_ir_matches_ort(model, path)
+    out = dst / "rescaled.onnx"
+    model.save(_rescaled_pair(model.graph), out)
+    assert (dst / "rescaled.onnx.data").is_file()
+    assert (src / "weights.bin").read_bytes() == data_before
+    locations = {e.value for t in onnx.load(str(out), load_external_data=False).graph.initializer
+                 for e in t.external_data if e.key == "location"}
+    assert locations <= {"rescaled.onnx.data"}
+    _assert_same_function(model, path, out)
+
+
+def test_softmax_head_is_ignored_with_a_warning(tmp_path):
+    proto = _gemm_model(trans_b=1, alpha=1.0, beta=1.0)
+    proto.graph.node.append(helper.make_node("Softmax", ["y"], ["p"], "softmax", axis=1))
+    proto.graph.output[0].CopyFrom(_vi("p", ["batch", 3]))
+    path = _write(proto, tmp_path)
+    model = load_onnx(path, LoadOptions())
+    assert model.graph.outputs == ["y"]
+    assert any("Softmax" in w and "softmax" in w for w in model.warnings)
+
+
+def test_non_homogeneous_ops_are_all_listed(tmp_path):
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1"], ["h"], "fc1", transB=1),
+        helper.make_node("Tanh", ["h"], ["t"], "tanh_mid"),
+        helper.make_node("Clip", ["t", "lo", "hi"], ["c"], "relu6"),
+        helper.make_node("Gemm", ["c", "w2"], ["y"], "fc2", transB=1),
+    ]
+    inits = [("w1", _rand(5, 3)), ("w2", _rand(2, 5)), ("lo", np.array(0, np.float32)), ("hi", np.array(6, np.float32))]
+    path = _write(_model(nodes, [_vi("x", ["batch", 3])], [_vi("y", ["batch", 2])], inits), tmp_path)
+    with pytest.raises(UnsupportedModelError) as info:
+        load_onnx(path, LoadOptions())
+    offenders = {(o.node, o.op) for o in info.value.offenders}
+    assert offenders == {("tanh_mid", "Tanh"), ("relu6", "Clip")}
+    assert all(o.why for o in info.value.offenders)
+
+
+def _dynamic_conv_model() -> onnx.ModelProto:
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], "conv", auto_pad="SAME_UPPER", strides=[2, 2]),
+        helper.make_node("Relu", ["c"], ["r"], "relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["g"], "gap"),
+        helper.make_node("Flatten", ["g"], ["y"], "flatten"),
+    ]
+    inits = [("w", _rand(4, 3, 3, 3)), ("b", _rand(4))]
+    return _model(nodes, [_vi("x", ["batch", 3, "h", "w"])], [_vi("y", ["batch", 4])], inits)
+
+
+def test_dynamic_spatial_dims_need_an_input_shape(tmp_path):
+    path = _write(_dynamic_conv_model(), tmp_path)
+    with pytest.raises(UsageError, match=r"'x'.*axis 2.*--input-shape x=1x3x"):
+        load_onnx(path, LoadOptions())
+    with pytest.raises(UsageError, match="nope"):
+        load_onnx(path, LoadOptions(input_shapes={"nope": (1, 3, 8, 8)}))
+    model = load_onnx(path, LoadOptions(input_shapes={"x": (1, 3, 9, 7)}))
+    assert model.input_specs()[0].shape == (1, 3, 9, 7)
+    assert model.graph.inputs == {"x": (1, 3, 9, 7)}
+    _assert_ir_matches_ort(model, path)
+
+
+def test_scale_affine_activations_and_pools(tmp_path):
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], "conv1d", pads=[1, 1]),
+        helper.make_node("Mul", ["c", "gamma"], ["a"], "per_channel_mul"),
+        helper.make_node("Div", ["a", "two"], ["d"], "div_scalar"),
+        helper.make_node("LeakyRelu", ["d"], ["l"], "leaky", alpha=0.1),
+        helper.make_node("MaxPool", ["l"], ["p"], "pool", kernel_shape=[3], strides=[2], auto_pad="SAME_LOWER"),
+        helper.make_node("PRelu", ["p", "slope"], ["q"], "prelu"),
+        helper.make_node("AveragePool", ["q"], ["v"], "avg", kernel_shape=[2], ceil_mode=1, pads=[1, 0]),
+        helper.make_node("ReduceMean", ["v", "axes"], ["m"], "mean", keepdims=0),
+        helper.make_node("Mul", ["m", "three"], ["y"], "mul_scalar"),
+    ]
+    inits = [("w", _rand(4, 2, 3)), ("gamma", _rand(4, 1)), ("two", np.array(2.0, np.float32)),
+             ("slope", np.abs(_rand(4, 1))), ("axes", np.array([-1], np.int64)), ("three", np.array([3.0], np.float32))]
+    path = _write(_model(nodes, [_vi("x", ["batch", 2, 9])], [_vi("y", ["batch", 4])], inits, opset=18), tmp_path)
+    model = load_onnx(path, LoadOptions())
+    ops = [n.op for n in model.graph.nodes]
+    assert ops == ["conv", "affine", "scale", "leaky_relu", "maxpool", "prelu", "avgpool", "global_avgpool", "scale"]
+    _assert_ir_matches_ort(model, path)
+
+
+def test_channel_reshuffling_reshape_is_refused(tmp_path):
+    nodes = [helper.make_node("Relu", ["x"], ["r"], "relu"), helper.make_node("Reshape", ["r", "shape"], ["y"], "rs")]
+    inits = [("shape", np.array([1, 2, 6], np.int64))]
+    path = _write(_model(nodes, [_vi("x", [1, 4, 3])], [_vi("y", [1, 2, 6])], inits), tmp_path)
+    with pytest.raises(UnsupportedModelError) as info:
+        load_onnx(path, LoadOptions())
+    assert [(o.node, o.op) for o in info.value.offenders] == [("rs", "Reshape")]
+
+
+@pytest.mark.parametrize("content", [b"", b"not an onnx model at all \x00\xff\x13", None])
+def test_unreadable_file_is_a_usage_error(tmp_path, content):
+    path = tmp_path / "bad.onnx"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(UsageError):
+        load_onnx(path, LoadOptions())
