@@ -61,6 +61,8 @@ class Output:
     def __init__(self, *, as_json: bool, quiet: bool):
         self.as_json, self.quiet = as_json, quiet
         self.out = Console()
+        if not self.out.is_terminal:  # piped or captured: do not squeeze tables into 80 columns
+            self.out = Console(width=140)
         self.err = Console(stderr=True)
 
     @contextmanager

@@ -152,13 +152,15 @@ def _pinned_table(pinned: list[dict[str, Any]]) -> Table:
 
 
 def _layers_table(layers: list[dict[str, Any]]) -> Table:
-    table = Table(title="layers: log10 diag(G) min / median / max")
-    for col in ("node", "op", "width", "params", "before", "after", "mean ln λ"):
-        table.add_column(col, justify="right" if col not in ("node", "op") else "left")
+    table = Table(title="layers: log10 diag(G) as min median max")
+    table.add_column("node", overflow="fold")
+    table.add_column("op")
+    for col in ("width", "params", "before", "after", "mean ln λ"):
+        table.add_column(col, justify="right", no_wrap=True)
     for row in layers:
-        triple = lambda t: " / ".join(_fmt(v, 3) for v in t)  # noqa: E731
+        triple = lambda t: " ".join("-" if v is None else f"{v:.2f}" for v in t)  # noqa: E731
         table.add_row(
             row["node"], row["op"], str(row["width"]), f"{row['params']:,}",
-            triple(row["log10_g_before"]), triple(row["log10_g_after"]), _fmt(row["mean_log_scale"], 3),
+            triple(row["log10_g_before"]), triple(row["log10_g_after"]), f"{row['mean_log_scale']:.3g}",
         )
     return table
