@@ -1,0 +1,44 @@
+"""Factories for ``--arch tests.arch_factories:NAME`` in the torch front-end tests."""
+
+from __future__ import annotations
+
+from tests import nets
+
+
+def mlp(seed: int = 0):
+    return nets.mlp(seed)
+
+
+def small_cnn(seed: int = 0):
+    return nets.small_cnn(seed)
+
+
+def resnet_like(seed: int = 0):
+    return nets.resnet_like(seed)
+
+
+def plain_resnet(seed: int = 0):
+    return nets.plain_resnet(seed)
+
+
+def concat_net(seed: int = 0):
+    return nets.concat_net(seed)
+
+
+def two_names_tied():
+    """A 4 -> 4 -> 4 MLP whose second layer's weight is the first layer's (registered under two names)."""
+    import torch
+    from torch import nn
+
+    class TwoNamesTied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(4)
+            self.a = nn.Linear(4, 4, bias=False)
+            self.b = nn.Linear(4, 4)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    return TwoNamesTied().eval()
