@@ -128,7 +128,9 @@ def analyze(
 
 
 def role_factor(role: Role, u: torch.Tensor) -> torch.Tensor:
-    """e^{(Bu)_i} for every entry of one parameter tensor (float64, the tensor's shape)."""
+    """e^{(Bu)_i} for every entry of one parameter tensor (float64, the tensor's stored shape).
+
+    Per-channel tensors (biases, BatchNorm, affine) may be stored with extra unit axes, e.g. (C, 1, 1)."""
     out = u[role.out_idx]
     if role.in_idx is None:
         log_f = out
@@ -136,7 +138,9 @@ def role_factor(role: Role, u: torch.Tensor) -> torch.Tensor:
         log_f = out[:, None] - u[role.in_idx][None, :]
     else:
         log_f = out[:, None] - u[role.in_idx]
-    log_f = log_f.reshape(log_f.shape + (1,) * (len(role.shape) - log_f.dim()))
+    if log_f.numel() == role.numel:
+        return torch.exp(log_f).reshape(role.shape)
+    log_f = log_f.reshape(log_f.shape + (1,) * (len(role.shape) - log_f.dim()))  # conv kernels
     return torch.exp(log_f).expand(role.shape)
 
 

@@ -77,7 +77,7 @@ def _role_blocks(role: Role, log_g: torch.Tensor) -> tuple[torch.Tensor, ...]:
     top = float(log_g[finite].max()) if bool(finite.any()) else 0.0
     mats = [torch.exp(log_g - top), torch.ones_like(log_g), finite.to(torch.float64)]
     out_idx = role.out_idx.to(device)
-    o = role.shape[0]
+    o = len(out_idx)  # per-channel tensors may carry unit axes: count channels, not shape[0]
     if role.in_idx is None or role.in_idx.dim() == 2:  # bias, BN, diag, grouped conv: per (o, i') entry
         in_idx = torch.zeros((o, 1), dtype=torch.int64, device=device) if role.in_idx is None else role.in_idx.to(device)
         mats = [m.reshape(o, in_idx.shape[1], -1).sum(-1) for m in mats]

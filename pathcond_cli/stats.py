@@ -43,27 +43,48 @@ def _log_max(x: Scaled) -> float:
 
 def _normalize(x: Scaled) -> Scaled:
     m = float(x.t.detach().max()) if x.t.numel() else 0.0
-    if m <= 0 or not math.isfinite(m):
-        if not math.isfinite(m):
-            raise NumericalError("path statistics overflowed despite log-scaling")
-        return Scaled(x.t, 0.0)
+    if not math.isfinite(m):
+        raise NumericalError("path statistics overflowed despite log-scaling")
+    if m <= 0:  # all zero: keep the scale, gradients through this value still need it
+        return x
     return Scaled(x.t / m, x.s + math.log(m))
 
 
+#: cap on a term's relative scale: an all-zero term still carries its (possibly huge) gradient factor
+_MAX_EXP = 700.0
+
+
+def _factor(s: float, top: float) -> float:
+    return math.exp(min(s - top, _MAX_EXP))
+
+
 def _combine(terms: list[Scaled]) -> Scaled:
-    """Sum of scaled terms (broadcasting), brought to a common log-scale."""
-    logs = [_log_max(t) for t in terms]
-    top = max(logs)
+    """Sum of scaled terms (broadcasting), brought to a common log-scale. Terms that are all zero stay
+    in the sum: their values add nothing, but their parameters' gradients must flow."""
+    top = max(_log_max(t) for t in terms)
     if top == -math.inf:
-        return Scaled(sum(t.t for t in terms), 0.0)
-    total = None
-    for term, lm in zip(terms, logs):
-        if lm == -math.inf:
-            continue
-        part = term.t * math.exp(term.s - top)
-        total = part if total is None else total + part
+        top = max(t.s for t in terms)
+    total = sum(t.t * _factor(t.s, top) for t in terms)
     shape = torch.broadcast_shapes(*(t.t.shape for t in terms))
     return _normalize(Scaled(total.expand(shape), top))
+
+
+def _sum_scaled(terms: list[Scaled]) -> Scaled:
+    """Plain sum of scaled tensors (no gradient needed): common scale, then renormalise."""
+    if len(terms) == 1:
+        return terms[0]
+    top = max(_log_max(t) for t in terms)
+    if top == -math.inf:
+        return terms[0]
+    total = sum(t.t * math.exp(t.s - top) for t in terms if _log_max(t) > -math.inf)
+    return _normalize(Scaled(total, top))
+
+
+def _log_sum(logs: list[float]) -> float:
+    if not logs:
+        return -math.inf
+    top = max(logs)
+    return top + math.log(sum(math.exp(v - top) for v in logs))
 
 
 def bn_affine(graph: Graph, node: Node) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,12 +100,19 @@ def bn_affine(graph: Graph, node: Node) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class PathForward:
-    """The path forward of a graph with exponent ``q``; objective parameters become leaves."""
+    """The path forward of a graph with exponent ``q``; objective parameters become leaves.
+
+    With ``grad=True`` every node runs on detached copies of its inputs, so that :meth:`log_diag`
+    can walk the nodes backwards one at a time and keep a log-scale on every adjoint as well.
+    """
 
     def __init__(self, graph: Graph, groups: Groups, q: float, device: torch.device, grad: bool = False):
         self.graph, self.q, self.device, self.grad = graph, q, device, grad
         self.objective = {(r.node.name, r.role) for r in groups.roles}
         self.leaves: dict[str, torch.Tensor] = {}
+        self.node_leaves: dict[str, list[str]] = {}  # node name -> keys of the leaves it read
+        self.tape: list[tuple[Node, list[Scaled], Scaled]] = []
+        self.outputs: list[Scaled] = []
 
     def _leaf_key(self, node: Node, role: str) -> str:
         return f"{node.name}::{role}" if node.op == "batchnorm" else node.params[role]
@@ -98,28 +126,65 @@ class PathForward:
             return None
         value = self.graph.tensor(node, role) if value is None else value
         key = self._leaf_key(node, role)
-        if key in self.leaves:
-            return self.leaves[key]
-        powered = self._power(value)
-        if (node.name, role) in self.objective:  # later uses of a tied tensor hit the cache above
-            powered.requires_grad_(self.grad)
+        if key not in self.leaves:
+            powered = self._power(value)
+            if (node.name, role) not in self.objective:  # a fixed weight (non-affine BN, ...)
+                return powered
+            powered.requires_grad_(self.grad)  # later uses of a tied tensor share this leaf
             self.leaves[key] = powered
-        return powered
+        self.node_leaves.setdefault(node.name, []).append(key)
+        return self.leaves[key]
 
-    def run(self) -> tuple[float, torch.Tensor]:
-        """Returns (log of the sum of outputs, the detached-scale loss to differentiate)."""
+    def run(self) -> float:
+        """ln of the sum of the outputs (ln #paths for q = 0, ln Ψ for q = 2)."""
         values: dict[str, Scaled] = {
             name: Scaled(torch.ones(shape, dtype=torch.float64, device=self.device), 0.0)
             for name, shape in self.graph.inputs.items()
         }
         for node in self.graph.nodes:
-            values[node.output] = self.node(node, [values[v] for v in node.inputs])
-        outs = [values[v] for v in self.graph.outputs]
-        top = max(o.s for o in outs)
-        loss = sum(o.t.sum() * math.exp(o.s - top) for o in outs)
-        total = float(loss.detach())
-        log_total = top + math.log(total) if total > 0 else -math.inf
-        return log_total, loss  # loss = e^{-top} · Σ outputs
+            xs = [values[v] for v in node.inputs]
+            if self.grad:
+                xs = [Scaled(x.t.detach().requires_grad_(True), x.s) for x in xs]
+            out = self.node(node, xs)
+            values[node.output] = out
+            if self.grad:
+                self.tape.append((node, xs, out))
+        self.outputs = [values[v] for v in self.graph.outputs]
+        parts = [(float(o.t.detach().sum()), o.s) for o in self.outputs]
+        return _log_sum([(math.log(t) + s) for t, s in parts if t > 0])
+
+    def log_diag(self) -> dict[str, torch.Tensor]:
+        """ln g for every leaf (absolute, not up to a constant) after :meth:`run` with ``grad=True``.
+
+        Reverse pass node by node: the adjoint of each value w.r.t. its normalised tensor is kept as
+        ``â · e^r`` and renormalised after every node, so g is right even far outside float64's range."""
+        adjoints: dict[str, list[Scaled]] = {}
+        for name, out in zip(self.graph.outputs, self.outputs):
+            adjoints.setdefault(name, []).append(Scaled(torch.ones_like(out.t), out.s))
+        parts: dict[str, list[Scaled]] = {}
+        for node, xs, out in reversed(self.tape):
+            pending = adjoints.pop(node.output, None)
+            if not pending:
+                continue  # nothing downstream reaches an output
+            adj = _sum_scaled(pending)
+            keys = list(dict.fromkeys(self.node_leaves.get(node.name, [])))
+            targets = [x.t for x in xs] + [self.leaves[k] for k in keys]
+            grads = torch.autograd.grad(out.t, targets, grad_outputs=adj.t, allow_unused=True)
+            for value, grad in zip(node.inputs, grads[: len(xs)]):
+                if grad is not None and value not in self.graph.inputs:
+                    adjoints.setdefault(value, []).append(_normalize(Scaled(grad, adj.s)))
+            for key, grad in zip(keys, grads[len(xs):]):
+                if grad is not None:
+                    parts.setdefault(key, []).append(Scaled(grad, adj.s))
+        result = {}
+        for key, leaf in self.leaves.items():
+            terms = parts.get(key)
+            if not terms:
+                result[key] = torch.full_like(leaf, -math.inf).detach()
+                continue
+            logs = torch.stack([torch.log(t.t) + t.s for t in terms])
+            result[key] = torch.logsumexp(logs, 0) if len(terms) > 1 else logs[0]
+        return result
 
     def node(self, node: Node, xs: list[Scaled]) -> Scaled:
         rule = _RULES[node.op]
@@ -187,9 +252,8 @@ class PathForward:
     def concat(self, node, xs):
         top = max(_log_max(x) for x in xs)
         if top == -math.inf:
-            return Scaled(torch.cat([x.t for x in xs], dim=1), 0.0)
-        parts = [x.t * math.exp(x.s - top) if _log_max(x) > -math.inf else x.t for x in xs]
-        return _normalize(Scaled(torch.cat(parts, dim=1), top))
+            top = max(x.s for x in xs)
+        return _normalize(Scaled(torch.cat([x.t * _factor(x.s, top) for x in xs], dim=1), top))
 
     def flatten(self, node, xs):
         return Scaled(xs[0].t.reshape(1, -1), xs[0].s)
@@ -229,33 +293,28 @@ class PathStats:
 
 def path_log_sum(graph: Graph, groups: Groups, q: float, device: torch.device | str = "cpu") -> float:
     """ln of the sum of the path forward's outputs with exponent q (ln #paths for q = 0)."""
-    log_total, _ = PathForward(graph, groups, q, torch.device(device)).run()
-    return log_total
+    return PathForward(graph, groups, q, torch.device(device)).run()
 
 
-def diag_g(graph: Graph, groups: Groups, device: torch.device | str = "cpu") -> tuple[list[torch.Tensor], float, float]:
-    """(ln g per objective role, up to a constant; that constant; ln Ψ)."""
+def diag_g(graph: Graph, groups: Groups, device: torch.device | str = "cpu") -> tuple[list[torch.Tensor], float]:
+    """(ln g per objective role, ln Ψ). g is absolute: ln g = ln ∂Ψ/∂(θ²)."""
     fwd = PathForward(graph, groups, 2.0, torch.device(device), grad=True)
-    log_psi, loss = fwd.run()
-    leaves = [fwd.leaves[fwd._leaf_key(r.node, r.role)] for r in groups.roles]
-    if not leaves:
-        return [], 0.0, log_psi
-    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-    offset = log_psi - math.log(float(loss.detach())) if float(loss.detach()) > 0 else 0.0
-    log_g = []
-    for role, grad, leaf in zip(groups.roles, grads, leaves):
-        grad = torch.zeros_like(leaf) if grad is None else grad.detach()
-        if not torch.isfinite(grad).all():
+    log_psi = fwd.run()
+    log_g = fwd.log_diag()
+    out = []
+    for role in groups.roles:
+        lg = log_g[fwd._leaf_key(role.node, role.role)].detach()
+        if torch.isnan(lg).any() or (lg == math.inf).any():
             raise NumericalError(f"diag(G) is not finite at {role.node.name} ({role.role})")
-        log_g.append(torch.log(grad))
-    return log_g, offset, log_psi
+        out.append(lg)
+    return out, log_psi
 
 
 def path_statistics(graph: Graph, groups: Groups, device: torch.device | str = "cpu") -> PathStats:
-    log_g, offset, log_psi = diag_g(graph, groups, device)
+    log_g, log_psi = diag_g(graph, groups, device)
     return PathStats(
         log_g=log_g,
-        log_g_offset=offset,
+        log_g_offset=0.0,
         log10_paths=path_log_sum(graph, groups, 0.0, device) / LOG10,
         log10_path1_norm=path_log_sum(graph, groups, 1.0, device) / LOG10,
         log10_path2_norm=0.5 * log_psi / LOG10,
