@@ -143,3 +143,61 @@ def test_subprocess_json_stdout_only(mlp_onnx, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pathcond_cli", "inspect", str(tmp_path / "nope.onnx")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- PyTorch checkpoints through the CLI ---------------------------------------------------------------
+
+
+def _rescale_json(*args):
+    result = invoke("rescale", *args, "--json", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_rescale_state_dict_checkpoint_keeps_other_entries(tmp_path):
+    model = nets.small_cnn()
+    source = tmp_path / "ckpt.pt"
+    torch.save({"epoch": 3, "model": model.state_dict(), "optimizer": {"state": {}, "param_groups": []}}, source)
+    out = tmp_path / "out.pt"
+    report = _rescale_json(source, out, "--arch", "tests.arch_factories:small_cnn", "--input-shape", "x=1x3x16x16")
+    assert report["input"]["format"] == "torch-state-dict"
+    assert report["verification"]["modes"] == ["eval", "train"]  # BatchNorm: train mode is checked too
+    assert any("optimizer" in w for w in report["warnings"])
+    saved, original = torch.load(out, weights_only=True), torch.load(source, weights_only=True)
+    assert saved["epoch"] == 3 and saved["optimizer"] == original["optimizer"]
+    assert saved["model"].keys() == original["model"].keys()
+    changed = [k for k in saved["model"] if not torch.equal(saved["model"][k], original["model"][k])]
+    assert changed and all(saved["model"][k].dtype == original["model"][k].dtype for k in changed)
+    fresh = nets.small_cnn()
+    fresh.load_state_dict(saved["model"])
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(fresh(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_state_dict_without_arch_is_a_usage_error(tmp_path):
+    source = tmp_path / "sd.pt"
+    torch.save(nets.mlp().state_dict(), source)
+    result = invoke("inspect", source, "--input-shape", "x=1x8")
+    assert result.exit_code == 2 and "--arch" in result.output
+
+
+def test_rescale_exported_program(tmp_path):
+    model = nets.resnet_like()
+    source = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(model, (torch.randn(1, 3, 8, 8),)), str(source))
+    report = _rescale_json(source, tmp_path / "o.pt2")
+    assert report["input"]["format"] == "torch-export" and report["verification"]["passed"]
+    loaded = torch.export.load(str(tmp_path / "o.pt2")).module()
+    x = torch.randn(1, 3, 8, 8)  # exported with a static batch of 1
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_pickled_module_needs_trust(tmp_path):
+    source = tmp_path / "m.pt"
+    torch.save(nets.mlp(), source)
+    result = invoke("inspect", source, "--input-shape", "x=1x8")
+    assert result.exit_code == 2 and "--trust-pickle" in result.output
+    result = invoke("inspect", source, "--input-shape", "x=1x8", "--trust-pickle", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["input"]["format"] == "torch-module"
