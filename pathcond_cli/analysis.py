@@ -166,15 +166,14 @@ def rescaled_params(analysis: Analysis) -> dict[str, torch.Tensor]:
 def layer_rows(analysis: Analysis) -> list[LayerRow]:
     """Per-layer statistics before and after the rescaling, one row per node with parameters."""
     u = analysis.u
-    offset = analysis.stats.log_g_offset
     by_node: dict[str, list[tuple[Role, torch.Tensor]]] = {}
     for role, log_g in zip(analysis.groups.roles, analysis.stats.log_g):
         by_node.setdefault(role.node.name, []).append((role, log_g.detach().cpu()))
     rows = []
     for name, entries in by_node.items():
         node = entries[0][0].node
-        before = torch.cat([(lg + offset).reshape(-1) for _, lg in entries])
-        after = torch.cat([(lg + offset - 2.0 * torch.log(role_factor(r, u))).reshape(-1) for r, lg in entries])
+        before = torch.cat([lg.reshape(-1) for _, lg in entries])
+        after = torch.cat([(lg - 2.0 * torch.log(role_factor(r, u))).reshape(-1) for r, lg in entries])
         out = entries[0][0].out_idx
         rows.append(
             LayerRow(

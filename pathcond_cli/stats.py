@@ -10,8 +10,9 @@ identity and max-pool a sum-pool. The sum of the outputs is then
 
 Values are float64 tensors carried with a log-scale (``value = t · e^s``): each node divides its result
 by its (detached) maximum and adds the log to ``s``, and sums bring their terms to a common scale, so
-neither deep nets nor tiny initialisations overflow or underflow. g is only defined up to one global
-factor for the solver; it is returned as natural logs.
+neither deep nets nor tiny initialisations overflow or underflow. The reverse pass for g runs node by
+node and keeps a log-scale on every adjoint too, so ln g is exact even where g itself is far outside
+float64's range.
 """
 
 from __future__ import annotations
@@ -281,11 +282,10 @@ _RULES = {
 
 @dataclass
 class PathStats:
-    """Path statistics of a graph. ``log_g[i]`` is ln g for ``groups.roles[i]`` up to one global constant
-    (``log_g_offset`` makes it absolute: ln g_true = log_g + log_g_offset)."""
+    """Path statistics of a graph. ``log_g[i]`` is ln g (absolute) for ``groups.roles[i]``, in the
+    parameter's stored shape; −inf where g = 0."""
 
     log_g: list[torch.Tensor]
-    log_g_offset: float
     log10_paths: float
     log10_path1_norm: float
     log10_path2_norm: float
@@ -314,7 +314,6 @@ def path_statistics(graph: Graph, groups: Groups, device: torch.device | str = "
     log_g, log_psi = diag_g(graph, groups, device)
     return PathStats(
         log_g=log_g,
-        log_g_offset=0.0,
         log10_paths=path_log_sum(graph, groups, 0.0, device) / LOG10,
         log10_path1_norm=path_log_sum(graph, groups, 1.0, device) / LOG10,
         log10_path2_norm=0.5 * log_psi / LOG10,

@@ -283,7 +283,7 @@ def test_diag_g_matches_enumeration(name):
     assert len(groups.roles) == len(stats.log_g)
     checked = 0
     for role, log_g in zip(groups.roles, stats.log_g):
-        got = torch.exp(log_g + stats.log_g_offset).numpy()
+        got = torch.exp(log_g).numpy()
         want = ref.g_of(role_tag(role), role.shape)
         assert got.shape == want.shape
         assert (want > 0).all()
@@ -329,7 +329,7 @@ def test_rescaled_diag_is_g_times_factor(name):
     analysis, _, graph2 = rescaled(name)
     ref2 = reference(graph2)
     for role, log_g in zip(groups.roles, stats.log_g):
-        want = torch.exp(log_g + stats.log_g_offset) / role_factor(role, analysis.u) ** 2
+        want = torch.exp(log_g) / role_factor(role, analysis.u) ** 2
         np.testing.assert_allclose(ref2.g_of(role_tag(role), role.shape), want.numpy(), rtol=1e-9)
 
 
@@ -445,8 +445,8 @@ def test_deep_and_tiny_diag_g(kind):
     for layer, node in enumerate(n for n in graph.nodes if n.op == "linear"):
         lg_w, lg_b = by_key[node.params["weight"]], by_key[node.params["bias"]]
         assert torch.isfinite(lg_w).all() and torch.isfinite(lg_b).all(), f"g = 0 or inf at {node.name}"
-        got_w = (lg_w.numpy() + stats.log_g_offset) / math.log(10)
-        got_b = (lg_b.numpy() + stats.log_g_offset) / math.log(10)
+        got_w = lg_w.numpy() / math.log(10)
+        got_b = lg_b.numpy() / math.log(10)
         for j, i in np.ndindex(*got_w.shape):
             want = chain_log10(fwd[layer][i] * bwd[layer + 1][j])
             assert log10_close(got_w[j, i], want), (node.name, j, i, got_w[j, i], want)
