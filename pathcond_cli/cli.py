@@ -130,8 +130,15 @@ def parse_input_shapes(values: list[str] | None) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _load_options(input_shape, arch, arch_kwargs, key, trust_pickle):
+def _options(input_shape, arch, arch_kwargs, key, trust_pickle, device, solver, tol, max_sweeps):
+    """The load and solve options shared by both commands, checked."""
     from .frontends.base import LoadOptions
+    from .jobs import SolveOptions
+
+    if solver not in ("auto", "bcd", "sequential"):
+        raise UsageError(f"--solver {solver!r}: use auto, bcd or sequential")
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise UsageError(f"--device {device!r}: use auto, cpu or cuda")
 
     try:
         kwargs = json.loads(arch_kwargs) if arch_kwargs else {}
@@ -139,15 +146,9 @@ def _load_options(input_shape, arch, arch_kwargs, key, trust_pickle):
         raise UsageError(f"--arch-kwargs is not valid JSON: {exc}") from None
     if not isinstance(kwargs, dict):
         raise UsageError("--arch-kwargs must be a JSON object, e.g. '{\"width\": 64}'")
-    return LoadOptions(input_shapes=parse_input_shapes(input_shape), arch=arch, arch_kwargs=kwargs,
+    load = LoadOptions(input_shapes=parse_input_shapes(input_shape), arch=arch, arch_kwargs=kwargs,
                        key=key, trust_pickle=trust_pickle)
-
-
-def _check_solver(solver: str, device: str) -> None:
-    if solver not in ("auto", "bcd", "sequential"):
-        raise UsageError(f"--solver {solver!r}: use auto, bcd or sequential")
-    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
-        raise UsageError(f"--device {device!r}: use auto, cpu or cuda")
+    return load, SolveOptions(device=device, method=solver, tol=tol, max_sweeps=max_sweeps)
 
 
 @app.command()
@@ -171,12 +172,11 @@ def inspect(
     output = Output(as_json=as_json, quiet=quiet)
 
     def job():
-        from .jobs import SolveOptions, inspect_model
+        from .jobs import inspect_model
 
-        _check_solver(solver, device)
-        load = _load_options(input_shape, arch, arch_kwargs, key, trust_pickle)
+        load, solve = _options(input_shape, arch, arch_kwargs, key, trust_pickle, device, solver, tol, max_sweeps)
         with output.progress() as notify:
-            return inspect_model(model, load, SolveOptions(device, solver, tol, max_sweeps), notify)
+            return inspect_model(model, load, solve, notify)
 
     result = _run(output, job)
     output.report(result.report, layers=layers)
@@ -209,13 +209,12 @@ def rescale(
     output = Output(as_json=as_json, quiet=quiet)
 
     def job():
-        from .jobs import RescaleOptions, SolveOptions, rescale_model
+        from .jobs import RescaleOptions, rescale_model
 
-        _check_solver(solver, device)
-        load = _load_options(input_shape, arch, arch_kwargs, key, trust_pickle)
+        load, solve = _options(input_shape, arch, arch_kwargs, key, trust_pickle, device, solver, tol, max_sweeps)
         options = RescaleOptions(force=force, report_path=report, rtol=rtol, verify_inputs=verify_inputs, seed=seed)
         with output.progress() as notify:
-            return rescale_model(source, target, load, SolveOptions(device, solver, tol, max_sweeps), options, notify)
+            return rescale_model(source, target, load, solve, options, notify)
 
     result = _run(output, job)
     output.report(result.report, layers=layers)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .analysis import analyze, rescaled_params
+from .analysis import Analysis, analyze, rescaled_params
 from .errors import UsageError, VerificationError
 from .frontends.base import LoadedModel, LoadOptions
 from .outputs import StagedOutput, check_output_path, sha256
@@ -18,6 +18,10 @@ from .report import build_report
 from .verify import verify
 
 Notify = Callable[[str, dict], None]
+
+
+def _silent(stage: str, info: dict) -> None:
+    pass
 
 
 @dataclass
@@ -80,14 +84,19 @@ def _timed(timings: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
         timings[name] = time.perf_counter() - start
 
 
-def inspect_model(path: Path, load: LoadOptions, solve: SolveOptions, notify: Notify | None = None) -> JobResult:
-    notify = notify or (lambda stage, info: None)
-    timings: dict[str, float] = {}
+def _load_and_analyze(path: Path, load: LoadOptions, solve: SolveOptions, notify: Notify,
+                      timings: dict[str, float]) -> tuple[LoadedModel, Analysis]:
     notify("load", {"path": str(path)})
     model = _timed(timings, "load", lambda: load_model(path, load))
     analysis = analyze(model.graph, device=solve.device, method=solve.method, tol=solve.tol,
                        max_sweeps=solve.max_sweeps, progress=notify)
     timings.update(analysis.timings)
+    return model, analysis
+
+
+def inspect_model(path: Path, load: LoadOptions, solve: SolveOptions, notify: Notify | None = None) -> JobResult:
+    timings: dict[str, float] = {}
+    model, analysis = _load_and_analyze(path, load, solve, notify or _silent, timings)
     report = build_report(analysis, input_info=_input_info(model), timings=timings, warnings=model.warnings)
     return JobResult(report)
 
@@ -104,16 +113,12 @@ def rescale_model(
 
     Nothing is left behind on failure and the input is never written.
     """
-    notify = notify or (lambda stage, info: None)
+    notify = notify or _silent
     report_path = options.report_path or default_report_path(target)
     check_output_path(target, inputs=[source], force=options.force)
     check_output_path(report_path, inputs=[source, target], force=options.force)
     timings: dict[str, float] = {}
-    notify("load", {"path": str(source)})
-    model = _timed(timings, "load", lambda: load_model(source, load))
-    analysis = analyze(model.graph, device=solve.device, method=solve.method, tol=solve.tol,
-                       max_sweeps=solve.max_sweeps, progress=notify)
-    timings.update(analysis.timings)
+    model, analysis = _load_and_analyze(source, load, solve, notify, timings)
     new_params = rescaled_params(analysis)
     with StagedOutput(target) as stage:
         notify("write", {"path": str(target)})

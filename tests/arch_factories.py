@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import torch
+from torch import nn
+
 from tests import nets
 
 
@@ -25,20 +28,19 @@ def concat_net(seed: int = 0):
     return nets.concat_net(seed)
 
 
+class TwoNamesTied(nn.Module):
+    """A 4 -> 4 -> 4 MLP whose second layer's weight is the first layer's (``b.weight is a.weight``)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.a = nn.Linear(4, 4, bias=False)
+        self.b = nn.Linear(4, 4)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
 def two_names_tied():
-    """A 4 -> 4 -> 4 MLP whose second layer's weight is the first layer's (registered under two names)."""
-    import torch
-    from torch import nn
-
-    class TwoNamesTied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(4)
-            self.a = nn.Linear(4, 4, bias=False)
-            self.b = nn.Linear(4, 4)
-            self.b.weight = self.a.weight
-
-        def forward(self, x):
-            return self.b(torch.relu(self.a(x)))
-
     return TwoNamesTied().eval()

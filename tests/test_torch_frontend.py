@@ -15,8 +15,9 @@ from pathcond_cli import ir
 from pathcond_cli.errors import UnsupportedModelError, UsageError
 from pathcond_cli.frontends.base import LoadOptions
 from pathcond_cli.frontends.torch_frontend import exported_to_graph, load_torch, module_to_graph
-from pathcond_cli.verify import verify
+from pathcond_cli.verify import random_inputs, verify
 from tests import nets
+from tests.arch_factories import TwoNamesTied
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=UserWarning)
@@ -70,20 +71,6 @@ class TiedMLP(nn.Module):
 
     def forward(self, x):
         return self.lin(torch.relu(self.lin(x)))
-
-
-class TwoNamesTied(nn.Module):
-    """The same weight registered under two names (``b.weight is a.weight``)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(4)
-        self.a = nn.Linear(4, 4, bias=False)
-        self.b = nn.Linear(4, 4)
-        self.b.weight = self.a.weight
-
-    def forward(self, x):
-        return self.b(torch.relu(self.a(x)))
 
 
 class GeluNet(nn.Module):
@@ -443,12 +430,7 @@ def _expected_format(fmt: str) -> str:
 
 
 def _feeds(model, seed: int, batch: int | None = None) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    out = {}
-    for spec in model.input_specs():
-        shape = spec.shape if batch is None else (batch, *spec.shape[1:])
-        out[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-    return out
+    return random_inputs(model, seed, batch)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
