@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -108,9 +109,15 @@ class Output:
 
 
 def _run(output: Output, job: Callable[[], Any]) -> Any:
-    """The one place where user errors become messages and exit codes."""
+    """The one place where user errors become messages and exit codes.
+
+    Library warnings (torch.export and exporter internals) are not actionable for users and are hidden;
+    what pathcond itself wants to say goes into the report's ``warnings``."""
     try:
-        return job()
+        with warnings.catch_warnings():
+            for category in (UserWarning, DeprecationWarning, FutureWarning):
+                warnings.simplefilter("ignore", category)
+            return job()
     except PathcondError as exc:
         output.error(exc)
         raise typer.Exit(exc.exit_code) from None
