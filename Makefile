@@ -31,6 +31,7 @@ samples: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_solver.py
+	$(BIN)/python benchmarks/bench_models.py
 
 clean:
 	rm -rf $(VENV) build .pytest_cache
