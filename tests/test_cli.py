@@ -201,3 +201,14 @@ def test_pickled_module_needs_trust(tmp_path):
     assert result.exit_code == 2 and "--trust-pickle" in result.output
     result = invoke("inspect", source, "--input-shape", "x=1x8", "--trust-pickle", "--json")
     assert result.exit_code == 0 and json.loads(result.stdout)["input"]["format"] == "torch-module"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when no GPU is present")
+def test_cuda_without_gpu_is_a_usage_error(mlp_onnx):
+    result = invoke("inspect", mlp_onnx, "--device", "cuda")
+    assert result.exit_code == 2 and "no CUDA device" in result.output
+
+
+def test_bad_solver_option_is_a_usage_error(mlp_onnx):
+    result = invoke("inspect", mlp_onnx, "--solver", "magic")
+    assert result.exit_code == 2 and "--solver" in result.output
