@@ -357,15 +357,7 @@ class _Translator:
     def _call(self, node):
         t = node.target
         if t is operator.getitem:
-            src = self._val(node.args[0])
-            if isinstance(src, TupleVal):
-                item = src.items[node.args[1]]
-                if isinstance(item, _Unusable):
-                    if not node.users:
-                        return CVal(None)
-                    raise _Unsupported(item.why)
-                return item
-            raise _Unsupported("indexing into a tensor is not supported")
+            return self._getitem(node)
         if t in IGNORED_OPS:
             return CVal(None)
         val = node.meta.get("val")
@@ -373,103 +365,130 @@ class _Translator:
             # shape arithmetic (sym ints) and other non-tensor results
             if not any(isinstance(self._val(a), TVal) for a in node.args if isinstance(a, torch.fx.Node)):
                 return CVal(val)
+        handler = _DISPATCH.get(t)
+        if handler is None:
+            raise _Unsupported("operation not supported by pathcond")
         a = _arguments(node)
         first = next(iter(a.values()), None)
         x = self._val(first) if isinstance(first, torch.fx.Node) else None
-        if t in HEAD_OPS:
-            if node.users and all(u.op == "output" for u in node.users) and isinstance(x, TVal):
-                # an output head (softmax, log-softmax, sigmoid): the analysed network ends at its input
-                self.warnings.append(f"output head {node.name} ({_name(t)}) is left out of the analysis: "
-                                     f"the network analysed ends at its input {x.name}")
-                return x
-            raise _Unsupported("not positively homogeneous (only allowed as the final output head)")
-        if t in LINEAR_OPS:
-            return self._linear(node, first, self._val(a["weight"]), self._val(a["bias"]) if a["bias"] is not None else None)
-        if t in ADDMM_OPS:
-            if self._scalar(CVal(a["beta"])) != 1.0 or self._scalar(CVal(a["alpha"])) != 1.0:
-                raise _Unsupported("addmm with alpha/beta != 1")
-            w = self._val(a["mat2"])
-            if not (isinstance(w, PVal) and w.transposed):
-                raise _Unsupported("matrix product with a weight that is not a transposed (out, in) parameter")
-            return self._linear(node, a["mat1"], PVal(w.key), self._val(a["self"]))
-        if t in MM_OPS:
-            other = self._val(node.args[1])
-            if isinstance(other, PVal) and other.transposed:
-                return self._linear(node, first, PVal(other.key), None)
-            raise _Unsupported("matrix product with a weight that is not a transposed (out, in) parameter "
-                               "(use nn.Linear or x @ W.t())")
-        if t in TRANSPOSE_OPS:
-            if isinstance(x, PVal) and not x.transposed:
-                dims = [d for k, d in a.items() if k not in ("self",)]
-                if _name(t).startswith("aten.permute") and [int(i) for i in dims[0]] != [1, 0]:
-                    raise _Unsupported("permutation of a parameter")
-                return PVal(x.key, True)
+        return handler(self, node, a, first, x)
+
+    # -- handlers, one per family of aten ops (see _HANDLERS) -------------------------------------
+    def _getitem(self, node):
+        src = self._val(node.args[0])
+        if not isinstance(src, TupleVal):
+            raise _Unsupported("indexing into a tensor is not supported")
+        item = src.items[node.args[1]]
+        if isinstance(item, _Unusable):
+            if not node.users:
+                return CVal(None)
+            raise _Unsupported(item.why)
+        return item
+
+    def _op_head(self, node, a, first, x):
+        if node.users and all(u.op == "output" for u in node.users) and isinstance(x, TVal):
+            # an output head (softmax, log-softmax, sigmoid): the analysed network ends at its input
+            self.warnings.append(f"output head {node.name} ({_name(node.target)}) is left out of the analysis: "
+                                 f"the network analysed ends at its input {x.name}")
+            return x
+        raise _Unsupported("not positively homogeneous (only allowed as the final output head)")
+
+    def _op_linear(self, node, a, first, x):
+        bias = self._val(a["bias"]) if a["bias"] is not None else None
+        return self._linear(node, first, self._val(a["weight"]), bias)
+
+    def _op_addmm(self, node, a, first, x):
+        if self._scalar(CVal(a["beta"])) != 1.0 or self._scalar(CVal(a["alpha"])) != 1.0:
+            raise _Unsupported("addmm with alpha/beta != 1")
+        w = self._val(a["mat2"])
+        if not (isinstance(w, PVal) and w.transposed):
+            raise _Unsupported("matrix product with a weight that is not a transposed (out, in) parameter")
+        return self._linear(node, a["mat1"], PVal(w.key), self._val(a["self"]))
+
+    def _op_mm(self, node, a, first, x):
+        other = self._val(node.args[1])
+        if isinstance(other, PVal) and other.transposed:
+            return self._linear(node, first, PVal(other.key), None)
+        raise _Unsupported("matrix product with a weight that is not a transposed (out, in) parameter "
+                           "(use nn.Linear or x @ W.t())")
+
+    def _op_transpose(self, node, a, first, x):
+        if not (isinstance(x, PVal) and not x.transposed):
             raise _Unsupported("transposes and permutations of activations are not supported")
-        if t in CONV_OPS:
-            return self._conv(node, a, x)
-        if t in TRANSPOSED_CONV_OPS:
-            raise _Unsupported("transposed convolutions are not supported")
-        if t in BN_OPS:
-            return self._batchnorm(node, a, x)
-        if t in RELU_OPS:
-            return self._emit(node, "relu", [self._tensor(x)])
-        if t in THRESHOLD_OPS:
-            if self._scalar(CVal(a["threshold"])) == 0.0 and self._scalar(CVal(a["value"])) == 0.0:
-                return self._emit(node, "relu", [self._tensor(x)])
-            raise _Unsupported("threshold other than ReLU's (0, 0)")
-        if t in CLAMP_MIN_OPS or t in CLAMP_OPS:
-            lo = self._scalar(self._val(a.get("min")))
-            hi = a.get("max")
-            if lo == 0.0 and hi is None:
-                return self._emit(node, "relu", [self._tensor(x)])
-            raise _Unsupported("clamping (e.g. ReLU6/hardtanh) is not positively homogeneous")
-        if t in LEAKY_OPS:
-            alpha = self._scalar(CVal(a["negative_slope"]))
-            return self._emit(node, "leaky_relu", [self._tensor(x)], attrs={"alpha": alpha})
-        if t in PRELU_OPS:
-            w = self._val(a["weight"])
-            if not isinstance(w, PVal) or w.transposed:
-                raise _Unsupported("PReLU slope is not a parameter")
-            return self._emit(node, "prelu", [self._tensor(x)], {"slope": w.key})
-        if t in MAXPOOL_OPS:
-            return self._maxpool(node, a, x)
-        if t in AVGPOOL_OPS:
-            return self._avgpool(node, a, x)
-        if t in ADAPTIVE_AVG_OPS or t in ADAPTIVE_MAX_OPS:
-            return self._adaptive(node, a, x, t in ADAPTIVE_MAX_OPS)
-        if t in MEAN_OPS:
-            return self._mean(node, a, x)
-        if t in ADD_OPS:
-            return self._add(node, a, x)
-        if t in SUB_OPS:
-            raise _Unsupported("subtraction is not supported (only residual additions)")
-        if t in MUL_OPS or t in DIV_OPS:
-            return self._mul(node, a, x, divide=t in DIV_OPS)
-        if t in NEG_OPS:
-            return self._emit(node, "scale", [self._tensor(x)], attrs={"value": -1.0})
-        if t in CAT_OPS:
-            return self._cat(node, a)
-        if t in FLATTEN_OPS or t in VIEW_OPS or t in PARAM_VIEW_OPS:
-            if isinstance(x, PVal) and not x.transposed:
-                return x  # a reshaped parameter (a bias viewed as (1, C, 1, 1), ...): checked where it is used
-            if t in PARAM_VIEW_OPS:
-                raise _Unsupported("this reshape moves the channel axis (only flattening to (N, features) "
-                                   "and squeezing unit spatial axes are supported)")
-            return self._reshape(node, x)
-        if t in IDENTITY_OPS:
-            if isinstance(x, TVal):
-                return self._emit(node, "identity", [x])
-            return x  # a copy of a parameter or constant
-        if t in NATIVE_DROPOUT_OPS:
-            out = self._emit(node, "identity", [self._tensor(x)])
-            return TupleVal((out, _Unusable("the dropout mask is not supported")))
-        if t in NON_HOMOGENEOUS:
-            raise _Unsupported("activation is not positively homogeneous (only ReLU, LeakyReLU, PReLU are)")
-        if t in NORM_OPS:
-            raise _Unsupported("LayerNorm/GroupNorm/InstanceNorm/RMSNorm normalise with statistics of the "
-                               "input itself: not positively homogeneous per unit (only BatchNorm in eval "
-                               "mode is supported)")
-        raise _Unsupported("operation not supported by pathcond")
+        dims = [d for k, d in a.items() if k not in ("self",)]
+        if _name(node.target).startswith("aten.permute") and [int(i) for i in dims[0]] != [1, 0]:
+            raise _Unsupported("permutation of a parameter")
+        return PVal(x.key, True)
+
+    def _op_conv(self, node, a, first, x):
+        return self._conv(node, a, x)
+
+    def _op_batchnorm(self, node, a, first, x):
+        return self._batchnorm(node, a, x)
+
+    def _op_relu(self, node, a, first, x):
+        return self._emit(node, "relu", [self._tensor(x)])
+
+    def _op_threshold(self, node, a, first, x):
+        if self._scalar(CVal(a["threshold"])) == 0.0 and self._scalar(CVal(a["value"])) == 0.0:
+            return self._op_relu(node, a, first, x)
+        raise _Unsupported("threshold other than ReLU's (0, 0)")
+
+    def _op_clamp(self, node, a, first, x):
+        if self._scalar(self._val(a.get("min"))) == 0.0 and a.get("max") is None:
+            return self._op_relu(node, a, first, x)
+        raise _Unsupported("clamping (e.g. ReLU6/hardtanh) is not positively homogeneous")
+
+    def _op_leaky(self, node, a, first, x):
+        alpha = self._scalar(CVal(a["negative_slope"]))
+        return self._emit(node, "leaky_relu", [self._tensor(x)], attrs={"alpha": alpha})
+
+    def _op_prelu(self, node, a, first, x):
+        w = self._val(a["weight"])
+        if not isinstance(w, PVal) or w.transposed:
+            raise _Unsupported("PReLU slope is not a parameter")
+        return self._emit(node, "prelu", [self._tensor(x)], {"slope": w.key})
+
+    def _op_maxpool(self, node, a, first, x):
+        return self._maxpool(node, a, x)
+
+    def _op_avgpool(self, node, a, first, x):
+        return self._avgpool(node, a, x)
+
+    def _op_adaptive(self, node, a, first, x):
+        return self._adaptive(node, a, x, node.target in ADAPTIVE_MAX_OPS)
+
+    def _op_mean(self, node, a, first, x):
+        return self._mean(node, a, x)
+
+    def _op_add(self, node, a, first, x):
+        return self._add(node, a, x)
+
+    def _op_mul(self, node, a, first, x):
+        return self._mul(node, a, x, divide=node.target in DIV_OPS)
+
+    def _op_neg(self, node, a, first, x):
+        return self._emit(node, "scale", [self._tensor(x)], attrs={"value": -1.0})
+
+    def _op_cat(self, node, a, first, x):
+        return self._cat(node, a)
+
+    def _op_view(self, node, a, first, x):
+        if isinstance(x, PVal) and not x.transposed:
+            return x  # a reshaped parameter (a bias viewed as (1, C, 1, 1), ...): checked where it is used
+        if node.target in PARAM_VIEW_OPS:
+            raise _Unsupported("this reshape moves the channel axis (only flattening to (N, features) "
+                               "and squeezing unit spatial axes are supported)")
+        return self._reshape(node, x)
+
+    def _op_identity(self, node, a, first, x):
+        if isinstance(x, TVal):
+            return self._emit(node, "identity", [x])
+        return x  # a copy of a parameter or constant
+
+    def _op_native_dropout(self, node, a, first, x):
+        out = self._emit(node, "identity", [self._tensor(x)])
+        return TupleVal((out, _Unusable("the dropout mask is not supported")))
 
     def _tensor(self, v) -> TVal:
         if isinstance(v, TVal):
@@ -714,6 +733,51 @@ class _Translator:
                 # shape check of the graph catches any op that would see the difference
                 return self._emit(node, "flatten", [x])
         raise _Unsupported(f"reshape from {tuple(src)} to {tuple(dst)} (only flattening to (N, features))")
+
+
+def _refuse(why: str):
+    def handler(self, node, a, first, x):
+        raise _Unsupported(why)
+
+    return handler
+
+
+#: aten op families and their handlers, in priority order (the first family that lists an op wins:
+#: sigmoid is a head before it is a non-homogeneous activation)
+_HANDLERS = [
+    (HEAD_OPS, _Translator._op_head),
+    (LINEAR_OPS, _Translator._op_linear),
+    (ADDMM_OPS, _Translator._op_addmm),
+    (MM_OPS, _Translator._op_mm),
+    (TRANSPOSE_OPS, _Translator._op_transpose),
+    (CONV_OPS, _Translator._op_conv),
+    (TRANSPOSED_CONV_OPS, _refuse("transposed convolutions are not supported")),
+    (BN_OPS, _Translator._op_batchnorm),
+    (RELU_OPS, _Translator._op_relu),
+    (THRESHOLD_OPS, _Translator._op_threshold),
+    (CLAMP_MIN_OPS | CLAMP_OPS, _Translator._op_clamp),
+    (LEAKY_OPS, _Translator._op_leaky),
+    (PRELU_OPS, _Translator._op_prelu),
+    (MAXPOOL_OPS, _Translator._op_maxpool),
+    (AVGPOOL_OPS, _Translator._op_avgpool),
+    (ADAPTIVE_AVG_OPS | ADAPTIVE_MAX_OPS, _Translator._op_adaptive),
+    (MEAN_OPS, _Translator._op_mean),
+    (ADD_OPS, _Translator._op_add),
+    (SUB_OPS, _refuse("subtraction is not supported (only residual additions)")),
+    (MUL_OPS | DIV_OPS, _Translator._op_mul),
+    (NEG_OPS, _Translator._op_neg),
+    (CAT_OPS, _Translator._op_cat),
+    (FLATTEN_OPS | VIEW_OPS | PARAM_VIEW_OPS, _Translator._op_view),
+    (IDENTITY_OPS, _Translator._op_identity),
+    (NATIVE_DROPOUT_OPS, _Translator._op_native_dropout),
+    (NON_HOMOGENEOUS, _refuse("activation is not positively homogeneous (only ReLU, LeakyReLU, PReLU are)")),
+    (NORM_OPS, _refuse("LayerNorm/GroupNorm/InstanceNorm/RMSNorm normalise with statistics of the input itself: "
+                       "not positively homogeneous per unit (only BatchNorm in eval mode is supported)")),
+]
+_DISPATCH: dict = {}
+for _ops_family, _handler in _HANDLERS:
+    for _op in _ops_family:
+        _DISPATCH.setdefault(_op, _handler)
 
 
 class _Unsupported(Exception):
