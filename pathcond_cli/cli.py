@@ -158,7 +158,7 @@ def _options(input_shape, arch, arch_kwargs, key, trust_pickle, device, solver, 
     return load, SolveOptions(device=device, method=solver, tol=tol, max_sweeps=max_sweeps)
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES)
 def inspect(
     model: Annotated[Path, typer.Argument(help="An ONNX model or a PyTorch checkpoint.", show_default=False)],
     input_shape: InputShape = None,
@@ -189,7 +189,7 @@ def inspect(
     output.report(result.report, layers=layers)
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES)
 def rescale(
     source: Annotated[Path, typer.Argument(metavar="IN", help="An ONNX model or a PyTorch checkpoint.", show_default=False)],
     target: Annotated[Path, typer.Argument(metavar="OUT", help="Where to write the rescaled model (same format).", show_default=False)],
@@ -203,8 +203,8 @@ def rescale(
     tol: Tol = 1e-3,
     solver: Solver = "auto",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT (and its report) if they exist.")] = False,
-    report: Annotated[Optional[Path], typer.Option(help="Where to write the JSON report [default: OUT.pathcond.json].")] = None,
-    rtol: Annotated[Optional[float], typer.Option(min=0.0, help="Verification tolerance, relative to each output's scale [default: 1e-4 for float32, 1e-9 for float64, 2e-2 for float16].")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="Where to write the JSON report (default: OUT.pathcond.json beside OUT).")] = None,
+    rtol: Annotated[Optional[float], typer.Option(min=0.0, help="Verification tolerance, relative to each output's scale (default: 1e-4 for float32, 1e-9 for float64, 2e-2 for float16 parameters).")] = None,
     verify_inputs: Annotated[int, typer.Option(min=1, help="How many seeded random inputs to verify on.")] = 3,
     seed: Annotated[int, typer.Option(help="Seed of the verification inputs.")] = 0,
     layers: Layers = False,

@@ -212,3 +212,10 @@ def test_cuda_without_gpu_is_a_usage_error(mlp_onnx):
 def test_bad_solver_option_is_a_usage_error(mlp_onnx):
     result = invoke("inspect", mlp_onnx, "--solver", "magic")
     assert result.exit_code == 2 and "--solver" in result.output
+
+
+def test_command_help_shows_defaults_and_exit_codes():
+    result = invoke("rescale", "--help")
+    text = " ".join(result.output.split())
+    assert "OUT.pathcond.json" in text and "1e-4 for float32" in text
+    assert "Exit codes" in text
