@@ -97,8 +97,8 @@ def run(name: str, graph: Graph, methods: list[str], max_sweeps: int) -> None:
     stats = path_statistics(graph, groups)
     blocks = build_blocks(groups.roles, stats.log_g, groups.n_free, torch.from_numpy(groups.levels))
     setup = time.perf_counter() - start
-    print(f"{name}: {groups.n_params:,} parameters, {groups.n_free:,} free groups, {len(blocks.log_g):,} blocks "
-          f"({groups.n_params / max(len(blocks.log_g), 1):.1f} parameters per block), setup {setup:.2f}s")
+    print(f"{name}: {groups.n_params:,} parameters, {groups.n_free:,} free groups, {blocks.n_blocks:,} blocks "
+          f"({groups.n_params / max(blocks.n_blocks, 1):.1f} parameters per block), setup {setup:.2f}s")
     for method in methods:
         start = time.perf_counter()
         sol = solve(blocks, method=method, tol=1e-3, max_sweeps=max_sweeps)
@@ -114,11 +114,12 @@ def main() -> None:
     parser.add_argument("--fc", type=int, default=1024, help="width of the hidden linear layers (default 1024)")
     parser.add_argument("--full", action="store_true", help="torchvision sizes: 224x224 input, 4096-wide fc")
     parser.add_argument("--max-sweeps", type=int, default=3000)
+    parser.add_argument("--methods", default="auto,bcd", help="comma-separated solver methods (default auto,bcd)")
     args = parser.parse_args()
     size, fc = (224, 4096) if args.full else (args.size, args.fc)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     for name, build in (("AlexNet-shaped", alexnet), ("VGG-16-shaped", vgg16)):
-        run(f"{name} {size}x{size}, fc {fc}", build(size, fc), ["auto", "bcd"], args.max_sweeps)
+        run(f"{name} {size}x{size}, fc {fc}", build(size, fc), args.methods.split(","), args.max_sweeps)
 
 
 if __name__ == "__main__":

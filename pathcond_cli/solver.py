@@ -39,8 +39,41 @@ LOG2 = math.log(2.0)
 
 
 @dataclass
+class DenseBlocks:
+    """The blocks of one dense weight whose output and input groups are distinct, kept as a matrix.
+
+    Row j, column i holds Σ g over the parameters linking in group ``inn[i]`` to out group ``out[j]``.
+    The incoming mass of every out group and the outgoing mass of every in group are then two
+    matrix-vector products instead of a gather and a scatter over every (out, in) pair. Rows and
+    columns with no mass are dropped from the matrices (``rows``/``cols`` index the kept ones); each
+    matrix is stored twice, normalised by its row maxima and by its column maxima, so that a sum
+    underflows only when the log-scales of one layer's groups spread over more than ~350.
+    """
+
+    out: torch.Tensor  # (o,) int64 group of each row
+    inn: torch.Tensor  # (i,) int64 group of each column
+    count_out: torch.Tensor  # (o,) float64 parameters per row
+    count_in: torch.Tensor  # (i,) float64 parameters per column
+    pos_out: torch.Tensor  # (o,) float64 parameters with g > 0 per row
+    pos_in: torch.Tensor  # (i,) float64
+    rows: torch.Tensor  # (r,) int64 kept rows (positions in ``out``)
+    cols: torch.Tensor  # (c,) int64 kept columns (positions in ``inn``)
+    log_row_max: torch.Tensor  # (r,) ln of each kept row's largest entry
+    by_row: torch.Tensor  # (r, c) entries / row maximum
+    log_col_max: torch.Tensor  # (c,)
+    by_col: torch.Tensor  # (r, c) entries / column maximum
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.out) * len(self.inn)
+
+
+@dataclass
 class Blocks:
-    """The aggregated problem. Index 0 of the group space is the pinned group (u = 0)."""
+    """The aggregated problem. Index 0 of the group space is the pinned group (u = 0).
+
+    Blocks are held as a list of (out, in) pairs, plus dense matrices for large dense weights (see
+    ``DenseBlocks``); every quantity of the solver sums over both."""
 
     out: torch.Tensor  # (nb,) int64
     inn: torch.Tensor  # (nb,) int64
@@ -50,14 +83,23 @@ class Blocks:
     sum_log_g_pos: float  # Σ ln g over parameters with g > 0
     n_groups: int  # H (free groups before degeneracy checks)
     levels: torch.Tensor | None = None  # (H+1,) a coarse colouring hint (see build_blocks)
+    dense: list[DenseBlocks] = field(default_factory=list)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.log_g) + sum(d.n_blocks for d in self.dense)
 
     @property
     def n_params(self) -> int:
-        return int(self.count.sum())
+        return int(self.count.sum()) + sum(int(d.count_out.sum()) for d in self.dense)
 
     @property
     def n_params_pos(self) -> int:
-        return int(self.count_pos.sum())
+        return int(self.count_pos.sum()) + sum(int(d.pos_out.sum()) for d in self.dense)
+
+    @property
+    def device(self) -> torch.device:
+        return self.log_g.device
 
 
 def scatter_logsumexp(values: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
@@ -70,8 +112,24 @@ def scatter_logsumexp(values: torch.Tensor, index: torch.Tensor, n: int) -> torc
     return safe + torch.log(total)
 
 
-def _role_blocks(role: Role, log_g: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(out, in, ln Σ g, count, count of g > 0) for the blocks of one parameter tensor."""
+DENSE_MIN_BLOCKS = 4096  # dense weights with at least this many blocks are kept as matrices
+
+
+def _dense(outs: torch.Tensor, ins: torch.Tensor, mats: list[torch.Tensor], top: float) -> DenseBlocks:
+    value, count, pos = mats
+    rows = torch.nonzero(value.amax(1) > 0).reshape(-1)
+    cols = torch.nonzero(value.amax(0) > 0).reshape(-1)
+    sub = value[rows][:, cols]
+    row_max, col_max = sub.amax(1), sub.amax(0)
+    return DenseBlocks(
+        outs, ins, count.sum(1), count.sum(0), pos.sum(1), pos.sum(0), rows, cols,
+        torch.log(row_max) + top, sub / row_max[:, None], torch.log(col_max) + top, sub / col_max[None, :],
+    )
+
+
+def _role_blocks(role: Role, log_g: torch.Tensor, dense_min: float) -> tuple | DenseBlocks:
+    """(out, in, Σ g / e^top, count, count of g > 0, top) for the blocks of one parameter tensor, or
+    the same blocks as a ``DenseBlocks`` matrix."""
     device = log_g.device
     finite = torch.isfinite(log_g)
     top = float(log_g[finite].max()) if bool(finite.any()) else 0.0
@@ -91,21 +149,34 @@ def _role_blocks(role: Role, log_g: torch.Tensor) -> tuple[torch.Tensor, ...]:
         m = m.reshape(o, in_idx.shape[0], -1).sum(-1)
         m = torch.zeros((o, len(uniq_in)), dtype=m.dtype, device=device).index_add_(1, inv_in, m)
         m = torch.zeros((len(uniq_out), len(uniq_in)), dtype=m.dtype, device=device).index_add_(0, inv_out, m)
-        reduced.append(m.reshape(-1))
+        reduced.append(m)
+    disjoint = not bool(torch.isin(uniq_out, uniq_in).any())
+    if disjoint and len(uniq_out) * len(uniq_in) >= dense_min and bool(reduced[0].gt(0).any()):
+        return _dense(uniq_out, uniq_in, reduced, top)
     outs = uniq_out[:, None].expand(len(uniq_out), len(uniq_in)).reshape(-1)
     ins = uniq_in[None, :].expand(len(uniq_out), len(uniq_in)).reshape(-1)
-    return (outs, ins, *reduced, top)
+    return (outs, ins, *(m.reshape(-1) for m in reduced), top)
 
 
 def build_blocks(
-    roles: Sequence[Role], log_g: Sequence[torch.Tensor], n_groups: int, levels: torch.Tensor | None = None
+    roles: Sequence[Role],
+    log_g: Sequence[torch.Tensor],
+    n_groups: int,
+    levels: torch.Tensor | None = None,
+    dense_min: float = DENSE_MIN_BLOCKS,
 ) -> Blocks:
-    """Aggregate per-parameter ln g into blocks of equal (out group, in group)."""
-    parts = [_role_blocks(r, lg.to(torch.float64)) for r, lg in zip(roles, log_g)]
+    """Aggregate per-parameter ln g into blocks of equal (out group, in group).
+
+    Dense weights whose output and input groups are distinct and that make at least ``dense_min``
+    blocks are kept as matrices (``math.inf``: never; 0: always)."""
+    parts = [_role_blocks(r, lg.to(torch.float64), dense_min) for r, lg in zip(roles, log_g)]
+    dense = [p for p in parts if isinstance(p, DenseBlocks)]
+    parts = [p for p in parts if not isinstance(p, DenseBlocks)]
     device = log_g[0].device if log_g else torch.device("cpu")
+    sum_log = sum(float(lg[torch.isfinite(lg)].double().sum()) for lg in log_g)
     if not parts:
         empty = torch.zeros(0, dtype=torch.float64, device=device)
-        return Blocks(empty.long(), empty.long(), empty, empty, empty, 0.0, n_groups, levels)
+        return Blocks(empty.long(), empty.long(), empty, empty, empty, sum_log, n_groups, levels, dense)
     out = torch.cat([p[0] for p in parts])
     inn = torch.cat([p[1] for p in parts])
     log_vals = torch.cat([torch.log(p[2]) + p[5] for p in parts])
@@ -115,8 +186,7 @@ def build_blocks(
     merged = scatter_logsumexp(log_vals, inv, nb)
     count = torch.zeros(nb, dtype=torch.float64, device=device).scatter_add(0, inv, torch.cat([p[3] for p in parts]))
     pos = torch.zeros(nb, dtype=torch.float64, device=device).scatter_add(0, inv, torch.cat([p[4] for p in parts]))
-    sum_log = sum(float(lg[torch.isfinite(lg)].double().sum()) for lg in log_g)
-    return Blocks(uniq // (n_groups + 1), uniq % (n_groups + 1), merged, count, pos, sum_log, n_groups, levels)
+    return Blocks(uniq // (n_groups + 1), uniq % (n_groups + 1), merged, count, pos, sum_log, n_groups, levels, dense)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -133,6 +203,9 @@ def _positive_root_log(log_a: torch.Tensor, b: torch.Tensor, log_c: torch.Tensor
     return torch.where(b >= 0, LOG2 + log_c - log_l, log_l - LOG2 - log_a)
 
 
+TINY = 1e-300  # floor of a dense row/column sum before its log (reached only on a > ~350 log-scale spread)
+
+
 @dataclass
 class _State:
     """Precomputed per-problem tensors."""
@@ -144,22 +217,52 @@ class _State:
     G: float
     pos_mask: torch.Tensor  # blocks with g > 0
     cross: torch.Tensor  # blocks with out != in
+    a_index: torch.Tensor = field(init=False)  # group of every incoming-mass term (cross blocks, dense rows)
+    c_index: torch.Tensor = field(init=False)  # group of every outgoing-mass term (cross blocks, dense columns)
+
+    def __post_init__(self) -> None:
+        b = self.blocks
+        self.a_index = torch.cat([b.out[self.cross]] + [d.out[d.rows] for d in b.dense])
+        self.c_index = torch.cat([b.inn[self.cross]] + [d.inn[d.cols] for d in b.dense])
 
     def block_logs(self, u: torch.Tensor) -> torch.Tensor:
         b = self.blocks
         return b.log_g - 2.0 * (u[b.out] - u[b.inn])
 
+    @staticmethod
+    def dense_rows(d: DenseBlocks, u: torch.Tensor) -> torch.Tensor:
+        """ln of each kept row's rescaled mass: the incoming mass A of its out group from this weight."""
+        u_out, u_in = u[d.out[d.rows]], u[d.inn[d.cols]]
+        shift = u_in.detach().max()
+        total = d.by_row @ torch.exp(2.0 * (u_in - shift))
+        return d.log_row_max + torch.log(total.clamp_min(TINY)) + 2.0 * (shift - u_out)
+
+    @staticmethod
+    def dense_cols(d: DenseBlocks, u: torch.Tensor) -> torch.Tensor:
+        """ln of each kept column's rescaled mass: the outgoing mass C of its in group into this weight."""
+        u_out, u_in = u[d.out[d.rows]], u[d.inn[d.cols]]
+        shift = u_out.detach().min()
+        total = torch.exp(-2.0 * (u_out - shift)) @ d.by_col
+        return d.log_col_max + torch.log(total.clamp_min(TINY)) + 2.0 * (u_in - shift)
+
+    def log_total(self, u: torch.Tensor) -> torch.Tensor:
+        """ln S, S = Σ g̃ over every parameter (differentiable in u)."""
+        terms = [self.block_logs(u)[self.pos_mask]] + [self.dense_rows(d, u) for d in self.blocks.dense]
+        return torch.logsumexp(torch.cat(terms), 0)
+
+    def f(self, u: torch.Tensor) -> torch.Tensor:
+        return self.G * self.log_total(u) + 2.0 * (self.k * u).sum()
+
     def objective(self, u: torch.Tensor) -> float:
-        lv = self.block_logs(u)[self.pos_mask]
-        return float(self.G * torch.logsumexp(lv, 0) + 2.0 * (self.k * u).sum())
+        return float(self.f(u))
 
     def log_score(self, u: torch.Tensor) -> float:
         """ln(AM/GM) of the rescaled diagonal over parameters with g > 0."""
         b = self.blocks
-        gp = float(b.count_pos.sum())
+        gp = float(b.n_params_pos)
         if gp == 0:
             return 0.0
-        log_s = float(torch.logsumexp(self.block_logs(u)[self.pos_mask], 0))
+        log_s = float(self.log_total(u))
         mean_log = (b.sum_log_g_pos - 2.0 * float((self.k_pos * u).sum())) / gp
         return max(0.0, log_s - math.log(gp) - mean_log)
 
@@ -168,9 +271,11 @@ class _State:
         b, n = self.blocks, self.blocks.n_groups + 1
         lv = self.block_logs(u)
         lv_cross = lv[self.cross]
-        log_a = scatter_logsumexp(lv_cross, b.out[self.cross], n)
-        log_c = scatter_logsumexp(lv_cross, b.inn[self.cross], n)
-        return log_a, log_c, torch.logsumexp(lv, 0)
+        rows = [self.dense_rows(d, u) for d in b.dense]
+        cols = [self.dense_cols(d, u) for d in b.dense]
+        log_a = scatter_logsumexp(torch.cat([lv_cross] + rows), self.a_index, n)
+        log_c = scatter_logsumexp(torch.cat([lv_cross] + cols), self.c_index, n)
+        return log_a, log_c, torch.logsumexp(torch.cat([lv] + rows), 0)
 
     def coordinate_log_x(self, u: torch.Tensor) -> torch.Tensor:
         """ln x of the exact coordinate minimiser of every group at ``u`` (MATH §6); 0 on fixed groups."""
@@ -195,13 +300,16 @@ class _State:
 def _prepare(blocks: Blocks) -> tuple[_State, list[tuple[int, str]]]:
     """Counts per group, and the groups with no incoming or outgoing mass (pinned as degenerate)."""
     n = blocks.n_groups + 1
-    dev = blocks.log_g.device
+    dev = blocks.device
     zeros = torch.zeros(n, dtype=torch.float64, device=dev)
     k = zeros.scatter_add(0, blocks.out, blocks.count).scatter_add(0, blocks.inn, -blocks.count)
     k_pos = zeros.scatter_add(0, blocks.out, blocks.count_pos).scatter_add(0, blocks.inn, -blocks.count_pos)
+    for d in blocks.dense:
+        k = k.scatter_add(0, d.out, d.count_out).scatter_add(0, d.inn, -d.count_in)
+        k_pos = k_pos.scatter_add(0, d.out, d.pos_out).scatter_add(0, d.inn, -d.pos_in)
     cross = blocks.out != blocks.inn
     pos = torch.isfinite(blocks.log_g)
-    state = _State(blocks, torch.zeros(n, dtype=torch.bool, device=dev), k, k_pos, float(blocks.count.sum()), pos, cross)
+    state = _State(blocks, torch.zeros(n, dtype=torch.bool, device=dev), k, k_pos, float(blocks.n_params), pos, cross)
     log_a, log_c, _ = state.group_sums(torch.zeros(n, dtype=torch.float64, device=dev))
     no_in, no_out = ~torch.isfinite(log_a), ~torch.isfinite(log_c)
     fixed = no_in | no_out
@@ -228,9 +336,10 @@ def colour_classes(blocks: Blocks, fixed: torch.Tensor) -> list[torch.Tensor]:
     """
     n = blocks.n_groups + 1
     free = ~fixed
-    sel = (blocks.out != blocks.inn) & free[blocks.out] & free[blocks.inn]
-    pairs = torch.stack([blocks.out[sel], blocks.inn[sel]], 1).cpu()
     levels = blocks.levels.cpu() if blocks.levels is not None else torch.arange(n)
+    pairs = torch.cat([torch.stack([blocks.out, blocks.inn], 1).cpu()] + [_dense_pairs(d, free.cpu(), levels) for d in blocks.dense])
+    a, b = pairs[:, 0].to(free.device), pairs[:, 1].to(free.device)
+    pairs = pairs[((a != b) & free[a] & free[b]).cpu()]
     level_pairs = torch.unique(levels[pairs], dim=0) if len(pairs) else torch.zeros((0, 2), dtype=torch.int64)
     self_conflict = {int(a) for a, b in level_pairs.tolist() if a == b}
     level_colour = _greedy({(a, b) for a, b in level_pairs.tolist() if a != b}, sorted(set(levels[free.cpu()].tolist())))
@@ -244,6 +353,21 @@ def colour_classes(blocks: Blocks, fixed: torch.Tensor) -> list[torch.Tensor]:
     colour = torch.tensor([level_colour.get(int(levels[j]), 0) for j in range(n)]) * width + fine
     colour = colour.to(fixed.device)
     return [free & (colour == c) for c in torch.unique(colour[free]).tolist()]
+
+
+def _dense_pairs(d: DenseBlocks, free: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """(out, in) pairs of a dense weight that decide the colouring: every pair when some level is on
+    both sides (it conflicts with itself), else one representative group per level on each side."""
+    outs, ins = d.out.cpu(), d.inn.cpu()
+    outs, ins = outs[free[outs]], ins[free[ins]]
+    if bool(torch.isin(levels[outs], levels[ins]).any()):
+        return torch.cartesian_prod(outs, ins).reshape(-1, 2)
+
+    def representatives(groups: torch.Tensor) -> torch.Tensor:
+        uniq, inverse = torch.unique(levels[groups], return_inverse=True)
+        return torch.zeros(len(uniq), dtype=groups.dtype).scatter_(0, inverse, groups)
+
+    return torch.cartesian_prod(representatives(outs), representatives(ins)).reshape(-1, 2)
 
 
 def _greedy(edges: set[tuple[int, int]], vertices: list[int]) -> dict[int, int]:
@@ -297,7 +421,7 @@ def solve(
         raise ValueError(f"unknown solver method {method!r}")
     state, degenerate = _prepare(blocks)
     n = blocks.n_groups + 1
-    u = torch.zeros(n, dtype=torch.float64, device=blocks.log_g.device)
+    u = torch.zeros(n, dtype=torch.float64, device=blocks.device)
     f0, s0 = state.objective(u), state.log_score(u)
     run = _Run(state, tol, max_sweeps, progress)
     if bool((~state.fixed).any()):
@@ -371,7 +495,6 @@ class _Run:
         state = self.state
         free = ~state.fixed
         x = u[free].clone().requires_grad_(True)
-        lv_mask = state.pos_mask
 
         def full(xv: torch.Tensor) -> torch.Tensor:
             return torch.zeros_like(u).masked_scatter(free, xv)
@@ -382,8 +505,7 @@ class _Run:
             evaluations[0] += 1
             opt.zero_grad()
             uu = full(x)
-            f = state.G * torch.logsumexp(state.block_logs(uu)[lv_mask], 0) + 2.0 * (state.k * uu).sum()
-            f = f / state.G  # O(1) scale for the line search tolerances
+            f = state.f(uu) / state.G  # O(1) scale for the line search tolerances
             f.backward()
             return f
 
@@ -399,4 +521,4 @@ class _Run:
                 return uu
 
 
-__all__ = ["Blocks", "Solution", "build_blocks", "colour_classes", "scatter_logsumexp", "solve"]
+__all__ = ["Blocks", "DenseBlocks", "Solution", "build_blocks", "colour_classes", "scatter_logsumexp", "solve"]

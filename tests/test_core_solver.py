@@ -15,7 +15,7 @@ from scipy.special import logsumexp, softmax
 from pathcond_cli.analysis import analyze, rescaled_params, role_factor
 from pathcond_cli.groups import build_groups
 from pathcond_cli.ir import Graph, evaluate
-from pathcond_cli.solver import build_blocks, solve
+from pathcond_cli.solver import build_blocks, colour_classes, solve
 from pathcond_cli.stats import path_statistics
 from tests.reference import reference
 from tests.test_core_paths import DAGS, Net, case, mlp, random_inputs, rel_err
@@ -98,34 +98,49 @@ def uneven_chain() -> Graph:
 PROBLEMS = {**DAGS, "uneven_mlp": lambda: mlp(22, (8, 32, 4, 16, 3)), "uneven_chain": uneven_chain}
 
 
+LAYOUTS = {"pairs": math.inf, "dense": 0}  # build_blocks(dense_min=...): no weight / every weight as a matrix
+
+
 @functools.lru_cache(maxsize=None)
 def problem(name: str):
+    """(groups, stats, the per-parameter objective, scipy's minimum)."""
     if name in DAGS:
         _, groups, stats, _ = case(name)
     else:
         graph = PROBLEMS[name]()
         groups = build_groups(graph)
         stats = path_statistics(graph, groups)
-    blocks = build_blocks(groups.roles, stats.log_g, groups.n_free, torch.from_numpy(groups.levels))
     obj = PerParamObjective(groups, stats.log_g)
     free = np.arange(obj.n) > 0
-    return groups, blocks, obj, obj.minimise(free)
+    return groups, stats, obj, obj.minimise(free)
+
+
+def blocks_of(name: str, layout: str = "pairs"):
+    """The solver's problem; ``layout`` "pairs" keeps every block as an (out, in) pair, "dense" keeps
+    every dense weight as a matrix (the two code paths of the solver)."""
+    groups, stats, _, _ = problem(name)
+    dense_min = {"pairs": math.inf, "dense": 0}[layout]
+    return build_blocks(groups.roles, stats.log_g, groups.n_free, torch.from_numpy(groups.levels), dense_min)
 
 
 def run_cases():
     for name in PROBLEMS:
         for method in ("auto", "bcd", "sequential"):
-            if not (name == "uneven_chain" and method == "sequential"):  # too slow for the suite
-                yield name, method
+            for layout in ("pairs", "dense"):
+                if not (name == "uneven_chain" and method == "sequential"):  # too slow for the suite
+                    yield name, method, layout
 
 
 # --------------------------------------------------------------------------------------------------
 # 3. Solver against scipy
 
 
-@pytest.mark.parametrize("name,method", list(run_cases()))
-def test_solver_reaches_scipy_minimum(name, method):
-    _, blocks, obj, (f_star, _) = problem(name)
+@pytest.mark.parametrize("name,method,layout", list(run_cases()))
+def test_solver_reaches_scipy_minimum(name, method, layout):
+    _, _, obj, (f_star, _) = problem(name)
+    blocks = blocks_of(name, layout)
+    if layout == "dense":
+        assert blocks.dense  # the matrix path is really taken
     sol = solve(blocks, method=method, tol=1e-9, max_sweeps=50000)
     assert not sol.degenerate
     # tol = 1e-9 is below what F's float64 resolution can certify: the run may end on a stall instead
@@ -137,9 +152,11 @@ def test_solver_reaches_scipy_minimum(name, method):
     assert sol.u[0] == 0.0
 
 
+@pytest.mark.parametrize("layout", ["pairs", "dense"])
 @pytest.mark.parametrize("name", PROBLEMS)
-def test_solution_figures_match_independent_objective(name):
-    _, blocks, obj, (f_star, u_star) = problem(name)
+def test_solution_figures_match_independent_objective(name, layout):
+    _, _, obj, (f_star, u_star) = problem(name)
+    blocks = blocks_of(name, layout)
     sol = solve(blocks, tol=1e-6)
     u = sol.u.numpy()
     zero = np.zeros(obj.n)
@@ -154,6 +171,24 @@ def test_solution_figures_match_independent_objective(name):
     assert sol.log_score_before - sol.log_score_after == pytest.approx(drop, rel=1e-7, abs=1e-10)
     # the same minimiser as scipy's (F is strictly convex in u here)
     assert np.abs(u - u_star).max() < 1e-4
+
+
+@pytest.mark.parametrize("layout", ["pairs", "dense"])
+@pytest.mark.parametrize("name", PROBLEMS)
+def test_colour_classes_are_independent_sets(name, layout):
+    """BCD moves a colour class at once: no two of its groups may share a block (checked against every
+    (out, in) pair, dense weights expanded), and the classes cover each free group exactly once."""
+    blocks = blocks_of(name, layout)
+    fixed = torch.zeros(blocks.n_groups + 1, dtype=torch.bool)
+    fixed[0] = True
+    pairs = [torch.stack([blocks.out, blocks.inn], 1)]
+    pairs += [torch.cartesian_prod(d.out, d.inn).reshape(-1, 2) for d in blocks.dense]
+    pairs = torch.cat(pairs)
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    classes = colour_classes(blocks, fixed)
+    assert (torch.stack(classes).sum(0) == (~fixed).long()).all()
+    for colour in classes:
+        assert not bool((colour[pairs[:, 0]] & colour[pairs[:, 1]]).any())
 
 
 # --------------------------------------------------------------------------------------------------
