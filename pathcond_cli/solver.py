@@ -127,35 +127,53 @@ def _dense(outs: torch.Tensor, ins: torch.Tensor, mats: list[torch.Tensor], top:
     )
 
 
-def _role_blocks(role: Role, log_g: torch.Tensor, dense_min: float) -> tuple | DenseBlocks:
-    """(out, in, Σ g / e^top, count, count of g > 0, top) for the blocks of one parameter tensor, or
-    the same blocks as a ``DenseBlocks`` matrix."""
+def _role_blocks(role: Role, log_g: torch.Tensor, dense_min: float) -> tuple[tuple | DenseBlocks, float]:
+    """The blocks of one parameter tensor and Σ ln g over its entries with g > 0.
+
+    The blocks are (out, in, Σ g / e^top, count, count of g > 0, top), or the same blocks as a
+    ``DenseBlocks`` matrix. Boolean masks over the whole tensor are avoided where no g is 0: on
+    full-size networks they cost more than everything else here."""
     device = log_g.device
-    finite = torch.isfinite(log_g)
-    top = float(log_g[finite].max()) if bool(finite.any()) else 0.0
-    mats = [torch.exp(log_g - top), torch.ones_like(log_g), finite.to(torch.float64)]
+    top = float(log_g.max()) if log_g.numel() else -math.inf
+    has_zero = log_g.numel() > 0 and float(log_g.min()) == -math.inf
+    if top == -math.inf:
+        top = 0.0
+    value = torch.sub(log_g, top).exp_()
+    positive = torch.isfinite(log_g).to(torch.float64) if has_zero else None
+    sum_log = float(torch.where(positive > 0, log_g, 0.0).sum()) if has_zero else float(log_g.sum())
     out_idx = role.out_idx.to(device)
     o = len(out_idx)  # per-channel tensors may carry unit axes: count channels, not shape[0]
+    n_in = 1 if role.in_idx is None else role.in_idx.shape[-1] if role.in_idx.dim() == 2 else role.in_idx.shape[0]
+    per_entry = log_g.numel() // max(o * n_in, 1)  # parameters per (out channel, in entry): kernel size
+
+    def entries(m: torch.Tensor) -> torch.Tensor:
+        return m.reshape(o, n_in) if per_entry == 1 else m.reshape(o, n_in, -1).sum(-1)
+
     if role.in_idx is None or role.in_idx.dim() == 2:  # bias, BN, diag, grouped conv: per (o, i') entry
         in_idx = torch.zeros((o, 1), dtype=torch.int64, device=device) if role.in_idx is None else role.in_idx.to(device)
-        mats = [m.reshape(o, in_idx.shape[1], -1).sum(-1) for m in mats]
+        count = torch.full((o * n_in,), float(per_entry), dtype=torch.float64, device=device)
+        pos = count if positive is None else entries(positive).reshape(-1)
         outs = out_idx[:, None].expand_as(in_idx).reshape(-1)
-        return (outs, in_idx.reshape(-1), *(m.reshape(-1) for m in mats), top)
+        return (outs, in_idx.reshape(-1), entries(value).reshape(-1), count, pos, top), sum_log
     in_idx = role.in_idx.to(device)  # dense weight: collapse input channels, then output channels
     uniq_in, inv_in = torch.unique(in_idx, return_inverse=True)
     uniq_out, inv_out = torch.unique(out_idx, return_inverse=True)
-    reduced = []
-    for m in mats:
-        m = m.reshape(o, in_idx.shape[0], -1).sum(-1)
+
+    def collapse(m: torch.Tensor) -> torch.Tensor:
         m = torch.zeros((o, len(uniq_in)), dtype=m.dtype, device=device).index_add_(1, inv_in, m)
-        m = torch.zeros((len(uniq_out), len(uniq_in)), dtype=m.dtype, device=device).index_add_(0, inv_out, m)
-        reduced.append(m)
+        return torch.zeros((len(uniq_out), len(uniq_in)), dtype=m.dtype, device=device).index_add_(0, inv_out, m)
+
+    count = torch.outer(  # (channels of out group) × (entries of in group) × kernel size
+        torch.bincount(inv_out, minlength=len(uniq_out)).to(torch.float64),
+        torch.bincount(inv_in, minlength=len(uniq_in)).to(torch.float64) * per_entry,
+    )
+    reduced = [collapse(entries(value)), count, count if positive is None else collapse(entries(positive))]
     disjoint = not bool(torch.isin(uniq_out, uniq_in).any())
     if disjoint and len(uniq_out) * len(uniq_in) >= dense_min and bool(reduced[0].gt(0).any()):
-        return _dense(uniq_out, uniq_in, reduced, top)
+        return _dense(uniq_out, uniq_in, reduced, top), sum_log
     outs = uniq_out[:, None].expand(len(uniq_out), len(uniq_in)).reshape(-1)
     ins = uniq_in[None, :].expand(len(uniq_out), len(uniq_in)).reshape(-1)
-    return (outs, ins, *(m.reshape(-1) for m in reduced), top)
+    return (outs, ins, *(m.reshape(-1) for m in reduced), top), sum_log
 
 
 def build_blocks(
@@ -169,11 +187,11 @@ def build_blocks(
 
     Dense weights whose output and input groups are distinct and that make at least ``dense_min``
     blocks are kept as matrices (``math.inf``: never; 0: always)."""
-    parts = [_role_blocks(r, lg.to(torch.float64), dense_min) for r, lg in zip(roles, log_g)]
-    dense = [p for p in parts if isinstance(p, DenseBlocks)]
-    parts = [p for p in parts if not isinstance(p, DenseBlocks)]
+    results = [_role_blocks(r, lg.to(torch.float64), dense_min) for r, lg in zip(roles, log_g)]
+    sum_log = sum(r[1] for r in results)
+    dense = [p for p, _ in results if isinstance(p, DenseBlocks)]
+    parts = [p for p, _ in results if not isinstance(p, DenseBlocks)]
     device = log_g[0].device if log_g else torch.device("cpu")
-    sum_log = sum(float(lg[torch.isfinite(lg)].double().sum()) for lg in log_g)
     if not parts:
         empty = torch.zeros(0, dtype=torch.float64, device=device)
         return Blocks(empty.long(), empty.long(), empty, empty, empty, sum_log, n_groups, levels, dense)

@@ -15,7 +15,7 @@ from scipy.special import logsumexp, softmax
 from pathcond_cli.analysis import analyze, rescaled_params, role_factor
 from pathcond_cli.groups import build_groups
 from pathcond_cli.ir import Graph, evaluate
-from pathcond_cli.solver import build_blocks, colour_classes, solve
+from pathcond_cli.solver import _prepare, build_blocks, colour_classes, solve
 from pathcond_cli.stats import path_statistics
 from tests.reference import reference
 from tests.test_core_paths import DAGS, Net, case, mlp, random_inputs, rel_err
@@ -119,8 +119,7 @@ def blocks_of(name: str, layout: str = "pairs"):
     """The solver's problem; ``layout`` "pairs" keeps every block as an (out, in) pair, "dense" keeps
     every dense weight as a matrix (the two code paths of the solver)."""
     groups, stats, _, _ = problem(name)
-    dense_min = {"pairs": math.inf, "dense": 0}[layout]
-    return build_blocks(groups.roles, stats.log_g, groups.n_free, torch.from_numpy(groups.levels), dense_min)
+    return build_blocks(groups.roles, stats.log_g, groups.n_free, torch.from_numpy(groups.levels), LAYOUTS[layout])
 
 
 def run_cases():
@@ -189,6 +188,25 @@ def test_colour_classes_are_independent_sets(name, layout):
     assert (torch.stack(classes).sum(0) == (~fixed).long()).all()
     for colour in classes:
         assert not bool((colour[pairs[:, 0]] & colour[pairs[:, 1]]).any())
+
+
+@pytest.mark.parametrize("layout", ["pairs", "dense"])
+@pytest.mark.parametrize("name", ["conv_bn", "grouped_conv", "residual", "uneven_mlp"])
+def test_blocks_aggregate_every_parameter_with_zero_entries(name, layout):
+    """A fifth of the entries of g set to 0: the blocks still give F, the score and the parameter
+    counts of the per-parameter objective at an arbitrary u (the path for g = 0 is a separate one)."""
+    groups, stats, _, _ = problem(name)
+    gen = torch.Generator().manual_seed(3)
+    log_g = [torch.where(torch.rand(lg.shape, generator=gen) < 0.2, -math.inf, lg) for lg in stats.log_g]
+    obj = PerParamObjective(groups, log_g)
+    blocks = build_blocks(groups.roles, log_g, groups.n_free, torch.from_numpy(groups.levels), LAYOUTS[layout])
+    assert blocks.n_params == obj.G
+    assert blocks.n_params_pos == int(np.isfinite(obj.log_g).sum())
+    state, _ = _prepare(blocks)
+    u = np.random.default_rng(4).normal(size=obj.n)
+    u[0] = 0.0
+    assert state.objective(torch.from_numpy(u)) == pytest.approx(obj.value(u), rel=1e-12)
+    assert state.log_score(torch.from_numpy(u)) == pytest.approx(obj.log_score(u), rel=1e-9)
 
 
 # --------------------------------------------------------------------------------------------------
