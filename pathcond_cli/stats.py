@@ -119,7 +119,12 @@ class PathForward:
         return f"{node.name}::{role}" if node.op == "batchnorm" else node.params[role]
 
     def _power(self, value: torch.Tensor) -> torch.Tensor:
-        return value.detach().to(self.device, torch.float64).abs().pow(self.q)
+        if self.q == 0.0:  # 0^0 = 1: every connection counts as a path
+            return torch.ones(value.shape, dtype=torch.float64, device=self.device)
+        value = value.detach().to(self.device, torch.float64)
+        if self.q == 2.0:
+            return torch.square(value)  # one pass each: these are full-size weights
+        return value.abs() if self.q == 1.0 else value.abs().pow(self.q)
 
     def param(self, node: Node, role: str, value: torch.Tensor | None = None) -> torch.Tensor | None:
         """|θ|^q for one role of ``node``: a shared leaf when it is an objective parameter."""
@@ -183,8 +188,10 @@ class PathForward:
             if not terms:
                 result[key] = torch.full_like(leaf, -math.inf).detach()
                 continue
-            logs = torch.stack([torch.log(t.t) + t.s for t in terms])
-            result[key] = torch.logsumexp(logs, 0) if len(terms) > 1 else logs[0]
+            if len(terms) == 1:
+                result[key] = torch.log(terms[0].t).add_(terms[0].s)
+            else:
+                result[key] = torch.logsumexp(torch.stack([torch.log(t.t) + t.s for t in terms]), 0)
         return result
 
     def node(self, node: Node, xs: list[Scaled]) -> Scaled:
@@ -304,7 +311,8 @@ def diag_g(graph: Graph, groups: Groups, device: torch.device | str = "cpu") -> 
     out = []
     for role in groups.roles:
         lg = log_g[fwd._leaf_key(role.node, role.role)].detach()
-        if torch.isnan(lg).any() or (lg == math.inf).any():
+        top = float(lg.max()) if lg.numel() else 0.0  # max propagates NaN: one pass checks both
+        if math.isnan(top) or top == math.inf:
             raise NumericalError(f"diag(G) is not finite at {role.node.name} ({role.role})")
         out.append(lg)
     return out, log_psi
