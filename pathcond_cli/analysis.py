@@ -8,6 +8,7 @@ This is the format-free engine the CLI and the Python API call:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -127,10 +128,11 @@ def analyze(
     return Analysis(graph, groups, stats, blocks, solution, dev, timings)
 
 
-def role_factor(role: Role, u: torch.Tensor) -> torch.Tensor:
-    """e^{(Bu)_i} for every entry of one parameter tensor (float64, the tensor's stored shape).
+def role_log_factor(role: Role, u: torch.Tensor) -> torch.Tensor:
+    """(Bu)_i for every entry of one parameter tensor, broadcastable to its stored shape (float64).
 
-    Per-channel tensors (biases, BatchNorm, affine) may be stored with extra unit axes, e.g. (C, 1, 1)."""
+    Per-channel tensors (biases, BatchNorm, affine) may be stored with extra unit axes, e.g. (C, 1, 1);
+    conv kernels get trailing unit axes instead of a copy per kernel position."""
     out = u[role.out_idx]
     if role.in_idx is None:
         log_f = out
@@ -139,9 +141,21 @@ def role_factor(role: Role, u: torch.Tensor) -> torch.Tensor:
     else:
         log_f = out[:, None] - u[role.in_idx]
     if log_f.numel() == role.numel:
-        return torch.exp(log_f).reshape(role.shape)
-    log_f = log_f.reshape(log_f.shape + (1,) * (len(role.shape) - log_f.dim()))  # conv kernels
-    return torch.exp(log_f).expand(role.shape)
+        return log_f.reshape(role.shape)
+    return log_f.reshape(log_f.shape + (1,) * (len(role.shape) - log_f.dim()))
+
+
+def role_factor(role: Role, u: torch.Tensor) -> torch.Tensor:
+    """e^{(Bu)_i} for every entry of one parameter tensor (float64, the tensor's stored shape)."""
+    return torch.exp(role_log_factor(role, u)).expand(role.shape)
+
+
+def _moves(role: Role, u: torch.Tensor) -> bool:
+    """Whether the rescaling changes this role at all (a check on its groups, not on its entries)."""
+    touched = u[role.out_idx]
+    if role.in_idx is not None:
+        touched = torch.cat([touched, u[role.in_idx].reshape(-1)])
+    return bool((touched != 0).any())
 
 
 def rescaled_params(analysis: Analysis) -> dict[str, torch.Tensor]:
@@ -152,14 +166,17 @@ def rescaled_params(analysis: Analysis) -> dict[str, torch.Tensor]:
     u = analysis.u
     new: dict[str, torch.Tensor] = {}
     for role in analysis.groups.roles:
-        factor = role_factor(role, u)
-        if bool((factor == 1.0).all()):
+        if not _moves(role, u):
             continue
         stored = analysis.graph.params[role.key]
-        value = stored.detach().to("cpu", torch.float64) * factor
-        if not torch.isfinite(value).all():
-            raise NumericalError(f"rescaled parameter {role.key!r} is not finite; nothing was written")
-        new[role.key] = value.to(stored.dtype).to(stored.device)
+        value = stored.detach().to("cpu", torch.float64, copy=True).mul_(torch.exp(role_log_factor(role, u)))
+        value = value.to(stored.dtype)  # checked after the cast: float16 overflows long before float64
+        extremes = [float(x) for x in torch.aminmax(value.float())] if value.numel() else []  # NaN propagates
+        if not all(math.isfinite(x) for x in extremes):
+            raise NumericalError(
+                f"rescaled parameter {role.key!r} is not finite in {stored.dtype}; nothing was written"
+            )
+        new[role.key] = value.to(stored.device)
     return new
 
 
@@ -173,7 +190,7 @@ def layer_rows(analysis: Analysis) -> list[LayerRow]:
     for name, entries in by_node.items():
         node = entries[0][0].node
         before = torch.cat([lg.reshape(-1) for _, lg in entries])
-        after = torch.cat([(lg - 2.0 * torch.log(role_factor(r, u))).reshape(-1) for r, lg in entries])
+        after = torch.cat([(lg - 2.0 * role_log_factor(r, u)).reshape(-1) for r, lg in entries])
         out = entries[0][0].out_idx
         rows.append(
             LayerRow(

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from pathcond_cli.analysis import analyze, rescaled_params, role_factor
+from pathcond_cli.analysis import analyze, layer_rows, rescaled_params, role_factor
+from pathcond_cli.errors import NumericalError
 from pathcond_cli.groups import build_groups
 from pathcond_cli.ir import Graph, Node, evaluate
-from pathcond_cli.stats import path_statistics
+from pathcond_cli.stats import LOG10, path_statistics, role_summary
 from tests.reference import pool_windows, reference
 
 # --------------------------------------------------------------------------------------------------
@@ -333,6 +334,30 @@ def test_rescaled_diag_is_g_times_factor(name):
         np.testing.assert_allclose(ref2.g_of(role_tag(role), role.shape), want.numpy(), rtol=1e-9)
 
 
+@pytest.mark.parametrize("name", DAGS)
+def test_layer_rows_match_enumeration(name):
+    """The per-layer table: min / lower median / max of log10 g over each node's parameters, before
+    (enumeration of the network) and after (enumeration of the rescaled network)."""
+    graph, groups, _, ref = case(name)
+    analysis, _, graph2 = rescaled(name)
+    ref2 = reference(graph2)
+    rows = {row.node: row for row in layer_rows(analysis)}
+    assert set(rows) == {r.node.name for r in groups.roles}
+    for node_name, row in rows.items():
+        roles = [r for r in groups.roles if r.node.name == node_name]
+        assert row.params == sum(r.numel for r in roles)
+        for figures, enumeration in ((row.log10_g_before, ref), (row.log10_g_after, ref2)):
+            values = np.sort(np.concatenate([enumeration.g_of(role_tag(r), r.shape).reshape(-1) for r in roles]))
+            want = np.log10(values[[0, (len(values) - 1) // 2, -1]])
+            np.testing.assert_allclose(figures, want, rtol=1e-9, atol=1e-12, err_msg=node_name)
+
+
+def test_role_summary_skips_zero_entries():
+    log_g = torch.tensor([[0.0, -math.inf, 2.0], [-math.inf, 1.0, 3.0]]) * LOG10
+    assert role_summary(log_g) == pytest.approx((0.0, 1.0, 3.0))  # lower median of 0, 1, 2, 3
+    assert role_summary(torch.full((4,), -math.inf)) == (None, None, None)
+
+
 # --------------------------------------------------------------------------------------------------
 # 2. The rescaled network computes the same function
 
@@ -346,6 +371,19 @@ def test_rescaled_network_same_outputs(name):
     for key in graph.outputs:
         assert rel_err(y1[key], y0[key]) < 1e-10
         assert y0[key].abs().max() > 0
+
+
+def test_rescaled_params_keep_dtype_and_refuse_overflow():
+    """New values come in each tensor's dtype; a factor that overflows that dtype (float16 here, fine
+    in float64) is an error, not an inf written to the checkpoint."""
+    graph = mlp(5, (3, 6, 4, 2))
+    graph = graph.with_params({k: v.to(torch.float16) for k, v in graph.params.items()})
+    analysis = analyze(graph, device="cpu")
+    new = rescaled_params(analysis)
+    assert new and all(v.dtype == torch.float16 for v in new.values())
+    analysis.solution.u[1:] = 20.0  # e^20 ≈ 4.9e8 > float16's 65504
+    with pytest.raises(NumericalError, match="not finite in torch.float16"):
+        rescaled_params(analysis)
 
 
 # --------------------------------------------------------------------------------------------------
