@@ -62,6 +62,7 @@ class Analysis:
     solution: Solution
     device: torch.device
     timings: dict[str, float] = field(default_factory=dict)
+    layers: list[LayerRow] = field(default_factory=list)  # per-layer figures before and after
 
     @property
     def u(self) -> torch.Tensor:
@@ -125,7 +126,13 @@ def analyze(
         progress=lambda sweep, f, gap: notify("sweep", {"sweep": sweep, "objective": f, "gap": gap}),
     )
     timings["solve"] = time.perf_counter() - start
-    return Analysis(graph, groups, stats, blocks, solution, dev, timings)
+
+    start = time.perf_counter()
+    notify("layers", {})
+    analysis = Analysis(graph, groups, stats, blocks, solution, dev, timings)
+    analysis.layers = layer_rows(analysis)
+    timings["layers"] = time.perf_counter() - start
+    return analysis
 
 
 def role_log_factor(role: Role, u: torch.Tensor) -> torch.Tensor:

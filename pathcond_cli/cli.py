@@ -73,7 +73,8 @@ class Output:
             yield lambda stage, info: None
             return
         labels = {"load": "loading model", "groups": "finding rescaling groups", "statistics": "path statistics",
-                  "solve": "solving", "write": "writing output", "verify": "verifying with the model's runtime"}
+                  "solve": "solving", "layers": "per-layer figures", "write": "writing output",
+                  "verify": "verifying with the model's runtime"}
         with self.err.status("starting") as status:
             def notify(stage: str, info: dict) -> None:
                 if stage == "sweep":

@@ -119,10 +119,9 @@ def rescale_model(
     check_output_path(report_path, inputs=[source, target], force=options.force)
     timings: dict[str, float] = {}
     model, analysis = _load_and_analyze(source, load, solve, notify, timings)
-    new_params = rescaled_params(analysis)
     with StagedOutput(target) as stage:
         notify("write", {"path": str(target)})
-        _timed(timings, "write", lambda: model.save(new_params, stage.path))
+        _timed(timings, "write", lambda: model.save(rescaled_params(analysis), stage.path))
         notify("verify", {"inputs": options.verify_inputs})
         result = _timed(timings, "verify", lambda: verify(model, stage.path, n_inputs=options.verify_inputs,
                                                           rtol=options.rtol, seed=options.seed))

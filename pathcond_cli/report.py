@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .analysis import Analysis, layer_rows
+from .analysis import Analysis
 from .verify import Verification
 
 SCHEMA_VERSION = 1
@@ -82,7 +82,7 @@ def build_report(
         },
         "verdict": verdict(analysis),
         "pinned": [asdict(p) for p in analysis.pinned],
-        "layers": [asdict(row) for row in layer_rows(analysis)],
+        "layers": [asdict(row) for row in analysis.layers],
         "verification": None if verification is None else {
             "passed": verification.passed,
             "max_abs_error": _finite(verification.max_abs_error),

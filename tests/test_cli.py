@@ -76,6 +76,7 @@ def test_inspect_json_has_every_key(mlp_onnx):
     assert report["input"]["format"] == "onnx" and len(report["input"]["sha256"]) == 64
     assert report["model"]["hidden_units"] == 64 + 4 + 32
     assert report["model"]["width_ratio"] == 64 / 3
+    assert list(report["timings"]) == ["load", "groups", "statistics", "solve", "layers"]
 
 
 def test_inspect_tables_and_layers(mlp_onnx):
@@ -94,6 +95,7 @@ def test_rescale_is_equivalent_and_better_conditioned(mlp_onnx, tmp_path):
     assert mlp_onnx.read_bytes() == before
     assert json.loads((tmp_path / "out.onnx.pathcond.json").read_text()) == report
     assert report["verification"]["passed"] and report["output"]["path"] == str(out)
+    assert list(report["timings"]) == ["load", "groups", "statistics", "solve", "layers", "write", "verify"]
     cond = report["conditioning"]
     assert cond["score_after"] < cond["score_before"] and cond["converged"]
     x = np.random.default_rng(1).standard_normal((5, 8)).astype(np.float32)
