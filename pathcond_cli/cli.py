@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import traceback
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -15,13 +16,15 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .errors import EXIT_USAGE, PathcondError, UnsupportedModelError, UsageError, VerificationError
+from .errors import EXIT_INTERNAL, EXIT_USAGE, PathcondError, UnsupportedModelError, UsageError, VerificationError
 
 EXIT_CODES = """Exit codes: 0 ok · 1 verification failed (nothing written) · 2 usage error or unreadable input ·
-3 unsupported model (not a ReLU network, or an op pathcond does not know)."""
+3 unsupported model (not a ReLU network, or an op pathcond does not know) · 4 internal error (a bug in
+pathcond; nothing written)."""
 
 app = typer.Typer(
     name="pathcond",
@@ -91,8 +94,17 @@ class Output:
 
             render(report, self.out, layers=layers)
 
+    def internal_error(self, exc: Exception, trace: str) -> None:
+        self.err.print(trace, markup=False, highlight=False, end="")
+        self.err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}", highlight=False)
+        self.err.print("This is a bug in pathcond, not in your model or options; nothing was written. Please "
+                       "report it with the traceback above.")
+        if self.as_json:
+            print(json.dumps({"error": {"type": type(exc).__name__, "message": str(exc),
+                                        "exit_code": EXIT_INTERNAL}}, indent=2))
+
     def error(self, exc: PathcondError) -> None:
-        self.err.print(f"[bold red]error:[/] {exc}")
+        self.err.print(f"[bold red]error:[/] {escape(str(exc))}")
         if isinstance(exc, UnsupportedModelError) and exc.offenders:
             table = Table(title="nodes that keep this model from being a ReLU network")
             for col in ("node", "op", "why"):
@@ -122,6 +134,9 @@ def _run(output: Output, job: Callable[[], Any]) -> Any:
     except PathcondError as exc:
         output.error(exc)
         raise typer.Exit(exc.exit_code) from None
+    except Exception as exc:  # noqa: BLE001 - a bug: say so, keep the traceback, and exit with its own code
+        output.internal_error(exc, traceback.format_exc())
+        raise typer.Exit(EXIT_INTERNAL) from None
 
 
 def parse_input_shapes(values: list[str] | None) -> dict[str, tuple[int, ...]]:

@@ -1,7 +1,8 @@
 """The user-facing error types and the exit codes they map to.
 
 A :class:`PathcondError` is a mistake or a limit the user can act on: the CLI prints its message and
-exits with its code, without a traceback. Anything else is a bug and keeps its traceback.
+exits with its code, without a traceback. Anything else is a bug: the CLI prints its traceback and
+exits with ``EXIT_INTERNAL``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ EXIT_OK = 0
 EXIT_VERIFICATION_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNSUPPORTED = 3
+EXIT_INTERNAL = 4  # a bug in pathcond (not 1, which scripts read as "verification failed")
 
 
 class PathcondError(Exception):

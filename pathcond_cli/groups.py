@@ -188,6 +188,19 @@ def _tie_parameters(builder: _Builder, uses: dict[str, list[tuple[Node, str, str
                 builder.pin(inp.reshape(-1), node.name, reason, node.inputs[0])
 
 
+def _pin_frozen(builder: _Builder, uses: dict[str, list[tuple[Node, str, str | None]]]) -> None:
+    """A parameter the container cannot store a new value for keeps its value: pin its channels."""
+    for key, why in builder.graph.frozen.items():
+        for node, role, kind in uses.get(key, []):
+            if kind is None:
+                continue  # not an objective role: its value never changes anyway
+            out, inp = builder.role_raw(node, role, kind)
+            reason = f"parameter {key!r} cannot be rewritten: {why}"
+            builder.pin(out, node.name, reason, node.output)
+            if inp is not None:
+                builder.pin(inp.reshape(-1), node.name, reason, node.inputs[0])
+
+
 def build_groups(graph: Graph) -> Groups:
     """Derive the rescaling groups of ``graph`` from its dataflow."""
     b = _Builder(graph)
@@ -204,6 +217,7 @@ def build_groups(graph: Graph) -> Groups:
         producer = graph.producer.get(value)
         b.pin(b.raw[value], producer.name if producer else value, "graph output", value)
     _tie_parameters(b, uses)
+    _pin_frozen(b, uses)
     return _resolve(graph, b)
 
 

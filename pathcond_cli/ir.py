@@ -98,6 +98,8 @@ class Graph:
     nodes: list[Node]
     outputs: list[str]
     params: dict[str, torch.Tensor]
+    # parameters the container cannot store a new value for (key -> why): their channels are pinned
+    frozen: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.producer: dict[str, Node] = {}
@@ -142,7 +144,15 @@ class Graph:
         """The same graph with some parameters replaced."""
         new = dict(self.params)
         new.update(params)
-        return Graph(dict(self.inputs), list(self.nodes), list(self.outputs), new)
+        return Graph(dict(self.inputs), list(self.nodes), list(self.outputs), new, dict(self.frozen))
+
+    def with_frozen(self, frozen: Mapping[str, str]) -> Graph:
+        """The same graph with more parameters marked as not writable (key -> why)."""
+        unknown = [k for k in frozen if k not in self.params]
+        if unknown:
+            raise GraphError(f"frozen keys {unknown} are not parameters of the graph")
+        return Graph(dict(self.inputs), list(self.nodes), list(self.outputs), dict(self.params),
+                     {**self.frozen, **frozen})
 
 
 # --------------------------------------------------------------------------------------------------

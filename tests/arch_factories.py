@@ -44,3 +44,22 @@ class TwoNamesTied(nn.Module):
 
 def two_names_tied():
     return TwoNamesTied().eval()
+
+
+class BufferShift(nn.Module):
+    """4 -> 6 -> 5 -> 3 MLP whose first hidden layer adds a non-persistent buffer (not in the
+    state_dict: the code sets it, so a rewritten checkpoint cannot change it)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(4, 6), nn.Linear(6, 5), nn.Linear(5, 3)
+        self.register_buffer("shift", torch.linspace(-0.5, 0.5, 6), persistent=False)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x) + self.shift)
+        return self.fc3(torch.relu(self.fc2(h)))
+
+
+def buffer_shift():
+    return BufferShift().eval()

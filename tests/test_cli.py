@@ -136,6 +136,25 @@ def test_exit_1_verification_failure_writes_nothing(mlp_onnx, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_exit_4_internal_error_keeps_traceback_and_writes_nothing(mlp_onnx, tmp_path, monkeypatch):
+    """A bug (any exception that is not a PathcondError) is exit 4, never 1 (= verification failed)."""
+    import pathcond_cli.jobs
+
+    def broken(analysis):
+        raise RuntimeError("boom [not markup]")
+
+    monkeypatch.setattr(pathcond_cli.jobs, "rescaled_params", broken)
+    result = invoke("rescale", mlp_onnx, tmp_path / "out.onnx", "--device", "cpu")
+    assert result.exit_code == 4
+    assert "Traceback" in result.stderr and "boom [not markup]" in result.stderr and "bug in pathcond" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+    result = invoke("rescale", mlp_onnx, tmp_path / "out.onnx", "--device", "cpu", "--json")
+    assert result.exit_code == 4
+    assert json.loads(result.stdout)["error"] == {"type": "RuntimeError", "message": "boom [not markup]",
+                                                   "exit_code": 4}
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_subprocess_json_stdout_only(mlp_onnx, tmp_path):
     out = tmp_path / "o.onnx"
     proc = subprocess.run([sys.executable, "-m", "pathcond_cli", "rescale", str(mlp_onnx), str(out), "--json",

@@ -671,3 +671,42 @@ def test_export_with_dynamic_spatial_sizes(tmp_path):
     assert loaded.graph.inputs == {"x": (1, 2, 10, 10)}
     feeds = _feeds(loaded, 0)
     assert _rel_err(_ir_out(loaded.graph, torch.from_numpy(feeds["x"])), loaded.run(path, feeds)[0]) < 1e-5
+
+
+@pytest.mark.parametrize("fmt", ["torch-state-dict", "torch-module", "torchscript", "torch-export"])
+def test_non_persistent_buffer_is_kept_and_its_channels_pinned(fmt, tmp_path):
+    """A buffer outside the state_dict cannot be rewritten in a state_dict or a pickled module: its
+    channels are pinned with the reason, the rest is rescaled and verified. A torch.export archive
+    (constants) and a TorchScript archive (its state_dict) store it, so there it is rescaled like a bias."""
+    from pathcond_cli.jobs import RescaleOptions, SolveOptions, rescale_model
+    from tests.arch_factories import buffer_shift
+
+    model = buffer_shift()
+    path = tmp_path / "model"
+    opts = LoadOptions(input_shapes={"x": (1, 4)})
+    if fmt == "torch-state-dict":
+        torch.save(model.state_dict(), path)
+        opts = LoadOptions(input_shapes={"x": (1, 4)}, arch="tests.arch_factories:buffer_shift")
+    elif fmt == "torch-module":
+        torch.save(model, path)
+        opts = LoadOptions(input_shapes={"x": (1, 4)}, trust_pickle=True)
+    elif fmt == "torchscript":
+        torch.jit.save(torch.jit.script(model), str(path))
+    else:
+        torch.export.save(torch.export.export(model, (torch.randn(1, 4),)), str(path))
+        opts = LoadOptions()
+    result = rescale_model(path, tmp_path / "out", opts, SolveOptions(device="cpu"), RescaleOptions())
+    report = result.report
+    assert report["verification"]["passed"]
+    pins = [p for p in report["pinned"] if "non-persistent" in p["reason"]]
+    if fmt in ("torch-export", "torchscript"):
+        assert not pins and report["model"]["groups_free"] == 6 + 5
+    else:
+        assert len(pins) == 1 and "'shift'" in pins[0]["reason"] and pins[0]["channels"] == 6
+        assert report["model"]["groups_free"] == 5
+    assert report["conditioning"]["max_abs_log_scale"] > 1e-3  # the free layer did move
+    x = torch.randn(1, 4)  # the exported program has a static batch
+    with torch.no_grad():
+        want = model(x)
+    got = load_torch(tmp_path / "out", opts).run(tmp_path / "out", {"x": x.numpy()})[0]
+    assert _rel_err(torch.from_numpy(got), want) < 1e-5

@@ -275,7 +275,11 @@ def _import_factory(arch: str) -> Callable[..., nn.Module]:
 def _build_module(options: LoadOptions) -> nn.Module:
     factory = _import_factory(options.arch)  # type: ignore[arg-type]
     try:
-        module = factory(**dict(options.arch_kwargs))
+        # the same seed on every build: whatever the state_dict does not hold (non-persistent buffers)
+        # comes out the same for the original and the rewritten checkpoint; the caller's RNG is untouched
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            module = factory(**dict(options.arch_kwargs))
     except Exception as exc:  # noqa: BLE001
         raise UsageError(f"--arch {options.arch}: calling the factory failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(module, nn.Module):
@@ -420,7 +424,7 @@ class TorchModel:
             tr = translate(ep, names[: len(ordered)])
             self._set(tr, full_shapes=[tuple(s) for s in ordered])
             state = ts.state_dict()
-            self._check_keys(state)
+            self._check_keys(state, dict(ts.named_buffers()))
             self._aliases = _alias_groups(state)
         else:  # state dict or pickled module
             obj, full = _load_pickle(self.path, self.options.trust_pickle)
@@ -444,20 +448,28 @@ class TorchModel:
                                           else "pickled module")
             tr = module_translation(module, shapes)
             if self.format == "torch-state-dict":  # parameters as stored in the file (their own dtype)
-                tr.graph = tr.graph.with_params(
-                    {k: self._stored[self._prefix + k].detach().clone() for k in tr.graph.params})
+                stored = {k: self._stored[self._prefix + k] for k in tr.graph.params if self._prefix + k in self._stored}
+                tr.graph = tr.graph.with_params({k: v.detach().clone() for k, v in stored.items()})
                 self._stored = None
             names, ordered = _ordered_shapes(module, shapes)
             self._set(tr, full_shapes=ordered)
             state = module.state_dict(keep_vars=True)
-            self._check_keys(state)
+            self._check_keys(state, dict(module.named_buffers()))
             self._aliases = _alias_groups(state)
 
-    def _check_keys(self, state: Mapping[str, Any]) -> None:
-        missing = [k for k in self.graph.params if k not in state]
+    def _check_keys(self, state: Mapping[str, Any], buffers: Mapping[str, torch.Tensor]) -> None:
+        """Every graph parameter must be a state_dict entry, which is what gets rewritten. A buffer
+        outside the state_dict (``persistent=False``) is rebuilt by the model's code, not read from the
+        file: it keeps its value and its channels are pinned."""
+        outside = [k for k in self.graph.params if k not in state]
+        missing = [k for k in outside if k not in buffers]
         if missing:  # a translation bug: keys must be state_dict names
             raise UnsupportedModelError(f"parameters {missing} are not in the model's state_dict",
                                         [Offender(k, "parameter", "not a state_dict entry") for k in missing])
+        if outside:
+            self.graph = self.graph.with_frozen(
+                {k: "a non-persistent buffer (not in the state_dict): the model's code sets its value"
+                 for k in outside})
 
     def _set(self, tr: Translation, full_shapes: Sequence[tuple[int, ...]] | None = None) -> None:
         self.graph = tr.graph
