@@ -47,9 +47,11 @@ InputShape = Annotated[
 Arch = Annotated[Optional[str], typer.Option(metavar="PACKAGE.MODULE:FACTORY",
                                              help="PyTorch state_dict: an importable callable that builds the nn.Module.")]
 ArchKwargs = Annotated[Optional[str], typer.Option(metavar="JSON", help="Keyword arguments for --arch, as a JSON object.")]
-Key = Annotated[Optional[str], typer.Option(help="PyTorch checkpoint dict: the entry holding the state_dict.")]
+Key = Annotated[Optional[str], typer.Option(help="PyTorch checkpoint dict: the entry holding the state_dict "
+                                                 "(or, with --trust-pickle, the pickled nn.Module).")]
 TrustPickle = Annotated[bool, typer.Option("--trust-pickle",
-                                           help="Allow loading a pickled nn.Module (runs code from the file).")]
+                                           help="Allow loading a pickled nn.Module, alone or inside a checkpoint dict "
+                                                "(runs code from the file).")]
 Device = Annotated[str, typer.Option(help="Where to compute the statistics and solve: auto, cpu or cuda.")]
 MaxSweeps = Annotated[int, typer.Option(min=1, help="Cap on solver sweeps.")]
 Tol = Annotated[float, typer.Option(min=0.0, help="Optimality tolerance: largest |ln x| of a coordinate step.")]

@@ -568,6 +568,36 @@ def test_pickled_module_refused_without_trust(tmp_path):
     assert model.format == "torch-module"
 
 
+def test_checkpoint_dict_holding_a_pickled_module(tmp_path):
+    """{"model": nn.Module, "optimizer": ..., "epoch": ...}: refused without --trust-pickle; with it the
+    module is found (or named with --key), rescaled, and every other entry written back untouched."""
+    model, other = nets.mlp(seed=3), nets.mlp(seed=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    path = tmp_path / "ckpt"
+    torch.save({"model": model, "optimizer": opt.state_dict(), "epoch": 5}, path)
+    shapes = {"x": (1, 8)}
+    with pytest.raises(UsageError, match="--trust-pickle"):
+        load_torch(path, LoadOptions(input_shapes=shapes))
+    loaded = load_torch(path, LoadOptions(input_shapes=shapes, trust_pickle=True))
+    assert loaded.format == "torch-module"
+    assert any("optimizer state" in w for w in loaded.warnings)
+    loaded.save(_rescale_mlp(loaded.graph.params), tmp_path / "out")
+    saved = torch.load(tmp_path / "out", weights_only=False)
+    assert saved["epoch"] == 5 and set(saved) == {"model", "optimizer", "epoch"}
+    assert torch.equal(saved["optimizer"]["state"][0]["momentum_buffer"], opt.state_dict()["state"][0]["momentum_buffer"])
+    assert not torch.equal(saved["model"].net[0].weight, model.net[0].weight)
+    feeds = _feeds(loaded, 0)
+    assert _rel_err(loaded.run(tmp_path / "out", feeds)[0], loaded.run(path, feeds)[0]) < 1e-5
+
+    torch.save({"student": model, "teacher": other}, path)
+    with pytest.raises(UsageError, match="several nn.Modules.*--key"):
+        load_torch(path, LoadOptions(input_shapes=shapes, trust_pickle=True))
+    loaded = load_torch(path, LoadOptions(input_shapes=shapes, trust_pickle=True, key="teacher"))
+    assert torch.equal(loaded.graph.params["net.0.weight"], other.net[0].weight.detach())
+
+
 def test_state_dict_needs_arch_and_shape(tmp_path):
     path, opts = _write("torch-state-dict", "mlp", tmp_path)
     with pytest.raises(UsageError, match="--arch"):

@@ -240,6 +240,32 @@ def _find_state_dict(container: Any, expected: set[str], key: str | None) -> tup
     return best[1], best[2]
 
 
+def _find_module(container: Mapping, key: str | None) -> list[str] | None:
+    """The key path of the one nn.Module inside a checkpoint dict (``key`` names it), or None."""
+    if key is not None:
+        parts = [key] if key in container else key.split(".")
+        node: Any = container
+        for part in parts:
+            if not isinstance(node, Mapping) or part not in node:
+                return None
+            node = node[part]
+        return parts if isinstance(node, nn.Module) else None
+    found: list[list[str]] = []
+
+    def walk(obj: Mapping, path: list[str], depth: int) -> None:
+        for k, v in obj.items():
+            if isinstance(v, nn.Module):
+                found.append(path + [k])
+            elif isinstance(v, Mapping) and depth < 3:
+                walk(v, path + [k], depth + 1)
+
+    walk(container, [], 0)
+    if len(found) > 1:
+        raise UsageError("the checkpoint holds several nn.Modules (" + ", ".join(".".join(map(str, p)) for p in found)
+                         + "): pass --key to say which one to rescale")
+    return found[0] if found else None
+
+
 def _prefixes(sd: Mapping[str, Any]) -> list[str]:
     out = [""]
     for p in ("module.", "_orig_mod.", "model."):
@@ -299,6 +325,11 @@ def _load_into(module: nn.Module, sd: Mapping[str, torch.Tensor], prefix: str) -
             parts.append(f"unexpected keys: {', '.join(result.unexpected_keys[:20])}"
                          + (" ..." if len(result.unexpected_keys) > 20 else ""))
         raise UsageError("the state_dict does not match the --arch module (" + "; ".join(parts) + ")")
+
+
+_OPTIMIZER_WARNING = (
+    "the checkpoint holds optimizer state (e.g. momentum buffers) that refers to the old parametrisation; it is "
+    "kept unchanged in the rewritten file: reset the optimizer (or drop that entry) before resuming training")
 
 
 def _has_optimizer_state(obj: Any, depth: int = 0) -> bool:
@@ -380,6 +411,7 @@ class TorchModel:
         self.options = options
         self.warnings: list[str] = []
         self._sd_path: list[str] = []
+        self._module_path: list[str] = []  # where a pickled module sits in its file ([]: the whole file)
         self._prefix = ""
         self._aliases: dict[str, list[str]] = {}
         self._specs: list[InputSpec] = []
@@ -429,18 +461,21 @@ class TorchModel:
         else:  # state dict or pickled module
             obj, full = _load_pickle(self.path, self.options.trust_pickle)
             self._full_pickle = full
-            if isinstance(obj, nn.Module):
+            in_dict = None
+            if isinstance(obj, Mapping) and full and not self.options.arch:
+                in_dict = _find_module(obj, self.options.key)
+            if isinstance(obj, nn.Module) or in_dict is not None:
                 self.format = "torch-module"
                 self.warnings.append("loaded a pickled nn.Module with --trust-pickle (this ran code from the file)")
-                module = obj
+                self._module_path = in_dict or []
+                module = _get(obj, self._module_path)
+                if in_dict is not None and _has_optimizer_state(obj):
+                    self.warnings.append(_OPTIMIZER_WARNING)
             elif isinstance(obj, Mapping):
                 self.format = "torch-state-dict"
                 module = self._module_from_container(obj)
                 if _has_optimizer_state(obj):
-                    self.warnings.append(
-                        "the checkpoint holds optimizer state (e.g. momentum buffers) that refers to the old "
-                        "parametrisation; it is kept unchanged in the rewritten file: reset the optimizer "
-                        "(or drop that entry) before resuming training")
+                    self.warnings.append(_OPTIMIZER_WARNING)
             else:
                 raise UsageError(f"{self.path} holds a {type(obj).__name__}, not a state_dict, checkpoint dict or "
                                  "nn.Module")
@@ -557,9 +592,10 @@ class TorchModel:
             return self._read_script(path)
         obj, _ = _load_pickle(path, self.options.trust_pickle or self.format == "torch-module")
         if self.format == "torch-module":
-            if not isinstance(obj, nn.Module):
+            module = _get(obj, self._module_path) if isinstance(obj, Mapping) else obj
+            if not isinstance(module, nn.Module):
                 raise UsageError(f"{path} does not hold a pickled nn.Module")
-            return obj.cpu()
+            return module.cpu()
         if not isinstance(obj, Mapping):
             raise UsageError(f"{path} does not hold a state_dict or checkpoint dict")
         module = _build_module(self.options)
@@ -621,9 +657,9 @@ class TorchModel:
                     state[k].copy_(_as_stored(v, state[k]))
             torch.jit.save(ts, str(path))
         elif self.format == "torch-module":
-            module = self._load_module_for_save()
-            _copy_into_module(module, self._expand(new_params))
-            torch.save(module, path)
+            container = self._load_module_for_save()  # the module, or the dict that holds it
+            _copy_into_module(_get(container, self._module_path), self._expand(new_params))
+            torch.save(container, path)
         else:
             container = self._load_container_for_save()
             sd = _get(container, self._sd_path) if self._sd_path else container
