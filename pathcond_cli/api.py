@@ -26,18 +26,20 @@ from .report import build_report
 Shape = Sequence[int]
 
 
-def _graph(module: nn.Module, input_shape: Shape | dict[str, Shape]):
-    from .frontends.torch_frontend import module_to_graph
+def _translation(module: nn.Module, input_shape: Shape | dict[str, Shape]):
+    from .frontends.torch_frontend import module_translation
 
     shapes = input_shape if isinstance(input_shape, dict) else [tuple(input_shape)]
-    return module_to_graph(module, shapes)
+    return module_translation(module, shapes)
 
 
-def _analyze(module: nn.Module, input_shape, device: str, tol: float, max_sweeps: int) -> Analysis:
+def _analyze(module: nn.Module, input_shape, device: str, tol: float, max_sweeps: int) -> tuple[Analysis, set[str]]:
+    """The analysis and the IR keys held transposed (weights used as ``x @ W``)."""
     was_training = module.training
     module.eval()
     try:
-        return analyze(_graph(module, input_shape), device=device, tol=tol, max_sweeps=max_sweeps)
+        tr = _translation(module, input_shape)
+        return analyze(tr.graph, device=device, tol=tol, max_sweeps=max_sweeps), set(tr.stored_in_out)
     finally:
         module.train(was_training)
 
@@ -52,12 +54,14 @@ def inspect_module(
 ) -> dict[str, Any]:
     """Path statistics and the conditioning score before/after the optimal rescaling (the same report as
     ``pathcond inspect --json``). ``input_shape`` is the shape of one example input, batch 1 included."""
-    analysis = _analyze(module, input_shape, device, tol, max_sweeps)
+    analysis, _ = _analyze(module, input_shape, device, tol, max_sweeps)
     return build_report(analysis, input_info=_module_info(module), timings=analysis.timings)
 
 
 def _state_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    return dict(module.state_dict(keep_vars=True))
+    """Every tensor by state_dict name (tied names included), non-persistent buffers too: a live module
+    can take new values for those, unlike a file."""
+    return {**dict(module.named_buffers(remove_duplicate=False)), **module.state_dict(keep_vars=True)}
 
 
 def _copy_into(module: nn.Module, values: dict[str, torch.Tensor]) -> None:
@@ -87,8 +91,10 @@ def rescale_module_(
     """
     from .verify import default_rtol
 
-    analysis = _analyze(module, input_shape, device, tol, max_sweeps)
-    new = rescaled_params(analysis)
+    from .frontends.torch_frontend import stored_layout
+
+    analysis, in_out = _analyze(module, input_shape, device, tol, max_sweeps)
+    new = stored_layout(rescaled_params(analysis), in_out)
     shapes = list(input_shape.values()) if isinstance(input_shape, dict) else [tuple(input_shape)]
     gen = torch.Generator().manual_seed(seed)
     first = next(iter(_state_tensors(module).values()), torch.zeros(()))

@@ -63,3 +63,26 @@ class BufferShift(nn.Module):
 
 def buffer_shift():
     return BufferShift().eval()
+
+
+class InOutWeights(nn.Module):
+    """x @ W + b with W stored (in, out), as hand-written MLPs do; W2 is square, so a weight written back
+    untransposed would go unnoticed by shape checks."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(9)
+        self.w1 = nn.Parameter(torch.randn(4, 6, generator=g))
+        self.b1 = nn.Parameter(torch.randn(6, generator=g))
+        self.w2 = nn.Parameter(torch.randn(6, 6, generator=g) * torch.linspace(0.2, 3.0, 6))
+        self.w3 = nn.Parameter(torch.randn(6, 3, generator=g))
+        self.b3 = nn.Parameter(torch.randn(3, generator=g))
+
+    def forward(self, x):
+        h = torch.relu(x @ self.w1 + self.b1)
+        h = torch.relu(h @ self.w2)
+        return torch.addmm(self.b3, h, self.w3)
+
+
+def in_out_weights():
+    return InOutWeights().eval()

@@ -14,7 +14,7 @@ from torch import nn
 from pathcond_cli import ir
 from pathcond_cli.errors import UnsupportedModelError, UsageError
 from pathcond_cli.frontends.base import LoadOptions
-from pathcond_cli.frontends.torch_frontend import exported_to_graph, load_torch, module_to_graph
+from pathcond_cli.frontends.torch_frontend import exported_to_graph, load_torch, module_to_graph, module_translation
 from pathcond_cli.verify import random_inputs, verify
 from tests import nets
 from tests.arch_factories import TwoNamesTied
@@ -311,6 +311,67 @@ def test_matmul_forms():
     assert graph.nodes[0].params == {"weight": "w1", "bias": "b1"}
     assert graph.nodes[3].params == {"bias": "b2"}
     _assert_module_matches(model, graph, (1, 4))
+
+
+def test_matmul_with_in_out_weights():
+    """x @ W with W stored (in, out): the IR holds W.t(), every format writes W back in its own layout."""
+    from tests.arch_factories import in_out_weights
+
+    model = in_out_weights()
+    tr = module_translation(model, [(1, 4)])
+    assert [n.op for n in tr.graph.nodes] == ["linear", "bias", "relu", "linear", "relu", "linear"]
+    assert tr.stored_in_out == {"w1", "w2", "w3"}
+    assert torch.equal(tr.graph.params["w2"], model.w2.detach().t())
+    _assert_module_matches(model, tr.graph, (1, 4))
+
+
+@pytest.mark.parametrize("fmt", ["torch-state-dict", "torch-export", "torchscript", "api"])
+def test_in_out_weights_rescaled_in_their_layout(fmt, tmp_path):
+    from pathcond_cli import rescale_module_
+    from pathcond_cli.jobs import RescaleOptions, SolveOptions, rescale_model
+    from tests.arch_factories import in_out_weights
+
+    model = in_out_weights()
+    x = torch.randn(1, 4)
+    with torch.no_grad():
+        want = model(x)
+    if fmt == "api":
+        report = rescale_module_(model, (1, 4), device="cpu")
+        rescaled = model
+    else:
+        path = tmp_path / "model"
+        opts = LoadOptions(input_shapes={"x": (1, 4)})
+        if fmt == "torch-state-dict":
+            torch.save(model.state_dict(), path)
+            opts = LoadOptions(input_shapes={"x": (1, 4)}, arch="tests.arch_factories:in_out_weights")
+        elif fmt == "torch-export":
+            torch.export.save(torch.export.export(model, (x,)), str(path))
+        else:
+            torch.jit.save(torch.jit.script(model), str(path))
+        report = rescale_model(path, tmp_path / "out", opts, SolveOptions(device="cpu"), RescaleOptions()).report
+        assert report["verification"]["passed"]
+        loaded = load_torch(tmp_path / "out", opts)
+        rescaled = loaded._fresh_module(tmp_path / "out")
+    assert report["model"]["groups_free"] == 12 and report["conditioning"]["max_abs_log_scale"] > 1e-2
+    state = {k: v for k, v in rescaled.state_dict().items() if k.startswith("w")}
+    assert all(v.shape == getattr(in_out_weights(), k).shape for k, v in state.items())
+    assert not torch.allclose(state["w2"], in_out_weights().w2)
+    with torch.no_grad():
+        got = rescaled(x)
+    assert _rel_err(got, want) < 1e-5
+
+
+def test_weight_used_as_matrix_and_transpose_is_refused():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 4))
+
+        def forward(self, x):
+            return torch.relu(x @ self.w) @ self.w.t()
+
+    offenders = _offenders(M(), (1, 4))
+    assert len(offenders) == 1 and "both as a matrix and as its transpose" in offenders[0].why
 
 
 def test_decomposed_exported_program():

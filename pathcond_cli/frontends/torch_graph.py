@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -194,6 +194,7 @@ class _Translator:
         self.input_names = list(input_names) if input_names else None
         self.value_names: set[str] = set()
         self.transposed: set[str] = set()
+        self.stored_in_out: set[str] = set()  # keys whose IR value is the stored tensor transposed (x @ W)
 
     # ---- helpers
 
@@ -229,14 +230,23 @@ class _Translator:
             return self.state[key]
         return self.constants[key]
 
-    def _use(self, key: str) -> str:
-        if key not in self.used_params:
-            self.used_params[key] = self._tensor_of(key).detach().clone()
+    def _use(self, key: str, in_out: bool = False) -> str:
+        """Register a parameter for the IR; ``in_out``: the model stores it (in, out) and the IR holds
+        its transpose (front ends write it back transposed)."""
+        if key in self.used_params:
+            if (key in self.stored_in_out) != in_out:
+                raise _Unsupported(f"parameter {key!r} is used both as a matrix and as its transpose")
+            return key
+        value = self._tensor_of(key).detach()
+        if in_out:
+            value = value.t()
+            self.stored_in_out.add(key)
+        self.used_params[key] = value.contiguous().clone()
         return key
 
     def _emit(self, fx_node, op: str, inputs: Sequence[TVal], params: dict[str, str] | None = None,
-              attrs: dict[str, Any] | None = None) -> TVal:
-        params = {k: self._use(v) for k, v in (params or {}).items()}
+              attrs: dict[str, Any] | None = None, in_out: frozenset[str] = frozenset()) -> TVal:
+        params = {k: self._use(v, k in in_out) for k, v in (params or {}).items()}
         poisoned = any(v.poisoned for v in inputs)
         if not poisoned:
             name = self._node_name(fx_node, params)
@@ -400,17 +410,18 @@ class _Translator:
     def _op_addmm(self, node, a, first, x):
         if self._scalar(CVal(a["beta"])) != 1.0 or self._scalar(CVal(a["alpha"])) != 1.0:
             raise _Unsupported("addmm with alpha/beta != 1")
-        w = self._val(a["mat2"])
-        if not (isinstance(w, PVal) and w.transposed):
-            raise _Unsupported("matrix product with a weight that is not a transposed (out, in) parameter")
-        return self._linear(node, a["mat1"], PVal(w.key), self._val(a["self"]))
+        return self._matrix_product(node, a["mat1"], self._val(a["mat2"]), self._val(a["self"]))
 
     def _op_mm(self, node, a, first, x):
-        other = self._val(node.args[1])
-        if isinstance(other, PVal) and other.transposed:
-            return self._linear(node, first, PVal(other.key), None)
-        raise _Unsupported("matrix product with a weight that is not a transposed (out, in) parameter "
-                           "(use nn.Linear or x @ W.t())")
+        return self._matrix_product(node, first, self._val(node.args[1]), None)
+
+    def _matrix_product(self, node, x_node, w, b):
+        """x @ W.t() (W stored (out, in), as nn.Linear) or x @ W (W stored (in, out))."""
+        if not isinstance(w, PVal) or self._tensor_of(w.key).dim() != 2:
+            raise _Unsupported("matrix product with something other than a 2-D parameter")
+        if w.transposed:
+            return self._linear(node, x_node, PVal(w.key), b)
+        return self._linear(node, x_node, w, b, in_out=True)
 
     def _op_transpose(self, node, a, first, x):
         if not (isinstance(x, PVal) and not x.transposed):
@@ -502,7 +513,7 @@ class _Translator:
             return None if s is None else _static(s)
         return None
 
-    def _linear(self, node, x_node, w, b):
+    def _linear(self, node, x_node, w, b, in_out: bool = False):
         x = self._tensor(self._val(x_node))
         if not isinstance(w, PVal) or w.transposed:
             raise _Unsupported("linear weight is not an (out, in) parameter")
@@ -514,7 +525,7 @@ class _Translator:
             if not isinstance(b, PVal) or b.transposed:
                 raise _Unsupported("linear bias is not a parameter")
             params["bias"] = b.key
-        return self._emit(node, "linear", [x], params)
+        return self._emit(node, "linear", [x], params, in_out=frozenset({"weight"} if in_out else ()))
 
     def _conv(self, node, a, x):
         x = self._tensor(x)
@@ -795,13 +806,14 @@ class Translation:
     warnings: list[str]
     input_full_shapes: dict[str, tuple[int | None, ...]]
     input_dtypes: dict[str, torch.dtype]
+    stored_in_out: set[str] = field(default_factory=set)  # IR value = stored tensor transposed
 
 
 def translate(ep: torch.export.ExportedProgram, input_names: Sequence[str] | None = None) -> Translation:
     """The IR of an exported program, with warnings and the inputs' full shapes/dtypes as exported."""
     tr = _Translator(ep, input_names)
     graph = tr.run()
-    return Translation(graph, tr.warnings, tr.input_full_shapes, tr.input_dtypes)
+    return Translation(graph, tr.warnings, tr.input_full_shapes, tr.input_dtypes, set(tr.stored_in_out))
 
 
 __all__ = ["Translation", "translate"]
