@@ -37,6 +37,20 @@ def test_rescale_module_in_place_keeps_function(name):
     assert model.training is False  # factories return eval-mode modules; the mode is kept
 
 
+def test_rescale_module_writes_non_persistent_buffers():
+    """A live module takes new values for buffers outside its state_dict (a file could not)."""
+    from tests.arch_factories import buffer_shift
+
+    model = buffer_shift()
+    shift = model.shift.clone()
+    x = torch.randn(5, 4)
+    y0 = _outputs(model, x)
+    report = pc.rescale_module_(model, (1, 4), device="cpu")
+    assert "shift" in report["changed"] and not torch.equal(model.shift, shift)
+    assert report["model"]["groups_free"] == 6 + 5
+    assert torch.allclose(y0, _outputs(model, x), rtol=0, atol=1e-5 * float(y0.abs().max()))
+
+
 def test_inspect_module_changes_nothing():
     model = nets.mlp()
     before = {k: v.clone() for k, v in model.state_dict().items()}
