@@ -42,11 +42,20 @@ class Verification:
 
 
 def random_inputs(model: LoadedModel, seed: int, batch: int | None = None) -> dict[str, np.ndarray]:
+    """Seeded inputs: standard normal for floating inputs; for integer ones (e.g. uint8 images ahead of a
+    Cast), uniform over the dtype's range clipped to [-128, 255]; for booleans, fair coin flips."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in model.input_specs():
         shape = spec.shape if batch is None else (batch, *spec.shape[1:])
-        feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        dtype = np.dtype(spec.dtype)
+        if dtype == np.bool_:
+            feeds[spec.name] = rng.integers(0, 2, size=shape).astype(bool)
+        elif np.issubdtype(dtype, np.integer):
+            info = np.iinfo(dtype)
+            feeds[spec.name] = rng.integers(max(int(info.min), -128), min(int(info.max), 255) + 1, size=shape).astype(dtype)
+        else:
+            feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
     return feeds
 
 

@@ -422,3 +422,90 @@ def test_unreadable_file_is_a_usage_error(tmp_path, content):
         path.write_bytes(content)
     with pytest.raises(UsageError):
         load_onnx(path, LoadOptions())
+
+
+# --------------------------------------------------------------------------------------------------
+# Input preprocessing
+
+
+def _nchw_network(first: str) -> tuple[list, list]:
+    """Sub/Div normalisation then conv-relu-conv-relu-gap-gemm, reading ``first`` (an NCHW tensor)."""
+    nodes = [
+        helper.make_node("Sub", [first, "mean"], ["centred"], "sub_mean"),
+        helper.make_node("Div", ["centred", "std"], ["normed"], "div_std"),
+        helper.make_node("Conv", ["normed", "w1", "b1"], ["c1"], "conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], "relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], "conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"], "relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["g"], "gap"),
+        helper.make_node("Flatten", ["g"], ["f"], "flatten"),
+        helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], "fc", transB=1),
+    ]
+    widths = np.array([0.3, 1.0, 4.0], np.float32)[:, None, None, None]
+    inits = [("mean", _rand(1, 3, 1, 1)), ("std", np.full((1, 3, 1, 1), 0.25, np.float32)),
+             ("w1", _rand(6, 3, 3, 3) * widths.reshape(1, 3, 1, 1)), ("b1", _rand(6)),
+             ("w2", _rand(10, 6, 3, 3)), ("b2", _rand(10)), ("w3", _rand(4, 10)), ("b3", _rand(4))]
+    return nodes, inits
+
+
+def test_nhwc_input_preprocessing_is_left_out(tmp_path):
+    """uint8 NHWC images -> Cast -> Div 255 -> Transpose -> the network: the Transpose (and what it
+    depends on) is preprocessing; the analysis equals that of the same network fed NCHW directly, and
+    rescale writes a verified model with the preprocessing untouched."""
+    from pathcond_cli.analysis import analyze
+    from pathcond_cli.jobs import RescaleOptions, SolveOptions, rescale_model
+
+    net, inits = _nchw_network("nchw")
+    pre = [
+        helper.make_node("Cast", ["image"], ["image_f"], "cast", to=TensorProto.FLOAT),
+        helper.make_node("Div", ["image_f", "c255"], ["unit"], "div_255"),
+        helper.make_node("Transpose", ["unit"], ["nchw"], "to_nchw", perm=[0, 3, 1, 2]),
+    ]
+    image = helper.make_tensor_value_info("image", TensorProto.UINT8, ["batch", 6, 6, 3])
+    path = _write(_model(pre + net, [image], [_vi("y", ["batch", 4])], inits + [("c255", np.array(255, np.float32))]),
+                  tmp_path, "nhwc.onnx")
+    twin = _write(_model(net, [_vi("nchw", ["batch", 3, 6, 6])], [_vi("y", ["batch", 4])], inits), tmp_path, "nchw.onnx")
+
+    model, reference = load_onnx(path, LoadOptions()), load_onnx(twin, LoadOptions())
+    assert model.graph.inputs == {"nchw": (1, 3, 6, 6)}
+    assert any("to_nchw" in w and "div_255" in w and "cast" in w for w in model.warnings)
+    assert [n.op for n in model.graph.nodes] == [n.op for n in reference.graph.nodes]
+    a, b = analyze(model.graph, device="cpu"), analyze(reference.graph, device="cpu")
+    for x, y in zip(a.stats.log_g, b.stats.log_g):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=0)
+    assert a.solution.objective_after == pytest.approx(b.solution.objective_after, rel=1e-9)
+
+    from pathcond_cli.verify import random_inputs
+
+    image = random_inputs(model, 0)["image"]  # verification inputs span the uint8 range
+    assert image.dtype == np.uint8 and image.shape == (1, 6, 6, 3) and len(np.unique(image)) > 50
+    out = tmp_path / "out.onnx"
+    report = rescale_model(path, out, LoadOptions(), SolveOptions(device="cpu"), RescaleOptions()).report
+    assert report["verification"]["passed"] and report["conditioning"]["max_abs_log_scale"] > 1e-2
+    before, after = onnx.load(str(path)), onnx.load(str(out))
+    assert [n for n in after.graph.node if n.name in ("cast", "div_255", "to_nchw")] == list(before.graph.node[:3])
+    assert _inits(out)["c255"] == 255
+
+
+def test_non_homogeneous_op_at_the_input_is_still_refused(tmp_path):
+    """Only parameter-free layout / normalisation ops count as preprocessing, not a Tanh."""
+    net, inits = _nchw_network("t")
+    nodes = [helper.make_node("Tanh", ["x"], ["t"], "squash")] + net
+    path = _write(_model(nodes, [_vi("x", ["batch", 3, 6, 6])], [_vi("y", ["batch", 4])], inits), tmp_path)
+    with pytest.raises(UnsupportedModelError) as info:
+        load_onnx(path, LoadOptions())
+    assert [(o.node, o.op) for o in info.value.offenders] == [("squash", "Tanh")]
+
+
+def test_transpose_inside_the_network_is_refused(tmp_path):
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], "conv"),
+        helper.make_node("Relu", ["c"], ["r"], "relu"),
+        helper.make_node("Transpose", ["r"], ["t"], "swap_hw", perm=[0, 1, 3, 2]),
+        helper.make_node("Conv", ["t", "w2"], ["y"], "conv2"),
+    ]
+    inits = [("w", _rand(4, 3, 1, 1)), ("w2", _rand(2, 4, 1, 1))]
+    path = _write(_model(nodes, [_vi("x", [1, 3, 5, 5])], [_vi("y", [1, 2, 5, 5])], inits), tmp_path)
+    with pytest.raises(UnsupportedModelError) as info:
+        load_onnx(path, LoadOptions())
+    assert [(o.node, o.op) for o in info.value.offenders] == [("swap_hw", "Transpose")]

@@ -50,6 +50,11 @@ NOT_HOMOGENEOUS = frozenset(
     }
 )
 SHAPE_READERS = frozenset({"Shape", "Size"})
+# Parameter-free layout and normalisation ops. A chain of them straight from the graph inputs that the
+# network's converters cannot read (an NHWC -> NCHW Transpose, a Cast, ...) is input preprocessing: the
+# rescaling never touches it, so the analysed network starts at its result (see _preprocessing).
+PREPROCESSING_OPS = frozenset({"Transpose", "Cast", "CastLike", "Reshape", "Unsqueeze", "Squeeze", "Flatten",
+                               "Identity", "Sub", "Div", "Mul", "Add", "Slice", "Pad", "Resize", "Upsample"})
 
 
 class _Refuse(Exception):
@@ -346,6 +351,7 @@ class _Context:
     refs: dict[str, _ParamRef] = field(default_factory=dict)
     alias: dict[str, str] = field(default_factory=dict)
     offenders: list[Offender] = field(default_factory=list)
+    offender_nodes: list[int] = field(default_factory=list)  # ONNX node index of each offender
     index: int = -1  # the ONNX node being converted
 
     @property
@@ -790,6 +796,7 @@ def _convert(ctx: _Context, live: list[int]) -> None:
             converter(ctx)
         except _Refuse as exc:
             ctx.offenders.append(Offender(ctx.node_names[index], node.op_type, str(exc)))
+            ctx.offender_nodes.append(index)
             first = next((n for n in node.input if n and n not in ctx.folder.values), None)
             if first is not None and node.output:  # keep going so that every offender is reported
                 ctx.alias[node.output[0]] = ctx.alias.get(first, first)
@@ -813,6 +820,49 @@ def _fuse_linear_bias(nodes: list[Node], outputs: list[str]) -> list[Node]:
     return [fused.get(id(n), n) for n in nodes if id(n) not in dropped]
 
 
+def _preprocessing(model: onnx.ModelProto, folder: _Folder, live: list[int], inputs: Sequence[str],
+                   refused: Sequence[int]) -> list[int]:
+    """The refused nodes that are input preprocessing, with the nodes they depend on.
+
+    A node qualifies when it is a PREPROCESSING_OPS op all of whose activation inputs are graph inputs
+    or results of qualifying nodes: nothing on the way holds a parameter, so rescaling the network after
+    it cannot change what it computes."""
+    pre_values, qualifying = set(inputs), set()
+    producer = {name: i for i in live for name in model.graph.node[i].output if name}
+    for index in live:
+        node = model.graph.node[index]
+        acts = [n for n in node.input if n and n not in folder.values]
+        if (node.op_type in PREPROCESSING_OPS and node.domain in ("", "ai.onnx") and acts
+                and all(n in pre_values for n in acts)):
+            qualifying.add(index)
+            pre_values.update(o for o in node.output if o)
+    chosen, stack = set(), [i for i in refused if i in qualifying]
+    while stack:
+        index = stack.pop()
+        if index not in chosen:
+            chosen.add(index)
+            stack += [producer[n] for n in model.graph.node[index].input if n in producer]
+    return sorted(chosen)
+
+
+def _frontier_inputs(ctx: _Context, model: onnx.ModelProto, pre: list[int], inputs: Sequence[str],
+                     outputs: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """IR inputs when ``pre`` is cut off: the graph inputs and preprocessing results the network reads."""
+    read = {v for node in ctx.nodes for v in node.inputs} | {ctx.alias.get(o, o) for o in outputs}
+    candidates = list(inputs) + [o for i in pre for o in model.graph.node[i].output if o]
+    shapes = {}
+    for name in candidates:
+        if name not in read:
+            continue
+        shape = ctx.folder._shape_of(name)
+        if shape is None or len(shape) < 2:
+            raise UnsupportedModelError(
+                f"the network starts at {name!r}, the result of input preprocessing, whose shape is "
+                f"{'unknown' if shape is None else shape}: pathcond needs a static (N, C, ...) shape there")
+        shapes[name] = (1,) + tuple(int(d) for d in shape[1:])
+    return shapes
+
+
 def _translate(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], warnings: list[str]):
     opset = _opset(model)
     if opset < MIN_OPSET:
@@ -827,13 +877,25 @@ def _translate(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], warni
         warnings.append(f"head {head.op_type} {names[list(model.graph.node).index(head)]!r} ignored for the "
                         "statistics: they are computed on its input")
     outputs = [heads[v.name].input[0] if v.name in heads else v.name for v in model.graph.output]
-    _convert(ctx, _live_nodes(model, folder, outputs))
+    live = _live_nodes(model, folder, outputs)
+    _convert(ctx, live)
+    pre = _preprocessing(model, folder, live, list(shapes), ctx.offender_nodes) if ctx.offenders else []
+    if pre:  # again, with the network starting after the input preprocessing
+        ctx = _Context(model, folder, info, names, _readers(model, folder))
+        _convert(ctx, [i for i in live if i not in set(pre)])
     _check_outputs(ctx, outputs)
     if ctx.offenders:
         listing = "; ".join(f"{o.node} ({o.op}): {o.why}" for o in ctx.offenders)
         raise UnsupportedModelError(
             f"the model is not a ReLU network pathcond can rescale: {listing}", ctx.offenders)
-    ir_inputs = {name: (1,) + tuple(shape[1:]) for name, shape in shapes.items()}
+    if pre:
+        ir_inputs = _frontier_inputs(ctx, model, pre, list(shapes), outputs)
+        warnings.append(
+            "input preprocessing left out of the analysis and unchanged: "
+            + ", ".join(f"{model.graph.node[i].op_type} {names[i]!r}" for i in pre)
+            + f"; the network is analysed from {', '.join(repr(n) for n in ir_inputs)}")
+    else:
+        ir_inputs = {name: (1,) + tuple(shape[1:]) for name, shape in shapes.items()}
     nodes = _fuse_linear_bias(ctx.nodes, outputs)
     used = {key for node in nodes for key in node.params.values()}
     try:
