@@ -57,6 +57,7 @@ OPS: dict[str, OpSpec] = {
     "maxpool": OpSpec(),  # attrs kernel, stride, pads, dilation, ceil_mode
     "avgpool": OpSpec(),  # attrs kernel, stride, pads, ceil_mode, count_include_pad
     "global_avgpool": OpSpec(),  # mean over all spatial axes; attrs keepdim
+    "upsample": OpSpec(),  # nearest-neighbour, integer factors: attrs scale (one per spatial axis)
     # structure
     "add": OpSpec(min_inputs=2, max_inputs=None),  # residual add of same-shape values
     "concat": OpSpec(min_inputs=1, max_inputs=None),  # along channels (axis 1)
@@ -239,6 +240,17 @@ def conv_apply(node: Node, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return conv(conv_padded(node, x), weight, bias, stride, 0, dilation, node.attrs.get("groups", 1))
 
 
+def upsample_nearest(x: torch.Tensor, scale: Sequence[int]) -> torch.Tensor:
+    """Nearest-neighbour upsampling by integer factors: output[i] = input[i // s] on every spatial axis
+    (what ONNX Resize and torch's nearest / nearest-exact modes compute for integer scales)."""
+    if len(scale) != x.dim() - 2 or any(int(s) < 1 for s in scale):
+        raise GraphError(f"upsample factors {list(scale)} do not fit a rank-{x.dim()} value")
+    for axis, s in enumerate(scale, start=2):
+        if int(s) > 1:
+            x = x.repeat_interleave(int(s), dim=axis)
+    return x
+
+
 def channel_view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Reshape a per-channel vector to broadcast over ``like`` (channels on axis 1)."""
     return t.reshape((1, -1) + (1,) * (like.dim() - 2))
@@ -281,6 +293,8 @@ def _forward_node(graph: Graph, node: Node, xs: list[torch.Tensor], p) -> torch.
         return window_sum(node, x) / window_count(node, x)
     if op == "global_avgpool":
         return x.mean(dim=tuple(range(2, x.dim())), keepdim=bool(a.get("keepdim", False)))
+    if op == "upsample":
+        return upsample_nearest(x, a["scale"])
     if op == "add":
         return sum(xs[1:], xs[0])
     if op == "concat":

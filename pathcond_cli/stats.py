@@ -25,7 +25,7 @@ import torch
 
 from .errors import NumericalError
 from .groups import Groups, Role
-from .ir import Graph, Node, channel_view, conv_apply, window_count, window_sum
+from .ir import Graph, Node, channel_view, conv_apply, upsample_nearest, window_count, window_sum
 
 LOG10 = math.log(10.0)
 
@@ -255,6 +255,9 @@ class PathForward:
         y = x.t.sum(dim=dims, keepdim=bool(node.attrs.get("keepdim", False)))
         return _normalize(Scaled(y, x.s - self.q * math.log(n)))
 
+    def upsample(self, node, xs):  # every output is a copy (weight 1) of one input
+        return Scaled(upsample_nearest(xs[0].t, node.attrs["scale"]), xs[0].s)
+
     def add(self, node, xs):
         return _combine(list(xs))
 
@@ -282,6 +285,7 @@ _RULES = {
     "maxpool": PathForward.maxpool,
     "avgpool": PathForward.avgpool,
     "global_avgpool": PathForward.global_avgpool,
+    "upsample": PathForward.upsample,
     "add": PathForward.add,
     "concat": PathForward.concat,
     "flatten": PathForward.flatten,

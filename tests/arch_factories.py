@@ -86,3 +86,7 @@ class InOutWeights(nn.Module):
 
 def in_out_weights():
     return InOutWeights().eval()
+
+
+def tiny_unet(seed: int = 0):
+    return nets.tiny_unet(seed)

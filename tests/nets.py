@@ -139,6 +139,27 @@ class ConcatNet(nn.Module):
         return self.head(torch.flatten(x, 1))
 
 
+class TinyUNet(nn.Module):
+    """An encoder-decoder: conv + BN, max-pool down, conv, nearest upsampling back (nn.Upsample and
+    F.interpolate), concat with the skip connection, a per-pixel conv head (output is a feature map)."""
+
+    def __init__(self, in_ch: int = 2, classes: int = 3):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Conv2d(in_ch, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.down = nn.MaxPool2d(2)
+        self.mid = nn.Conv2d(4, 6, 3, padding=1)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.dec = nn.Conv2d(4 + 6, 5, 3, padding=1)
+        self.head = nn.Conv2d(5, classes, 1)
+
+    def forward(self, x):
+        skip = self.enc(x)
+        deep = torch.relu(self.mid(self.down(skip)))
+        y = torch.relu(self.dec(torch.cat([skip, self.up(deep)], dim=1)))
+        y = nn.functional.interpolate(y, size=(y.shape[2], 2 * y.shape[3]), mode="nearest")
+        return self.head(y)
+
+
 def mlp(seed: int = 0, widths=(8, 32, 4, 16, 3)) -> nn.Module:
     torch.manual_seed(seed)
     return _finish(MLP(widths), seed)
@@ -164,6 +185,11 @@ def concat_net(seed: int = 0) -> nn.Module:
     return _finish(ConcatNet(), seed)
 
 
+def tiny_unet(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return _finish(TinyUNet(), seed)
+
+
 #: name -> (factory, input shape at batch 1)
 ZOO = {
     "mlp": (mlp, (1, 8)),
@@ -171,4 +197,5 @@ ZOO = {
     "resnet_like": (resnet_like, (1, 3, 8, 8)),
     "plain_resnet": (plain_resnet, (1, 2, 6, 6)),
     "concat_net": (concat_net, (1, 3, 8, 8)),
+    "tiny_unet": (tiny_unet, (1, 2, 6, 8)),
 }

@@ -191,6 +191,13 @@ def expand(graph) -> NeuronNet:
             vals[node.output] = _pool(net, node, x, average=(op == "avgpool"))
         elif op == "global_avgpool":
             vals[node.output] = _global_avgpool(net, node, x)
+        elif op == "upsample":  # each output neuron copies one input neuron
+            scale = [int(f) for f in node.attrs["scale"]]
+            y = net.new((*x.shape[:2], *(d * f for d, f in zip(x.shape[2:], scale))))
+            for idx in np.ndindex(*y.shape):
+                src = (*idx[:2], *(i // f for i, f in zip(idx[2:], scale)))
+                net.edge(x[src], y[idx], 1.0)
+            vals[node.output] = y
         elif op == "add":
             vals[node.output] = _add(net, xs)
         elif op == "concat":

@@ -194,6 +194,19 @@ def misc_ops() -> Graph:
     return n.graph(n.linear(n.op("relu", y), 2), n.linear(y, 1))
 
 
+def unet_like() -> Graph:
+    """a small U-Net: conv, max-pool down, conv, nearest upsampling (2x3, uneven factors), concat with
+    the skip connection, conv head."""
+    n = Net(11, (1, 1, 2, 4))
+    skip = n.op("relu", n.conv("x", 2, 3, pads=(1, 1, 1, 1)))
+    down = n.pool("maxpool", skip, 2, 2)  # 2x4 -> 1x2
+    deep = n.op("relu", n.conv(down, 2, 1))
+    up = n.op("upsample", deep, scale=[2, 2])
+    y = n.op("relu", n.conv(n.op("concat", skip, up), 2, 3, pads=(1, 1, 1, 1)))
+    y = n.op("upsample", y, scale=[1, 3])  # 2x4 -> 2x12
+    return n.graph(n.conv(y, 1, 1))
+
+
 DAGS = {
     "mlp": mlp,
     "zero_bias": zero_bias_mlp,
@@ -205,6 +218,7 @@ DAGS = {
     "tied_weight": tied_weight,
     "tied_chain": tied_chain,
     "misc_ops": misc_ops,
+    "unet_like": unet_like,
 }
 
 

@@ -18,7 +18,7 @@ from tests import nets
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPORTERS = ["torchscript", "dynamo", "dynamo_noopt"]
-CHAIN_OPS = {"relu", "maxpool", "avgpool", "global_avgpool", "identity", "flatten"}
+CHAIN_OPS = {"relu", "maxpool", "avgpool", "global_avgpool", "identity", "flatten", "upsample"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -509,3 +509,44 @@ def test_transpose_inside_the_network_is_refused(tmp_path):
     with pytest.raises(UnsupportedModelError) as info:
         load_onnx(path, LoadOptions())
     assert [(o.node, o.op) for o in info.value.offenders] == [("swap_hw", "Transpose")]
+
+
+def _resize_model(attrs: dict, scales=None, sizes=None) -> onnx.ModelProto:
+    inputs = ["r", ""] + (["scales"] if scales is not None else ["", "sizes"])
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], "conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], "relu"),
+        helper.make_node("Resize", inputs, ["u"], "resize", **attrs),
+        helper.make_node("Conv", ["u", "w2"], ["y"], "head"),
+    ]
+    inits = [("w", _rand(3, 2, 3, 3)), ("w2", _rand(2, 3, 1, 1))]
+    inits += [("scales", np.array(scales, np.float32))] if scales is not None else [("sizes", np.array(sizes, np.int64))]
+    return _model(nodes, [_vi("x", [1, 2, 4, 5])], [_vi("y", [1, 2, None, None])], inits, opset=13)
+
+
+@pytest.mark.parametrize("attrs,scales,sizes,scale", [
+    ({"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}, [1, 1, 2, 3], None, [2, 3]),
+    ({"mode": "nearest"}, None, [1, 3, 12, 5], [3, 1]),  # defaults: half_pixel + round_prefer_floor
+    ({"mode": "nearest", "coordinate_transformation_mode": "pytorch_half_pixel", "nearest_mode": "round_prefer_ceil"},
+     [1, 1, 4, 2], None, [4, 2]),
+])
+def test_resize_nearest_whole_factors(tmp_path, attrs, scales, sizes, scale):
+    path = _write(_resize_model(attrs, scales, sizes), tmp_path)
+    model = load_onnx(path, LoadOptions())
+    (up,) = [n for n in model.graph.nodes if n.op == "upsample"]
+    assert up.attrs["scale"] == scale
+    _assert_ir_matches_ort(model, path)
+
+
+@pytest.mark.parametrize("attrs,scales,why", [
+    ({"mode": "linear"}, [1, 1, 2, 2], "mode 'linear'"),
+    ({"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "round_prefer_floor"},
+     [1, 1, 2, 2], "does not repeat"),
+    ({"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}, [1, 1, 2.5, 2], "whole"),
+    ({"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}, [1, 2, 2, 2], "resizes"),
+])
+def test_resize_refused_with_reason(tmp_path, attrs, scales, why):
+    path = _write(_resize_model(attrs, scales), tmp_path)
+    with pytest.raises(UnsupportedModelError) as info:
+        load_onnx(path, LoadOptions())
+    assert [o.node for o in info.value.offenders] == ["resize"] and why in info.value.offenders[0].why

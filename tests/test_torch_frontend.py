@@ -801,3 +801,27 @@ def test_non_persistent_buffer_is_kept_and_its_channels_pinned(fmt, tmp_path):
         want = model(x)
     got = load_torch(tmp_path / "out", opts).run(tmp_path / "out", {"x": x.numpy()})[0]
     assert _rel_err(torch.from_numpy(got), want) < 1e-5
+
+
+def test_nearest_upsampling_forms_and_refused_interpolations():
+    class Up(nn.Module):
+        def __init__(self, mode: str, **kw):
+            super().__init__()
+            self.conv, self.mode, self.kw = nn.Conv2d(2, 3, 3, padding=1), mode, kw
+
+        def forward(self, x):
+            return F.interpolate(torch.relu(self.conv(x)), mode=self.mode, **self.kw)
+
+    for mode, kw, scale in [("nearest", {"scale_factor": 3}, [3, 3]),
+                            ("nearest-exact", {"size": (10, 15)}, [2, 3]),
+                            ("nearest", {"scale_factor": (1.0, 2.0)}, [1, 2])]:
+        model = Up(mode, **kw).eval()
+        graph = module_to_graph(model, [(1, 2, 5, 5)])
+        (up,) = [n for n in graph.nodes if n.op == "upsample"]
+        assert up.attrs["scale"] == scale, (mode, kw)
+        _assert_module_matches(model, graph, (1, 2, 5, 5))
+    for mode, kw, why in [("bilinear", {"scale_factor": 2}, "nearest-neighbour"),
+                          ("nearest", {"scale_factor": 1.5}, "whole numbers"),
+                          ("nearest", {"size": (7, 7)}, "whole-number")]:
+        offenders = _offenders(Up(mode, **kw).eval(), (1, 2, 5, 5))
+        assert len(offenders) == 1 and why in offenders[0].why, (mode, kw, offenders)

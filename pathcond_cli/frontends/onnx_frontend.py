@@ -673,6 +673,41 @@ def _mul(ctx: _Context) -> None:
     ctx.emit("affine", [ctx.x(xs)], {"weight": ctx.param(cs, transform)})
 
 
+def _text_attr(node: onnx.NodeProto, name: str, default: str) -> str:
+    value = _attr(node, name, default)
+    return value.decode() if isinstance(value, bytes) else value
+
+
+# (coordinate_transformation_mode, nearest_mode) pairs under which nearest-neighbour resizing by an
+# integer factor s reads input[i // s]: asymmetric + floor (what torch exports), and the half-pixel
+# modes with rounding (x = k + (r + 1/2)/s - 1/2 stays within half a pixel of k).
+_NEAREST_REPEAT = {("asymmetric", "floor"), ("half_pixel", "round_prefer_floor"),
+                   ("half_pixel", "round_prefer_ceil"), ("pytorch_half_pixel", "round_prefer_floor"),
+                   ("pytorch_half_pixel", "round_prefer_ceil")}
+
+
+def _resize(ctx: _Context) -> None:
+    node = ctx.node
+    mode = _text_attr(node, "mode", "nearest")
+    if mode != "nearest":
+        raise _Refuse(f"Resize mode {mode!r}: only nearest-neighbour upsampling by integer factors is supported")
+    coords = _text_attr(node, "coordinate_transformation_mode", "half_pixel")
+    rounding = _text_attr(node, "nearest_mode", "round_prefer_floor")
+    if (coords, rounding) not in _NEAREST_REPEAT:
+        raise _Refuse(f"nearest Resize with coordinate_transformation_mode={coords!r} and nearest_mode={rounding!r} "
+                      "does not repeat each input pixel")
+    before = ctx.shape(0)
+    after = ctx.folder._shape_of(node.output[0])
+    if after is None or len(after) != len(before):
+        raise _Refuse("its output shape is unknown")
+    scales = ctx.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if scales is not None and scales.size and not all(float(v).is_integer() for v in scales.reshape(-1)):
+        raise _Refuse(f"scales {scales.reshape(-1).tolist()} are not whole numbers")
+    if tuple(after[:2]) != tuple(before[:2]) or any(a % b for a, b in zip(after[2:], before[2:])):
+        raise _Refuse(f"it resizes {before} to {after}: only whole-number upsampling of spatial axes is supported")
+    ctx.emit("upsample", [ctx.x(0)], attrs={"scale": [a // b for a, b in zip(after[2:], before[2:])]})
+
+
 def _concat(ctx: _Context) -> None:
     rank = len(ctx.shape(0))
     if _attr(ctx.node, "axis") % rank != 1:
@@ -716,6 +751,7 @@ CONVERTERS: dict[str, Callable[[_Context], None]] = {
     "Mul": _mul,
     "Div": _mul,
     "Concat": _concat,
+    "Resize": _resize,
     "Sum": _add,
     "Clip": _clip,
 }

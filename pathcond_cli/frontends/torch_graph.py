@@ -115,6 +115,11 @@ THRESHOLD_OPS = _ops("threshold", "threshold_")
 CLAMP_MIN_OPS = _ops("clamp_min", "clamp_min_")
 CLAMP_OPS = _ops("clamp", "clamp_")
 TRANSPOSE_OPS = _ops("t", "numpy_T", "transpose.int", "permute", "t_copy", "permute_copy", "transpose_copy.int")
+UPSAMPLE_NEAREST_OPS = _ops("upsample_nearest1d", "upsample_nearest2d", "_upsample_nearest_exact1d",
+                           "_upsample_nearest_exact2d")
+INTERPOLATE_OPS = _ops("upsample_linear1d", "upsample_bilinear2d", "upsample_bicubic2d", "_upsample_bilinear2d_aa",
+                       "_upsample_bicubic2d_aa", "upsample_trilinear3d", "upsample_nearest3d",
+                       "_upsample_nearest_exact3d", "grid_sampler_2d")
 HEAD_OPS = _ops("softmax", "_softmax", "log_softmax", "_log_softmax", "sigmoid", "special_softmax",
                 "special_log_softmax")
 NON_HOMOGENEOUS = _ops("hardtanh", "hardtanh_", "relu6", "gelu", "silu", "silu_", "tanh", "sigmoid", "elu",
@@ -466,6 +471,20 @@ class _Translator:
     def _op_avgpool(self, node, a, first, x):
         return self._avgpool(node, a, x)
 
+    def _op_upsample(self, node, a, first, x):
+        """Nearest (or nearest-exact) upsampling by whole factors: each input pixel repeated."""
+        before, after = _meta_shape(first), _meta_shape(node)
+        if before is None or after is None or len(before) != len(after):
+            raise _Unsupported("upsampling with unknown shapes")
+        given = [a.get(k) for k in a if k.startswith("scale")]
+        flat = [f for v in given if v is not None for f in (v if isinstance(v, (list, tuple)) else [v])]
+        if not all(float(f).is_integer() for f in flat):
+            raise _Unsupported(f"upsampling by scale factors {flat} that are not whole numbers")
+        if tuple(after[:2]) != tuple(before[:2]) or any(int(o) % int(i) for o, i in zip(after[2:], before[2:])):
+            raise _Unsupported(f"resizing {tuple(before)} to {tuple(after)}: only whole-number upsampling is supported")
+        scale = [int(o) // int(i) for o, i in zip(after[2:], before[2:])]
+        return self._emit(node, "upsample", [self._tensor(x)], attrs={"scale": scale})
+
     def _op_adaptive(self, node, a, first, x):
         return self._adaptive(node, a, x, node.target in ADAPTIVE_MAX_OPS)
 
@@ -772,6 +791,9 @@ _HANDLERS = [
     (MAXPOOL_OPS, _Translator._op_maxpool),
     (AVGPOOL_OPS, _Translator._op_avgpool),
     (ADAPTIVE_AVG_OPS | ADAPTIVE_MAX_OPS, _Translator._op_adaptive),
+    (UPSAMPLE_NEAREST_OPS, _Translator._op_upsample),
+    (INTERPOLATE_OPS, _refuse("only nearest-neighbour upsampling by whole factors is supported (bilinear, bicubic "
+                              "and 3-D resizing are not)")),
     (MEAN_OPS, _Translator._op_mean),
     (ADD_OPS, _Translator._op_add),
     (SUB_OPS, _refuse("subtraction is not supported (only residual additions)")),
