@@ -325,6 +325,23 @@ def test_matmul_with_in_out_weights():
     _assert_module_matches(model, tr.graph, (1, 4))
 
 
+def _save_in_format(fmt: str, model: nn.Module, path: Path, shape, arch: str) -> LoadOptions:
+    """Write ``model`` to ``path`` as ``fmt``; returns the options that read it back (``arch`` names its
+    factory in tests.arch_factories, for state_dicts)."""
+    shapes = {"x": tuple(shape)}
+    if fmt == "torch-state-dict":
+        torch.save(model.state_dict(), path)
+        return LoadOptions(input_shapes=shapes, arch=f"tests.arch_factories:{arch}")
+    if fmt == "torch-module":
+        torch.save(model, path)
+        return LoadOptions(input_shapes=shapes, trust_pickle=True)
+    if fmt == "torchscript":
+        torch.jit.save(torch.jit.script(model), str(path))
+        return LoadOptions(input_shapes=shapes)
+    torch.export.save(torch.export.export(model, (torch.randn(shape),)), str(path))
+    return LoadOptions()
+
+
 @pytest.mark.parametrize("fmt", ["torch-state-dict", "torch-export", "torchscript", "api"])
 def test_in_out_weights_rescaled_in_their_layout(fmt, tmp_path):
     from pathcond_cli import rescale_module_
@@ -340,14 +357,7 @@ def test_in_out_weights_rescaled_in_their_layout(fmt, tmp_path):
         rescaled = model
     else:
         path = tmp_path / "model"
-        opts = LoadOptions(input_shapes={"x": (1, 4)})
-        if fmt == "torch-state-dict":
-            torch.save(model.state_dict(), path)
-            opts = LoadOptions(input_shapes={"x": (1, 4)}, arch="tests.arch_factories:in_out_weights")
-        elif fmt == "torch-export":
-            torch.export.save(torch.export.export(model, (x,)), str(path))
-        else:
-            torch.jit.save(torch.jit.script(model), str(path))
+        opts = _save_in_format(fmt, model, path, (1, 4), "in_out_weights")
         report = rescale_model(path, tmp_path / "out", opts, SolveOptions(device="cpu"), RescaleOptions()).report
         assert report["verification"]["passed"]
         loaded = load_torch(tmp_path / "out", opts)
@@ -774,18 +784,7 @@ def test_non_persistent_buffer_is_kept_and_its_channels_pinned(fmt, tmp_path):
 
     model = buffer_shift()
     path = tmp_path / "model"
-    opts = LoadOptions(input_shapes={"x": (1, 4)})
-    if fmt == "torch-state-dict":
-        torch.save(model.state_dict(), path)
-        opts = LoadOptions(input_shapes={"x": (1, 4)}, arch="tests.arch_factories:buffer_shift")
-    elif fmt == "torch-module":
-        torch.save(model, path)
-        opts = LoadOptions(input_shapes={"x": (1, 4)}, trust_pickle=True)
-    elif fmt == "torchscript":
-        torch.jit.save(torch.jit.script(model), str(path))
-    else:
-        torch.export.save(torch.export.export(model, (torch.randn(1, 4),)), str(path))
-        opts = LoadOptions()
+    opts = _save_in_format(fmt, model, path, (1, 4), "buffer_shift")
     result = rescale_model(path, tmp_path / "out", opts, SolveOptions(device="cpu"), RescaleOptions())
     report = result.report
     assert report["verification"]["passed"]
