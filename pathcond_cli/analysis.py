@@ -80,7 +80,7 @@ class Analysis:
     @property
     def width_ratio(self) -> float:
         widths = [shape[1] for shape in self.graph.inputs.values()]
-        widths += [self.graph.shapes[n.output][1] for n in self.graph.nodes if n.op in ("linear", "conv")]
+        widths += [self.graph.shapes[n.output][1] for n in self.graph.nodes if n.op in ("linear", "conv", "conv_transpose")]
         return max(widths) / min(widths) if widths else 1.0
 
 

@@ -33,13 +33,13 @@ def _translation(module: nn.Module, input_shape: Shape | dict[str, Shape]):
     return module_translation(module, shapes)
 
 
-def _analyze(module: nn.Module, input_shape, device: str, tol: float, max_sweeps: int) -> tuple[Analysis, set[str]]:
-    """The analysis and the IR keys held transposed (weights used as ``x @ W``)."""
+def _analyze(module: nn.Module, input_shape, device: str, tol: float, max_sweeps: int) -> tuple[Analysis, dict[str, int]]:
+    """The analysis and the IR keys held in another layout than the module's (see ``stored_layout``)."""
     was_training = module.training
     module.eval()
     try:
         tr = _translation(module, input_shape)
-        return analyze(tr.graph, device=device, tol=tol, max_sweeps=max_sweeps), set(tr.stored_in_out)
+        return analyze(tr.graph, device=device, tol=tol, max_sweeps=max_sweeps), dict(tr.swapped)
     finally:
         module.train(was_training)
 
@@ -93,8 +93,8 @@ def rescale_module_(
 
     from .frontends.torch_frontend import stored_layout
 
-    analysis, in_out = _analyze(module, input_shape, device, tol, max_sweeps)
-    new = stored_layout(rescaled_params(analysis), in_out)
+    analysis, swapped = _analyze(module, input_shape, device, tol, max_sweeps)
+    new = stored_layout(rescaled_params(analysis), swapped)
     shapes = list(input_shape.values()) if isinstance(input_shape, dict) else [tuple(input_shape)]
     gen = torch.Generator().manual_seed(seed)
     first = next(iter(_state_tensors(module).values()), torch.zeros(()))

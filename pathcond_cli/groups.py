@@ -29,6 +29,7 @@ SAME_CHANNEL_OPS = frozenset(
 OBJECTIVE_ROLES: dict[str, dict[str, str]] = {
     "linear": {"weight": "edge", "bias": "bias"},
     "conv": {"weight": "edge", "bias": "bias"},
+    "conv_transpose": {"weight": "edge", "bias": "bias"},
     "batchnorm": {"weight": "bn_scale", "bias": "bn_shift"},
     "affine": {"weight": "diag", "bias": "bias"},
     "bias": {"bias": "bias"},
@@ -159,7 +160,7 @@ class _Builder:
         if kind == "diag":
             return out, src.reshape(-1, 1)
         weight = self.graph.params[node.params[role]]
-        groups = int(node.attrs.get("groups", 1)) if node.op == "conv" else 1
+        groups = int(node.attrs.get("groups", 1)) if node.op in ("conv", "conv_transpose") else 1
         if groups == 1:
             return out, src
         o, i_per = weight.shape[0], weight.shape[1]
@@ -262,7 +263,7 @@ def _resolve(graph: Graph, b: _Builder) -> Groups:
     layer_outputs = {
         node.name: int(np.sum(~np.isin(roots[b.raw[node.output]], list(output_roots))))
         for node in graph.nodes
-        if node.op in ("linear", "conv")
+        if node.op in ("linear", "conv", "conv_transpose")
     }
     return Groups(
         n_free=len(free_roots),

@@ -43,6 +43,9 @@ OPS: dict[str, OpSpec] = {
     # layers that create new neurons
     "linear": OpSpec(("weight",), ("bias",)),  # weight (O, I); y = x W^T + b
     "conv": OpSpec(("weight",), ("bias",)),  # weight (O, I/groups, *k); attrs stride, pads, dilation, groups
+    # transposed convolution; weight held like a conv's, (O, I/groups, *k) (see swap_group_axes); attrs
+    # stride, dilation, groups, pads (begin..., end...) cropped from the full output, output_padding
+    "conv_transpose": OpSpec(("weight",), ("bias",)),
     "batchnorm": OpSpec(("running_mean", "running_var"), ("weight", "bias")),  # attrs eps
     "affine": OpSpec(("weight",), ("bias",)),  # per-channel y = w_c x + b_c
     # per-channel bias added to existing neurons (MatMul + Add, Conv without bias + Add, Sub of a constant)
@@ -65,7 +68,7 @@ OPS: dict[str, OpSpec] = {
 }
 
 #: ops whose output channels are new neurons (each output channel starts its own group)
-LAYER_OPS = frozenset({"linear", "conv", "batchnorm", "affine"})
+LAYER_OPS = frozenset({"linear", "conv", "conv_transpose", "batchnorm", "affine"})
 
 
 @dataclass(frozen=True, eq=False)
@@ -240,6 +243,32 @@ def conv_apply(node: Node, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return conv(conv_padded(node, x), weight, bias, stride, 0, dilation, node.attrs.get("groups", 1))
 
 
+def swap_group_axes(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """(A, B/groups, *k) -> (B, A/groups, *k), swapping the two channel axes within each group.
+
+    A transposed convolution stores its weight (I, O/groups, *k); the IR holds it (O, I/groups, *k),
+    like a convolution's, so that output channels are on axis 0 for every layer. The map is its own
+    inverse. With groups = 1 on a matrix it is the transpose (a weight used as ``x @ W``)."""
+    a, b_per, k = weight.shape[0], weight.shape[1], weight.shape[2:]
+    w = weight.reshape(groups, a // groups, b_per, *k).transpose(1, 2)
+    return w.reshape(groups * b_per, a // groups, *k)
+
+
+def conv_transpose_apply(node: Node, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A transposed convolution from the IR weight layout (O, I/groups, *k): the full output, then the
+    pads cropped (begin) and (end − output_padding) cropped or, when negative, zero-extended."""
+    d = x.dim() - 2
+    fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d}[d]
+    a = node.attrs
+    groups = int(a.get("groups", 1))
+    y = fn(x, swap_group_axes(weight, groups), None, a.get("stride") or [1] * d, 0, 0, groups,
+           a.get("dilation") or [1] * d)
+    pads = a.get("pads") or [0] * (2 * d)
+    extra = a.get("output_padding") or [0] * d
+    y = _pad(y, [-p for p in pads[:d]] + [o - p for p, o in zip(pads[d:], extra)])
+    return y if bias is None else y + channel_view(bias, y)
+
+
 def upsample_nearest(x: torch.Tensor, scale: Sequence[int]) -> torch.Tensor:
     """Nearest-neighbour upsampling by integer factors: output[i] = input[i // s] on every spatial axis
     (what ONNX Resize and torch's nearest / nearest-exact modes compute for integer scales)."""
@@ -267,6 +296,8 @@ def _forward_node(graph: Graph, node: Node, xs: list[torch.Tensor], p) -> torch.
         return F.linear(x, p("weight"), p("bias"))
     if op == "conv":
         return conv_apply(node, x, p("weight"), p("bias"))
+    if op == "conv_transpose":
+        return conv_transpose_apply(node, x, p("weight"), p("bias"))
     if op == "batchnorm":
         return F.batch_norm(x, p("running_mean"), p("running_var"), p("weight"), p("bias"), False, 0.0, a["eps"])
     if op == "affine":

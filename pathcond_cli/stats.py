@@ -25,7 +25,7 @@ import torch
 
 from .errors import NumericalError
 from .groups import Groups, Role
-from .ir import Graph, Node, channel_view, conv_apply, upsample_nearest, window_count, window_sum
+from .ir import Graph, Node, channel_view, conv_apply, conv_transpose_apply, upsample_nearest, window_count, window_sum
 
 LOG10 = math.log(10.0)
 
@@ -215,6 +215,11 @@ class PathForward:
         y = conv_apply(node, x.t, self.param(node, "weight"), None)
         return self._with_bias(node, Scaled(y, x.s), self.param(node, "bias"))
 
+    def conv_transpose(self, node, xs):
+        x = xs[0]
+        y = conv_transpose_apply(node, x.t, self.param(node, "weight"), None)
+        return self._with_bias(node, Scaled(y, x.s), self.param(node, "bias"))
+
     def batchnorm(self, node, xs):
         a, b = bn_affine(self.graph, node)
         x = xs[0]
@@ -274,6 +279,7 @@ class PathForward:
 _RULES = {
     "linear": PathForward.linear,
     "conv": PathForward.conv,
+    "conv_transpose": PathForward.conv_transpose,
     "batchnorm": PathForward.batchnorm,
     "affine": PathForward.affine,
     "bias": PathForward.bias,

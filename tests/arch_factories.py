@@ -90,3 +90,7 @@ def in_out_weights():
 
 def tiny_unet(seed: int = 0):
     return nets.tiny_unet(seed)
+
+
+def tiny_generator(seed: int = 0):
+    return nets.tiny_generator(seed)

@@ -160,6 +160,22 @@ class TinyUNet(nn.Module):
         return self.head(y)
 
 
+class TinyGenerator(nn.Module):
+    """A DCGAN-like generator from a latent map: transposed convolutions (stride 1; stride 2 with
+    padding, output_padding and 2 groups; one without bias) with BatchNorm and ReLU."""
+
+    def __init__(self, latent: int = 5):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(latent, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),  # 1x1 -> 3x3
+            nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1, output_padding=1, groups=2), nn.ReLU(),  # -> 6x6
+            nn.ConvTranspose2d(6, 2, 4, stride=2, padding=1, bias=False),  # -> 12x12
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
 def mlp(seed: int = 0, widths=(8, 32, 4, 16, 3)) -> nn.Module:
     torch.manual_seed(seed)
     return _finish(MLP(widths), seed)
@@ -190,6 +206,11 @@ def tiny_unet(seed: int = 0) -> nn.Module:
     return _finish(TinyUNet(), seed)
 
 
+def tiny_generator(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return _finish(TinyGenerator(), seed)
+
+
 #: name -> (factory, input shape at batch 1)
 ZOO = {
     "mlp": (mlp, (1, 8)),
@@ -198,4 +219,5 @@ ZOO = {
     "plain_resnet": (plain_resnet, (1, 2, 6, 6)),
     "concat_net": (concat_net, (1, 3, 8, 8)),
     "tiny_unet": (tiny_unet, (1, 2, 6, 8)),
+    "tiny_generator": (tiny_generator, (1, 5, 1, 1)),
 }

@@ -109,6 +109,32 @@ def _conv(net, node, x, w, wtag, b, btag):
     return y
 
 
+def _conv_transpose(net, node, x, w, wtag, b, btag):
+    """Transposed 2-D convolution, written from its definition as the adjoint of a convolution: input
+    pixel (ih, iw) reaches output (ih·s − p_begin + i·d, ...) through w[o, ci, i, j] (IR layout
+    (O, I/groups, kh, kw), no kernel flip); the end is cropped by p_end − output_padding."""
+    _, c, h, wd = x.shape
+    o_ch, c_per, kh, kw = w.shape
+    sh, sw = node.attrs.get("stride") or (1, 1)
+    dh, dw = node.attrs.get("dilation") or (1, 1)
+    pt, pl, pb, pr = node.attrs.get("pads") or (0, 0, 0, 0)
+    eh, ew = node.attrs.get("output_padding") or (0, 0)
+    groups = int(node.attrs.get("groups", 1))
+    oh_n = (h - 1) * sh + dh * (kh - 1) + 1 - pt - pb + eh
+    ow_n = (wd - 1) * sw + dw * (kw - 1) + 1 - pl - pr + ew
+    y = net.new((1, o_ch, oh_n, ow_n))
+    for o, ci, ih, iw, i, j in product(range(o_ch), range(c_per), range(h), range(wd), range(kh), range(kw)):
+        oh, ow = ih * sh - pt + i * dh, iw * sw - pl + j * dw
+        if 0 <= oh < oh_n and 0 <= ow < ow_n:
+            first_in = (o // (o_ch // groups)) * c_per
+            pid = (wtag, int(np.ravel_multi_index((o, ci, i, j), w.shape)))
+            net.edge(x[0, first_in + ci, ih, iw], y[0, o, oh, ow], w[o, ci, i, j], pid)
+    if b is not None:
+        for o, oh, ow in product(range(o_ch), range(oh_n), range(ow_n)):
+            net.bias(y[0, o, oh, ow], b[o], (btag, o))
+    return y
+
+
 def _per_channel(net, x, a, atag, b, btag):
     """y = a_c·x + b_c per channel (BatchNorm, affine)."""
     y = net.new(x.shape)
@@ -169,6 +195,8 @@ def expand(graph) -> NeuronNet:
             vals[node.output] = _linear(net, x, *p("weight"), *p("bias"))
         elif op == "conv":
             vals[node.output] = _conv(net, node, x, *p("weight"), *p("bias"))
+        elif op == "conv_transpose":
+            vals[node.output] = _conv_transpose(net, node, x, *p("weight"), *p("bias"))
         elif op == "batchnorm":
             gamma, beta = p("weight")[0], p("bias")[0]
             a = gamma / np.sqrt(p("running_var")[0] + node.attrs["eps"])

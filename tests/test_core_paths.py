@@ -70,6 +70,16 @@ class Net:
         return self.op("conv", x, params=params, stride=[stride, stride], pads=list(pads), groups=groups,
                        dilation=[dilation, dilation])
 
+    def deconv(self, x: str, out: int, k: int, stride=1, pads=(0, 0, 0, 0), output_padding=(0, 0), groups=1,
+               bias=True, dilation=1) -> str:
+        """A transposed convolution; its weight in the IR layout (O, I/groups, k, k)."""
+        name, cin = self._next("conv_transpose"), self.shape(x)[1]
+        params = {"weight": self.rand(f"{name}.weight", (out, cin // groups, k, k), 1 / math.sqrt(cin // groups * k))}
+        if bias:
+            params["bias"] = self.rand(f"{name}.bias", (out,), 0.5)
+        return self.op("conv_transpose", x, params=params, stride=[stride, stride], pads=list(pads), groups=groups,
+                       dilation=[dilation, dilation], output_padding=list(output_padding))
+
     def bn(self, x: str) -> str:
         name, c = self._next("batchnorm"), self.shape(x)[1]
         params = {
@@ -207,6 +217,15 @@ def unet_like() -> Graph:
     return n.graph(n.conv(y, 1, 1))
 
 
+def decoder() -> Graph:
+    """a DCGAN-like generator from a small map: transposed convolutions
+    (stride 2 with pads and output_padding; a 2-group one with dilation) with BN and ReLU."""
+    n = Net(12, (1, 3, 2, 2))  # 2x2: every kernel tap reaches an output despite the crops
+    y = n.op("relu", n.bn(n.deconv("x", 4, 3, stride=2, pads=(1, 0, 0, 1), output_padding=(1, 0))))
+    y = n.op("relu", n.deconv(y, 4, 2, stride=1, groups=2, dilation=2))
+    return n.graph(n.deconv(y, 1, 3, stride=2, pads=(1, 1, 1, 1)))
+
+
 DAGS = {
     "mlp": mlp,
     "zero_bias": zero_bias_mlp,
@@ -219,6 +238,7 @@ DAGS = {
     "tied_chain": tied_chain,
     "misc_ops": misc_ops,
     "unet_like": unet_like,
+    "decoder": decoder,
 }
 
 

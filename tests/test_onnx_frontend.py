@@ -80,7 +80,8 @@ def _layer_pair(graph: ir.Graph) -> tuple[ir.Node, ir.Node]:
     """A linear/conv layer A and the next layer B, joined through a ReLU (and pooling) only.
     Whole layers are rescaled (every channel by the same factor), so a flatten in between is fine."""
     for a in graph.nodes:
-        if a.op not in ("linear", "conv", "batchnorm") or a.attrs.get("groups", 1) != 1 or "weight" not in a.params:
+        if a.op not in ("linear", "conv", "conv_transpose", "batchnorm") or a.attrs.get("groups", 1) != 1 \
+                or "weight" not in a.params:
             continue
         value, seen = a.output, []
         while len(graph.consumers[value]) == 1 and value not in graph.outputs:
@@ -90,7 +91,7 @@ def _layer_pair(graph: ir.Graph) -> tuple[ir.Node, ir.Node]:
             seen.append(nxt.op)
             value = nxt.output
         consumers = graph.consumers[value]
-        if "relu" in seen and len(consumers) == 1 and consumers[0].op in ("linear", "conv") \
+        if "relu" in seen and len(consumers) == 1 and consumers[0].op in ("linear", "conv", "conv_transpose") \
                 and value not in graph.outputs:
             return a, consumers[0]
     raise AssertionError("no layer pair across a ReLU")
@@ -550,3 +551,44 @@ def test_resize_refused_with_reason(tmp_path, attrs, scales, why):
     with pytest.raises(UnsupportedModelError) as info:
         load_onnx(path, LoadOptions())
     assert [o.node for o in info.value.offenders] == ["resize"] and why in info.value.offenders[0].why
+
+
+def _deconv_model(attrs: dict, x_shape, w_shape, bias: bool = True) -> onnx.ModelProto:
+    d = len(x_shape) - 2
+    inputs = ["r", "wt"] + (["bt"] if bias else [])
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], "conv", pads=[1] * (2 * d)),
+        helper.make_node("Relu", ["c"], ["r"], "relu"),
+        helper.make_node("ConvTranspose", inputs, ["t"], "deconv", **attrs),
+        helper.make_node("Relu", ["t"], ["q"], "relu2"),
+        helper.make_node("Conv", ["q", "w2"], ["y"], "head"),
+    ]
+    c_in, o_per = w_shape[0], w_shape[1]
+    o = o_per * int(attrs.get("group", 1))
+    inits = [("w", _rand(c_in, x_shape[1], *([3] * d))), ("wt", _rand(*w_shape)), ("w2", _rand(2, o, *([1] * d)))]
+    inits += [("bt", _rand(o))] if bias else []
+    return _model(nodes, [_vi("x", list(x_shape))], [_vi("y", [x_shape[0], 2] + [None] * d)], inits, opset=17)
+
+
+@pytest.mark.parametrize("attrs,x_shape,w_shape", [
+    ({"strides": [2, 2], "pads": [1, 0, 0, 1], "output_padding": [1, 0]}, (1, 2, 3, 4), (4, 3, 3, 3)),
+    ({"strides": [2, 1], "auto_pad": "SAME_UPPER", "group": 2}, (1, 2, 3, 3), (4, 2, 3, 2)),
+    ({"strides": [2, 2], "auto_pad": "SAME_LOWER", "dilations": [2, 1]}, (1, 2, 3, 3), (4, 3, 3, 3)),
+    ({"strides": [3, 2], "output_shape": [8, 5]}, (1, 2, 3, 3), (4, 3, 3, 2)),
+    ({"strides": [2], "pads": [0, 2], "auto_pad": "NOTSET"}, (1, 2, 5), (4, 3, 4)),
+    ({"auto_pad": "VALID", "strides": [2, 2]}, (1, 2, 2, 3), (4, 1, 2, 2)),
+])
+def test_conv_transpose_attributes_match_onnxruntime(tmp_path, attrs, x_shape, w_shape):
+    """pads (explicit, SAME_UPPER / SAME_LOWER, from output_shape, VALID), output_padding, groups,
+    dilations, 1-D: the IR equals onnxruntime, and a function-preserving rescaling is written back
+    in the (I, O/group, *k) layout."""
+    path = _write(_deconv_model(attrs, x_shape, w_shape, bias="group" not in attrs), tmp_path)
+    model = load_onnx(path, LoadOptions())
+    (node,) = [n for n in model.graph.nodes if n.op == "conv_transpose"]
+    groups = int(attrs.get("group", 1))
+    assert model.graph.params[node.params["weight"]].shape == (w_shape[1] * groups, w_shape[0] // groups, *w_shape[2:])
+    _assert_ir_matches_ort(model, path)
+    out = tmp_path / "out.onnx"
+    model.save(_rescaled_pair(model.graph), out)
+    _assert_same_function(model, path, out)
+    assert _inits(out)["wt"].shape == w_shape and not np.allclose(_inits(out)["wt"], _inits(path)["wt"])

@@ -14,7 +14,13 @@ from torch import nn
 from pathcond_cli import ir
 from pathcond_cli.errors import UnsupportedModelError, UsageError
 from pathcond_cli.frontends.base import LoadOptions
-from pathcond_cli.frontends.torch_frontend import exported_to_graph, load_torch, module_to_graph, module_translation
+from pathcond_cli.frontends.torch_frontend import (
+    exported_to_graph,
+    load_torch,
+    module_to_graph,
+    module_translation,
+    stored_layout,
+)
 from pathcond_cli.verify import random_inputs, verify
 from tests import nets
 from tests.arch_factories import TwoNamesTied
@@ -23,7 +29,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=UserWarning)
 
 FORMATS = ["torch-state-dict", "torch-checkpoint", "torch-export", "torchscript", "torch-module"]
-FILE_MODELS = ["mlp", "small_cnn", "resnet_like", "concat_net"]
+FILE_MODELS = ["mlp", "small_cnn", "resnet_like", "concat_net", "tiny_generator"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -192,11 +198,13 @@ class Pools(nn.Module):
 def test_zoo_module_to_graph_matches_module(name):
     factory, shape = nets.ZOO[name]
     model = factory()
-    graph = module_to_graph(model, [shape])
+    tr = module_translation(model, [shape])
+    graph = tr.graph
     assert list(graph.inputs) == ["x"] and graph.inputs["x"] == tuple(shape)
     state = model.state_dict()
     assert set(graph.params) <= set(state)
-    for key, value in graph.params.items():
+    assert (name == "tiny_generator") == bool(tr.swapped)  # transposed convolutions: held (O, I/groups, *k)
+    for key, value in stored_layout(graph.params, tr.swapped).items():
         assert value.dtype == state[key].dtype and torch.equal(value, state[key])
     assert not model.training
     _assert_module_matches(model, graph, shape)
@@ -320,7 +328,7 @@ def test_matmul_with_in_out_weights():
     model = in_out_weights()
     tr = module_translation(model, [(1, 4)])
     assert [n.op for n in tr.graph.nodes] == ["linear", "bias", "relu", "linear", "relu", "linear"]
-    assert tr.stored_in_out == {"w1", "w2", "w3"}
+    assert tr.swapped == {"w1": 1, "w2": 1, "w3": 1}
     assert torch.equal(tr.graph.params["w2"], model.w2.detach().t())
     _assert_module_matches(model, tr.graph, (1, 4))
 
@@ -446,10 +454,10 @@ def test_several_kinds_of_offenders():
     assert any(o.node.startswith("norm") for o in offenders)
 
 
-def test_transposed_conv_is_unsupported():
-    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.ConvTranspose2d(3, 2, 3))
-    offenders = _offenders(model, (1, 2, 6, 6))
-    assert len(offenders) == 1 and "transposed" in offenders[0].why
+def test_3d_transposed_conv_is_unsupported():
+    model = nn.Sequential(nn.Conv3d(2, 3, 3), nn.ReLU(), nn.ConvTranspose3d(3, 2, 3))
+    offenders = _offenders(model, (1, 2, 5, 5, 5))
+    assert any("3-D transposed" in o.why for o in offenders)
 
 
 def test_constant_add_is_unsupported():
@@ -514,7 +522,7 @@ def test_load_ir_matches_runtime(fmt, name, tmp_path):
     assert model.path == path
     specs = model.input_specs()
     assert len(specs) == 1 and specs[0].shape == nets.ZOO[name][1] and specs[0].dtype == np.float32
-    assert model.has_batchnorm == (name in ("small_cnn", "resnet_like") and fmt != "torch-export")
+    assert model.has_batchnorm == (name in ("small_cnn", "resnet_like", "tiny_generator") and fmt != "torch-export")
     for seed in range(2):
         feeds = _feeds(model, seed)
         (got,) = model.run(path, feeds)

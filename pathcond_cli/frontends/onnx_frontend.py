@@ -35,7 +35,7 @@ import torch
 from onnx import numpy_helper
 
 from ..errors import Offender, UnsupportedModelError, UsageError
-from ..ir import Graph, GraphError, Node
+from ..ir import Graph, GraphError, Node, swap_group_axes
 from .base import InputSpec, LoadOptions
 
 MIN_OPSET = 11
@@ -65,12 +65,18 @@ class _Refuse(Exception):
 # Parameter transforms: stored tensor <-> IR tensor.
 
 
+def _swap_groups(a: np.ndarray, groups: int) -> np.ndarray:
+    """numpy twin of ir.swap_group_axes: (A, B/groups, *k) -> (B, A/groups, *k), its own inverse."""
+    return swap_group_axes(torch.from_numpy(np.ascontiguousarray(a)), groups).numpy()
+
+
 @dataclass(frozen=True)
 class _Transform:
     """How the IR value of a parameter is derived from the stored tensor (and back)."""
 
     ir_shape: tuple[int, ...]
     transpose: bool = False
+    swap_groups: int = 0  # > 0: a transposed convolution's weight, swapped to (O, I/groups, *k)
     factor: float = 1.0
     reciprocal: bool = False
     expanded_shape: tuple[int, ...] | None = None  # stored layout to use when a broadcast scalar splits
@@ -78,6 +84,7 @@ class _Transform:
     def forward(self, stored: np.ndarray) -> np.ndarray:
         a = stored.astype(np.float64)
         a = a.T if self.transpose else a
+        a = _swap_groups(a, self.swap_groups) if self.swap_groups else a
         a = 1.0 / a if self.reciprocal else a
         a = a * self.factor
         if a.size == math.prod(self.ir_shape):
@@ -88,6 +95,7 @@ class _Transform:
         """The value to store, and whether it keeps the stored dims (else it needs a new tensor)."""
         b = new.astype(np.float64) / self.factor
         b = 1.0 / b if self.reciprocal else b
+        b = _swap_groups(b, self.swap_groups) if self.swap_groups else b
         b = b.T if self.transpose else b
         if b.size == stored.size:
             return b.reshape(stored.shape).astype(stored.dtype), True
@@ -484,6 +492,44 @@ def _conv(ctx: _Context) -> None:
     ctx.emit("conv", [ctx.x(0)], params, attrs)
 
 
+def _conv_transpose(ctx: _Context) -> None:
+    """ConvTranspose: weight (I, O/group, *k), held swapped in the IR; the pads are what is cropped
+    from the full output, from the attribute or (output_shape, SAME_*) from ONNX's rule."""
+    node = ctx.node
+    w = ctx.static(1, "weight")
+    d = w.ndim - 2
+    if d not in (1, 2):
+        raise _Refuse(f"{d}-D transposed convolutions are not supported (1-D and 2-D are)")
+    groups = int(_attr(node, "group", 1))
+    kernel = list(w.shape[2:])
+    if list(_attr(node, "kernel_shape", kernel)) != kernel:
+        raise _Refuse("its kernel_shape does not match its weight")
+    strides = list(_attr(node, "strides", [1] * d))
+    dilations = list(_attr(node, "dilations", [1] * d))
+    extra = list(_attr(node, "output_padding", [0] * d))
+    auto_pad = _text_attr(node, "auto_pad", "NOTSET")
+    spatial = ctx.shape(0)[2:]
+    full = [(n - 1) * s + (k - 1) * dl + 1 + e for n, s, k, dl, e in zip(spatial, strides, kernel, dilations, extra)]
+    out_shape = _attr(node, "output_shape", None)
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER") or out_shape is not None:
+        target = list(out_shape)[-d:] if out_shape is not None else [n * s for n, s in zip(spatial, strides)]
+        total = [f - t for f, t in zip(full, target)]
+        if any(t < 0 for t in total):
+            raise _Refuse(f"its output_shape {target} is larger than the full output {full}")
+        upper = auto_pad == "SAME_UPPER"  # ONNX: only SAME_UPPER puts the odd pad last (output_shape: first)
+        pads = [t // 2 if upper else t - t // 2 for t in total] + [t - t // 2 if upper else t // 2 for t in total]
+    elif auto_pad == "VALID":
+        pads = [0] * (2 * d)
+    else:
+        pads = list(_attr(node, "pads", [0] * (2 * d)))
+    attrs = {"stride": strides, "dilation": dilations, "groups": groups, "pads": pads, "output_padding": extra}
+    o = w.shape[1] * groups
+    params = {"weight": ctx.param(1, _Transform((o, w.shape[0] // groups, *kernel), swap_groups=groups))}
+    if len(node.input) > 2 and node.input[2]:
+        params["bias"] = ctx.param(2, _Transform((o,), expanded_shape=(o,)))
+    ctx.emit("conv_transpose", [ctx.x(0)], params, attrs)
+
+
 def _batchnorm(ctx: _Context) -> None:
     node = ctx.node
     if _attr(node, "training_mode", 0) or len([o for o in node.output if o]) > 1:
@@ -732,6 +778,7 @@ CONVERTERS: dict[str, Callable[[_Context], None]] = {
     "Gemm": _gemm,
     "MatMul": _matmul,
     "Conv": _conv,
+    "ConvTranspose": _conv_transpose,
     "BatchNormalization": _batchnorm,
     "Relu": _simple("relu"),
     "LeakyRelu": _simple("leaky_relu", alpha=0.01),

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import Offender, UnsupportedModelError, UsageError
-from ..ir import Graph
+from ..ir import Graph, swap_group_axes
 from .base import InputSpec, LoadOptions
 from .torch_graph import Translation, translate
 
@@ -354,10 +354,12 @@ def _alias_groups(state: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
     return {k: ks for ks in by_ptr.values() for k in ks}
 
 
-def stored_layout(values: Mapping[str, torch.Tensor], in_out: set[str] | frozenset[str]) -> dict[str, torch.Tensor]:
-    """IR parameter values in the layout the model stores them: a weight used as ``x @ W`` is stored
-    (in, out) and held transposed in the IR."""
-    return {k: (v.t().contiguous() if k in in_out else v) for k, v in values.items()}
+def stored_layout(values: Mapping[str, torch.Tensor], swapped: Mapping[str, int]) -> dict[str, torch.Tensor]:
+    """IR parameter values in the layout the model stores them (and back: the swap is its own inverse).
+
+    A weight used as ``x @ W`` is stored (in, out), a transposed convolution's (I, O/groups, *k); the IR
+    holds both output channels first (``swap_group_axes``)."""
+    return {k: (swap_group_axes(v, swapped[k]).contiguous() if k in swapped else v) for k, v in values.items()}
 
 
 def _as_stored(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
@@ -423,7 +425,7 @@ class TorchModel:
         self._specs: list[InputSpec] = []
         self._arg_names: list[str] = []
         self._train_ok = True
-        self._in_out: set[str] = set()  # IR keys held transposed (see stored_layout)
+        self._swapped: dict[str, int] = {}  # IR keys held in another layout (see stored_layout)
         self._full_pickle = False
         self._stored: Any = None
         self.graph: Graph
@@ -491,7 +493,7 @@ class TorchModel:
             tr = module_translation(module, shapes)
             if self.format == "torch-state-dict":  # parameters as stored in the file (their own dtype)
                 stored = {k: self._stored[self._prefix + k] for k in tr.graph.params if self._prefix + k in self._stored}
-                stored = stored_layout(stored, tr.stored_in_out)  # (its own transpose is its inverse)
+                stored = stored_layout(stored, tr.swapped)
                 tr.graph = tr.graph.with_params({k: v.detach().clone() for k, v in stored.items()})
                 self._stored = None
             names, ordered = _ordered_shapes(module, shapes)
@@ -526,7 +528,7 @@ class TorchModel:
             dtype = tr.input_dtypes.get(name, torch.float32)
             self._specs.append(InputSpec(name, full, _dtype_np(dtype)))
         self._arg_names = list(tr.graph.inputs)
-        self._in_out = set(tr.stored_in_out)
+        self._swapped = dict(tr.swapped)
 
     def _order(self, shapes: Mapping[str, tuple[int, ...]], names: list[str]) -> list[tuple[int, ...]]:
         if len(shapes) == 1:
@@ -647,7 +649,7 @@ class TorchModel:
         unknown = [k for k in new_params if k not in self.graph.params]
         if unknown:
             raise KeyError(f"not parameters of this model: {unknown}")
-        new_params = stored_layout(new_params, self._in_out)
+        new_params = stored_layout(new_params, self._swapped)
         if self.format == "torch-export":
             ep = self._read_export(self.path)
             sd = ep.state_dict

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import Offender, UnsupportedModelError
-from ..ir import Graph, GraphError, Node
+from ..ir import Graph, GraphError, Node, swap_group_axes
 
 aten = torch.ops.aten
 
@@ -128,6 +128,8 @@ NON_HOMOGENEOUS = _ops("hardtanh", "hardtanh_", "relu6", "gelu", "silu", "silu_"
                        "glu", "tanhshrink", "softshrink", "hardshrink", "sign", "square")
 NORM_OPS = _ops("layer_norm", "native_layer_norm", "group_norm", "native_group_norm", "instance_norm", "rms_norm",
                 "_fused_rms_norm")
+# shape queries answered from the input's static shape: scripted modules keep `input.dim()` checks
+SHAPE_QUERY_OPS = _ops("dim")
 # ops without a tensor output that the exporter inserts (asserts, shape guards)
 IGNORED_OPS = _ops("_assert_tensor_metadata", "_assert_async", "sym_constrain_range", "sym_constrain_range_for_size",
                    "_assert_scalar", "sym_size", "sym_numel", "sym_stride", "size", "_functional_sym_constrain_range",
@@ -199,7 +201,8 @@ class _Translator:
         self.input_names = list(input_names) if input_names else None
         self.value_names: set[str] = set()
         self.transposed: set[str] = set()
-        self.stored_in_out: set[str] = set()  # keys whose IR value is the stored tensor transposed (x @ W)
+        # keys whose IR value is swap_group_axes(stored, groups): x @ W weights, transposed convolutions
+        self.swapped: dict[str, int] = {}
 
     # ---- helpers
 
@@ -235,23 +238,23 @@ class _Translator:
             return self.state[key]
         return self.constants[key]
 
-    def _use(self, key: str, in_out: bool = False) -> str:
-        """Register a parameter for the IR; ``in_out``: the model stores it (in, out) and the IR holds
-        its transpose (front ends write it back transposed)."""
+    def _use(self, key: str, swap: int | None = None) -> str:
+        """Register a parameter for the IR. ``swap`` (a group count): the model stores it with input
+        channels first, (I, O/groups, ...), and the IR holds swap_group_axes of it (writers swap back)."""
         if key in self.used_params:
-            if (key in self.stored_in_out) != in_out:
+            if self.swapped.get(key) != swap:
                 raise _Unsupported(f"parameter {key!r} is used both as a matrix and as its transpose")
             return key
         value = self._tensor_of(key).detach()
-        if in_out:
-            value = value.t()
-            self.stored_in_out.add(key)
+        if swap is not None:
+            value = swap_group_axes(value, swap)
+            self.swapped[key] = swap
         self.used_params[key] = value.contiguous().clone()
         return key
 
     def _emit(self, fx_node, op: str, inputs: Sequence[TVal], params: dict[str, str] | None = None,
-              attrs: dict[str, Any] | None = None, in_out: frozenset[str] = frozenset()) -> TVal:
-        params = {k: self._use(v, k in in_out) for k, v in (params or {}).items()}
+              attrs: dict[str, Any] | None = None, swap: dict[str, int] | None = None) -> TVal:
+        params = {k: self._use(v, (swap or {}).get(k)) for k, v in (params or {}).items()}
         poisoned = any(v.poisoned for v in inputs)
         if not poisoned:
             name = self._node_name(fx_node, params)
@@ -376,6 +379,10 @@ class _Translator:
         if t in IGNORED_OPS:
             return CVal(None)
         val = node.meta.get("val")
+        if t in SHAPE_QUERY_OPS:
+            shape = _meta_shape(node.args[0])
+            if shape is not None:
+                return CVal(len(shape))
         if not isinstance(val, (torch.Tensor, tuple, list)) and t not in HEAD_OPS:
             # shape arithmetic (sym ints) and other non-tensor results
             if not any(isinstance(self._val(a), TVal) for a in node.args if isinstance(a, torch.fx.Node)):
@@ -426,7 +433,7 @@ class _Translator:
             raise _Unsupported("matrix product with something other than a 2-D parameter")
         if w.transposed:
             return self._linear(node, x_node, PVal(w.key), b)
-        return self._linear(node, x_node, w, b, in_out=True)
+        return self._linear(node, x_node, w, b, stored_in_out=True)
 
     def _op_transpose(self, node, a, first, x):
         if not (isinstance(x, PVal) and not x.transposed):
@@ -437,7 +444,7 @@ class _Translator:
         return PVal(x.key, True)
 
     def _op_conv(self, node, a, first, x):
-        return self._conv(node, a, x)
+        return self._conv(node, a, x, transposed=bool(a.get("transposed")) or node.target in TRANSPOSED_CONV_OPS)
 
     def _op_batchnorm(self, node, a, first, x):
         return self._batchnorm(node, a, x)
@@ -532,7 +539,7 @@ class _Translator:
             return None if s is None else _static(s)
         return None
 
-    def _linear(self, node, x_node, w, b, in_out: bool = False):
+    def _linear(self, node, x_node, w, b, stored_in_out: bool = False):
         x = self._tensor(self._val(x_node))
         if not isinstance(w, PVal) or w.transposed:
             raise _Unsupported("linear weight is not an (out, in) parameter")
@@ -544,17 +551,17 @@ class _Translator:
             if not isinstance(b, PVal) or b.transposed:
                 raise _Unsupported("linear bias is not a parameter")
             params["bias"] = b.key
-        return self._emit(node, "linear", [x], params, in_out=frozenset({"weight"} if in_out else ()))
+        return self._emit(node, "linear", [x], params, swap={"weight": 1} if stored_in_out else None)
 
-    def _conv(self, node, a, x):
+    def _conv(self, node, a, x, transposed: bool = False):
         x = self._tensor(x)
         w = self._val(a["weight"])
         if not isinstance(w, PVal) or w.transposed:
             raise _Unsupported("convolution weight is not a parameter")
-        if a.get("transposed"):
-            raise _Unsupported("transposed convolutions are not supported")
         wshape = self._tensor_of(w.key).shape
         d = len(wshape) - 2
+        if transposed:
+            return self._conv_transpose(node, a, x, w, d)
         stride = _ints(a.get("stride"), d, 1)
         dilation = _ints(a.get("dilation"), d, 1)
         padding = a.get("padding")
@@ -580,6 +587,25 @@ class _Translator:
             params["bias"] = bv.key
         attrs = {"stride": stride, "pads": pads, "dilation": dilation, "groups": int(a.get("groups") or 1)}
         return self._emit(node, "conv", [x], params, attrs)
+
+    def _conv_transpose(self, node, a, x, w, d):
+        """The weight is stored (I, O/groups, *k); the IR holds it swapped to (O, I/groups, *k)."""
+        if d not in (1, 2):
+            raise _Unsupported(f"{d}-D transposed convolutions are not supported (1-D and 2-D are)")
+        if isinstance(a.get("padding"), str):
+            raise _Unsupported(f"padding mode {a['padding']!r}")
+        groups = int(a.get("groups") or 1)
+        p = _ints(a.get("padding"), d, 0)
+        attrs = {"stride": _ints(a.get("stride"), d, 1), "dilation": _ints(a.get("dilation"), d, 1), "groups": groups,
+                 "pads": p + p, "output_padding": _ints(a.get("output_padding"), d, 0)}
+        params = {"weight": w.key}
+        b = a.get("bias")
+        if b is not None:
+            bv = self._val(b)
+            if not isinstance(bv, PVal):
+                raise _Unsupported("convolution bias is not a parameter")
+            params["bias"] = bv.key
+        return self._emit(node, "conv_transpose", [x], params, attrs, swap={"weight": groups})
 
     def _batchnorm(self, node, a, x):
         x = self._tensor(x)
@@ -781,7 +807,7 @@ _HANDLERS = [
     (MM_OPS, _Translator._op_mm),
     (TRANSPOSE_OPS, _Translator._op_transpose),
     (CONV_OPS, _Translator._op_conv),
-    (TRANSPOSED_CONV_OPS, _refuse("transposed convolutions are not supported")),
+    (TRANSPOSED_CONV_OPS, _Translator._op_conv),
     (BN_OPS, _Translator._op_batchnorm),
     (RELU_OPS, _Translator._op_relu),
     (THRESHOLD_OPS, _Translator._op_threshold),
@@ -828,14 +854,14 @@ class Translation:
     warnings: list[str]
     input_full_shapes: dict[str, tuple[int | None, ...]]
     input_dtypes: dict[str, torch.dtype]
-    stored_in_out: set[str] = field(default_factory=set)  # IR value = stored tensor transposed
+    swapped: dict[str, int] = field(default_factory=dict)  # IR value = swap_group_axes(stored, groups)
 
 
 def translate(ep: torch.export.ExportedProgram, input_names: Sequence[str] | None = None) -> Translation:
     """The IR of an exported program, with warnings and the inputs' full shapes/dtypes as exported."""
     tr = _Translator(ep, input_names)
     graph = tr.run()
-    return Translation(graph, tr.warnings, tr.input_full_shapes, tr.input_dtypes, set(tr.stored_in_out))
+    return Translation(graph, tr.warnings, tr.input_full_shapes, tr.input_dtypes, dict(tr.swapped))
 
 
 __all__ = ["Translation", "translate"]
