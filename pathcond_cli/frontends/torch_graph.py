@@ -243,7 +243,7 @@ class _Translator:
         channels first, (I, O/groups, ...), and the IR holds swap_group_axes of it (writers swap back)."""
         if key in self.used_params:
             if self.swapped.get(key) != swap:
-                raise _Unsupported(f"parameter {key!r} is used both as a matrix and as its transpose")
+                raise _Unsupported(f"parameter {key!r} is used in two layouts (both as a matrix and as its transpose)")
             return key
         value = self._tensor_of(key).detach()
         if swap is not None:
