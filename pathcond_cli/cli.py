@@ -6,6 +6,7 @@ Heavy modules (torch, onnx) are imported inside the commands so that ``pathcond 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import traceback
 import warnings
@@ -128,10 +129,15 @@ def _run(output: Output, job: Callable[[], Any]) -> Any:
 
     Library warnings (torch.export and exporter internals) are not actionable for users and are hidden;
     what pathcond itself wants to say goes into the report's ``warnings``."""
+    disabled = logging.root.manager.disable
     try:
         with warnings.catch_warnings():
             for category in (UserWarning, DeprecationWarning, FutureWarning):
                 warnings.simplefilter("ignore", category)
+            # torch logs from inside export and archive loading (file-name checks, fake-tensor traces of
+            # failures that pathcond reports itself); they are not addressed to pathcond's users, and
+            # torch's child loggers carry their own levels, so logging is switched off for the job
+            logging.disable(logging.CRITICAL)
             return job()
     except PathcondError as exc:
         output.error(exc)
@@ -139,6 +145,8 @@ def _run(output: Output, job: Callable[[], Any]) -> Any:
     except Exception as exc:  # noqa: BLE001 - a bug: say so, keep the traceback, and exit with its own code
         output.internal_error(exc, traceback.format_exc())
         raise typer.Exit(EXIT_INTERNAL) from None
+    finally:
+        logging.disable(disabled)
 
 
 def parse_input_shapes(values: list[str] | None) -> dict[str, tuple[int, ...]]:

@@ -240,3 +240,23 @@ def test_command_help_shows_defaults_and_exit_codes():
     text = " ".join(result.output.split())
     assert "OUT.pathcond.json" in text and "1e-4 for float32" in text
     assert "Exit codes" in text
+
+
+def test_wrong_input_shape_for_a_state_dict_is_a_usage_error(tmp_path):
+    source = tmp_path / "cnn.pt"
+    torch.save(nets.small_cnn().state_dict(), source)
+    result = invoke("inspect", source, "--arch", "tests.arch_factories:small_cnn", "--input-shape", "x=1x5x16x16")
+    assert result.exit_code == 2
+    assert "does not run on inputs of shape x=1x5x16x16" in result.stderr and "--input-shape" in result.stderr
+
+
+def test_torch_library_logs_are_not_printed(tmp_path):
+    """A torch.export archive without the .pt2 extension makes torch log a warning on every load; the
+    CLI's stderr carries pathcond's messages only."""
+    model = nets.mlp()
+    source = tmp_path / "model.bin"
+    torch.export.save(torch.export.export(model, (torch.randn(1, 8),)), str(source))
+    proc = subprocess.run([sys.executable, "-m", "pathcond_cli", "rescale", str(source), str(tmp_path / "out.bin"),
+                           "--quiet", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "" and proc.stdout == ""

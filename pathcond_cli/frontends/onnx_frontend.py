@@ -1056,6 +1056,7 @@ class OnnxModel:
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.log_severity_level = 3  # errors only: its warnings are about the runtime, not the model
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         dtypes = {spec.name: spec.dtype for spec in self._specs}
         feeds = {name: np.asarray(v, dtype=dtypes.get(name)) for name, v in inputs.items()}

@@ -93,7 +93,16 @@ def export_module(module: nn.Module, input_shapes: Shapes) -> tuple[torch.export
     was_training = module.training
     module.eval()
     try:
+        try:  # a model that cannot even run on these inputs was given the wrong shape, not an unsupported op
+            with torch.no_grad():
+                module(*args)
+        except Exception as exc:  # noqa: BLE001
+            given = ", ".join(f"{n}={'x'.join(map(str, (1, *s[1:])))}" for n, s in zip(names, shapes))
+            raise UsageError(f"{type(module).__name__} does not run on inputs of shape {given}: {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''} (check --input-shape)") from exc
         ep = torch.export.export(module, args)
+    except UsageError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any tracing failure is a model pathcond cannot read
         raise UnsupportedModelError(
             f"torch.export could not trace {type(module).__name__}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
