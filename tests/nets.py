@@ -176,6 +176,35 @@ class TinyGenerator(nn.Module):
         return self.net(x)
 
 
+class _DenseLayer(nn.Module):
+    """Pre-activation BN-ReLU-conv 1x1, BN-ReLU-conv 3x3, output concatenated to the input."""
+
+    def __init__(self, cin: int, growth: int):
+        super().__init__()
+        self.norm1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, 2 * growth, 1, bias=False)
+        self.norm2, self.conv2 = nn.BatchNorm2d(2 * growth), nn.Conv2d(2 * growth, growth, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        y = self.conv1(torch.relu(self.norm1(x)))
+        return torch.cat([x, self.conv2(torch.relu(self.norm2(y)))], 1)
+
+
+class TinyDenseNet(nn.Module):
+    """DenseNet-shaped: BatchNorm reads concatenations (so those channels are pinned), a transition with
+    average pooling, a final BN-ReLU and adaptive pooling."""
+
+    def __init__(self, in_ch: int = 3, classes: int = 4):
+        super().__init__()
+        self.stem = nn.Conv2d(in_ch, 6, 3, padding=1, bias=False)
+        self.block = nn.Sequential(_DenseLayer(6, 3), _DenseLayer(9, 3))
+        self.transition = nn.Sequential(nn.BatchNorm2d(12), nn.ReLU(), nn.Conv2d(12, 8, 1, bias=False), nn.AvgPool2d(2))
+        self.norm, self.fc = nn.BatchNorm2d(8), nn.Linear(8, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.norm(self.transition(self.block(self.stem(x)))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
 def mlp(seed: int = 0, widths=(8, 32, 4, 16, 3)) -> nn.Module:
     torch.manual_seed(seed)
     return _finish(MLP(widths), seed)
@@ -211,6 +240,11 @@ def tiny_generator(seed: int = 0) -> nn.Module:
     return _finish(TinyGenerator(), seed)
 
 
+def dense_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return _finish(TinyDenseNet(), seed)
+
+
 #: name -> (factory, input shape at batch 1)
 ZOO = {
     "mlp": (mlp, (1, 8)),
@@ -220,4 +254,5 @@ ZOO = {
     "concat_net": (concat_net, (1, 3, 8, 8)),
     "tiny_unet": (tiny_unet, (1, 2, 6, 8)),
     "tiny_generator": (tiny_generator, (1, 5, 1, 1)),
+    "dense_net": (dense_net, (1, 3, 8, 8)),
 }

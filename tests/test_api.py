@@ -19,7 +19,7 @@ def _outputs(model, x):
         return model(x).double()
 
 
-@pytest.mark.parametrize("name", ["mlp", "small_cnn", "resnet_like", "concat_net", "tiny_unet", "tiny_generator"])
+@pytest.mark.parametrize("name", ["mlp", "small_cnn", "resnet_like", "concat_net", "tiny_unet", "tiny_generator", "dense_net"])
 def test_rescale_module_in_place_keeps_function(name):
     factory, shape = nets.ZOO[name]
     model = factory()
