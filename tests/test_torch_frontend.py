@@ -832,3 +832,17 @@ def test_nearest_upsampling_forms_and_refused_interpolations():
                           ("nearest", {"size": (7, 7)}, "whole-number")]:
         offenders = _offenders(Up(mode, **kw).eval(), (1, 2, 5, 5))
         assert len(offenders) == 1 and why in offenders[0].why, (mode, kw, offenders)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_state_dict_is_rescaled_in_its_dtype(dtype, tmp_path):
+    from pathcond_cli.jobs import RescaleOptions, SolveOptions, rescale_model
+
+    path = tmp_path / "half.pt"
+    torch.save(nets.small_cnn().to(dtype).state_dict(), path)
+    opts = LoadOptions(input_shapes={"x": (1, 3, 16, 16)}, arch="tests.arch_factories:small_cnn")
+    report = rescale_model(path, tmp_path / "out.pt", opts, SolveOptions(device="cpu"), RescaleOptions()).report
+    assert report["verification"]["passed"] and report["conditioning"]["max_abs_log_scale"] > 1e-2
+    before, after = torch.load(path, weights_only=True), torch.load(tmp_path / "out.pt", weights_only=True)
+    assert {k: v.dtype for k, v in after.items()} == {k: v.dtype for k, v in before.items()}
+    assert any(not torch.equal(after[k], before[k]) for k in before)
