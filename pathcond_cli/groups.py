@@ -22,7 +22,8 @@ from .ir import LAYER_OPS, Graph, Node
 
 #: ops whose output channels are their input's channels (scaling commutes with them channel-wise)
 SAME_CHANNEL_OPS = frozenset(
-    {"relu", "leaky_relu", "prelu", "identity", "scale", "maxpool", "avgpool", "global_avgpool", "bias", "upsample"}
+    {"relu", "leaky_relu", "prelu", "identity", "scale", "maxpool", "avgpool", "global_avgpool", "bias", "upsample",
+     "resize_linear"}
 )
 
 #: objective roles of each op: role -> whether it is an edge (reads an input channel) or a bias

@@ -61,6 +61,7 @@ OPS: dict[str, OpSpec] = {
     "avgpool": OpSpec(),  # attrs kernel, stride, pads, ceil_mode, count_include_pad
     "global_avgpool": OpSpec(),  # mean over all spatial axes; attrs keepdim
     "upsample": OpSpec(),  # nearest-neighbour, integer factors: attrs scale (one per spatial axis)
+    "resize_linear": OpSpec(),  # (bi)linear resizing: attrs size (output spatial sizes), coords (see below)
     # structure
     "add": OpSpec(min_inputs=2, max_inputs=None),  # residual add of same-shape values
     "concat": OpSpec(min_inputs=1, max_inputs=None),  # along channels (axis 1)
@@ -280,6 +281,44 @@ def upsample_nearest(x: torch.Tensor, scale: Sequence[int]) -> torch.Tensor:
     return x
 
 
+LINEAR_RESIZE_COORDS = ("half_pixel", "align_corners", "asymmetric")
+
+
+def linear_resize_matrix(n_in: int, n_out: int, coords: str) -> torch.Tensor:
+    """(n_out, n_in) float64 weights of linear interpolation along one axis: output i reads
+    src = (i + 1/2)·n_in/n_out − 1/2 (half_pixel: torch's align_corners=False), i·(n_in−1)/(n_out−1)
+    (align_corners) or i·n_in/n_out (asymmetric), clamped to [0, n_in − 1], split between floor(src)
+    and the next sample. Every weight is ≥ 0, so the op is positively homogeneous and channel-wise."""
+    if coords not in LINEAR_RESIZE_COORDS:
+        raise GraphError(f"unknown linear resize coordinates {coords!r}")
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for i in range(n_out):
+        if coords == "align_corners":
+            src = i * (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+        elif coords == "asymmetric":
+            src = i * n_in / n_out
+        else:
+            src = (i + 0.5) * n_in / n_out - 0.5
+        src = min(max(src, 0.0), n_in - 1.0)
+        low = int(math.floor(src))
+        frac = src - low
+        m[i, low] += 1.0 - frac
+        m[i, min(low + 1, n_in - 1)] += frac
+    return m
+
+
+def resize_linear(x: torch.Tensor, size: Sequence[int], coords: str, q: float = 1.0) -> torch.Tensor:
+    """Apply the per-axis interpolation matrices raised to the power ``q`` entrywise (q = 0: 1 where a
+    weight is not 0), axis by axis: q = 1 is the op itself, q = 2 its image in the squared network."""
+    if len(size) != x.dim() - 2:
+        raise GraphError(f"resize sizes {list(size)} do not fit a rank-{x.dim()} value")
+    for axis, n_out in enumerate(size, start=2):
+        m = linear_resize_matrix(x.shape[axis], int(n_out), coords)
+        m = (m != 0).to(torch.float64) if q == 0 else m.pow(q)
+        x = torch.movedim(torch.tensordot(x, m.to(x.device, x.dtype), dims=([axis], [1])), -1, axis)
+    return x
+
+
 def channel_view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Reshape a per-channel vector to broadcast over ``like`` (channels on axis 1)."""
     return t.reshape((1, -1) + (1,) * (like.dim() - 2))
@@ -326,6 +365,8 @@ def _forward_node(graph: Graph, node: Node, xs: list[torch.Tensor], p) -> torch.
         return x.mean(dim=tuple(range(2, x.dim())), keepdim=bool(a.get("keepdim", False)))
     if op == "upsample":
         return upsample_nearest(x, a["scale"])
+    if op == "resize_linear":
+        return resize_linear(x, a["size"], a["coords"])
     if op == "add":
         return sum(xs[1:], xs[0])
     if op == "concat":

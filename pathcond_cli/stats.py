@@ -25,7 +25,17 @@ import torch
 
 from .errors import NumericalError
 from .groups import Groups, Role
-from .ir import Graph, Node, channel_view, conv_apply, conv_transpose_apply, upsample_nearest, window_count, window_sum
+from .ir import (
+    Graph,
+    Node,
+    channel_view,
+    conv_apply,
+    conv_transpose_apply,
+    resize_linear,
+    upsample_nearest,
+    window_count,
+    window_sum,
+)
 
 LOG10 = math.log(10.0)
 
@@ -263,6 +273,10 @@ class PathForward:
     def upsample(self, node, xs):  # every output is a copy (weight 1) of one input
         return Scaled(upsample_nearest(xs[0].t, node.attrs["scale"]), xs[0].s)
 
+    def resize_linear(self, node, xs):  # fixed weights w >= 0 on every edge: w^q in the path forward
+        y = resize_linear(xs[0].t, node.attrs["size"], node.attrs["coords"], self.q)
+        return _normalize(Scaled(y, xs[0].s))
+
     def add(self, node, xs):
         return _combine(list(xs))
 
@@ -292,6 +306,7 @@ _RULES = {
     "avgpool": PathForward.avgpool,
     "global_avgpool": PathForward.global_avgpool,
     "upsample": PathForward.upsample,
+    "resize_linear": PathForward.resize_linear,
     "add": PathForward.add,
     "concat": PathForward.concat,
     "flatten": PathForward.flatten,

@@ -140,8 +140,8 @@ class ConcatNet(nn.Module):
 
 
 class TinyUNet(nn.Module):
-    """An encoder-decoder: conv + BN, max-pool down, conv, nearest upsampling back (nn.Upsample and
-    F.interpolate), concat with the skip connection, a per-pixel conv head (output is a feature map)."""
+    """An encoder-decoder: conv + BN, max-pool down, conv, nearest upsampling back (nn.Upsample), concat
+    with the skip connection, a bilinear resize (F.interpolate), a per-pixel conv head (a feature map)."""
 
     def __init__(self, in_ch: int = 2, classes: int = 3):
         super().__init__()
@@ -156,7 +156,7 @@ class TinyUNet(nn.Module):
         skip = self.enc(x)
         deep = torch.relu(self.mid(self.down(skip)))
         y = torch.relu(self.dec(torch.cat([skip, self.up(deep)], dim=1)))
-        y = nn.functional.interpolate(y, size=(y.shape[2], 2 * y.shape[3]), mode="nearest")
+        y = nn.functional.interpolate(y, size=(y.shape[2], 2 * y.shape[3]), mode="bilinear", align_corners=False)
         return self.head(y)
 
 

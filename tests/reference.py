@@ -168,6 +168,26 @@ def _global_avgpool(net, node, x):
     return y
 
 
+def _resize_linear(net, node, x):
+    """Fixed weights from torch itself: the interpolation of a one-hot image at each input pixel
+    (half_pixel is torch's align_corners=False)."""
+    import torch
+
+    spatial = x.shape[2:]
+    mode = {1: "linear", 2: "bilinear"}[len(spatial)]
+    corners = {"half_pixel": False, "align_corners": True}[node.attrs["coords"]]
+    size = tuple(int(n) for n in node.attrs["size"])
+    y = net.new((*x.shape[:2], *size))
+    for src in np.ndindex(*spatial):
+        impulse = torch.zeros((1, 1, *spatial), dtype=torch.float64)
+        impulse[(0, 0, *src)] = 1.0
+        weights = torch.nn.functional.interpolate(impulse, size=size, mode=mode, align_corners=corners)[0, 0].numpy()
+        for dst in zip(*np.nonzero(weights)):
+            for c in range(x.shape[1]):
+                net.edge(x[(0, c, *src)], y[(0, c, *dst)], float(weights[dst]))
+    return y
+
+
 def _add(net, xs):
     y = net.new(xs[0].shape)
     for x in xs:
@@ -226,6 +246,8 @@ def expand(graph) -> NeuronNet:
                 src = (*idx[:2], *(i // f for i, f in zip(idx[2:], scale)))
                 net.edge(x[src], y[idx], 1.0)
             vals[node.output] = y
+        elif op == "resize_linear":
+            vals[node.output] = _resize_linear(net, node, x)
         elif op == "add":
             vals[node.output] = _add(net, xs)
         elif op == "concat":

@@ -217,6 +217,17 @@ def unet_like() -> Graph:
     return n.graph(n.conv(y, 1, 1))
 
 
+def bilinear() -> Graph:
+    """linear resizing between layers: bilinear half-pixel (torch's default) by 2, then align-corners
+    from 3 to 4 (not a multiple), then a 1x1 conv head."""
+    n = Net(13, (1, 1, 2, 2))
+    y = n.op("relu", n.conv("x", 2, 1))
+    y = n.op("resize_linear", y, size=[4, 4], coords="half_pixel")
+    y = n.op("relu", n.conv(y, 2, 2))  # 4x4 -> 3x3
+    y = n.op("resize_linear", y, size=[4, 3], coords="align_corners")
+    return n.graph(n.conv(y, 1, 1))
+
+
 def decoder() -> Graph:
     """a DCGAN-like generator from a small map: transposed convolutions
     (stride 2 with pads and output_padding; a 2-group one with dilation) with BN and ReLU."""
@@ -239,6 +250,7 @@ DAGS = {
     "misc_ops": misc_ops,
     "unet_like": unet_like,
     "decoder": decoder,
+    "bilinear": bilinear,
 }
 
 

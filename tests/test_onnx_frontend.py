@@ -18,7 +18,7 @@ from tests import nets
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPORTERS = ["torchscript", "dynamo", "dynamo_noopt"]
-CHAIN_OPS = {"relu", "maxpool", "avgpool", "global_avgpool", "identity", "flatten", "upsample"}
+CHAIN_OPS = {"relu", "maxpool", "avgpool", "global_avgpool", "identity", "flatten", "upsample", "resize_linear"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -525,6 +525,20 @@ def _resize_model(attrs: dict, scales=None, sizes=None) -> onnx.ModelProto:
     return _model(nodes, [_vi("x", [1, 2, 4, 5])], [_vi("y", [1, 2, None, None])], inits, opset=13)
 
 
+@pytest.mark.parametrize("attrs,scales,sizes", [
+    ({"mode": "linear"}, [1, 1, 2, 2], None),  # half_pixel
+    ({"mode": "linear", "coordinate_transformation_mode": "pytorch_half_pixel"}, None, [1, 3, 7, 3]),
+    ({"mode": "linear", "coordinate_transformation_mode": "align_corners"}, None, [1, 3, 7, 9]),
+    ({"mode": "linear", "coordinate_transformation_mode": "asymmetric"}, [1, 1, 3, 2], None),
+    ({"mode": "linear"}, [1, 1, 0.5, 1.0], None),  # downsampling 4 -> 2
+])
+def test_resize_linear_matches_onnxruntime(tmp_path, attrs, scales, sizes):
+    path = _write(_resize_model(attrs, scales, sizes), tmp_path)
+    model = load_onnx(path, LoadOptions())
+    assert [n.op for n in model.graph.nodes].count("resize_linear") == 1
+    _assert_ir_matches_ort(model, path)
+
+
 @pytest.mark.parametrize("attrs,scales,sizes,scale", [
     ({"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}, [1, 1, 2, 3], None, [2, 3]),
     ({"mode": "nearest"}, None, [1, 3, 12, 5], [3, 1]),  # defaults: half_pixel + round_prefer_floor
@@ -540,7 +554,9 @@ def test_resize_nearest_whole_factors(tmp_path, attrs, scales, sizes, scale):
 
 
 @pytest.mark.parametrize("attrs,scales,why", [
-    ({"mode": "linear"}, [1, 1, 2, 2], "mode 'linear'"),
+    ({"mode": "cubic"}, [1, 1, 2, 2], "mode 'cubic'"),
+    ({"mode": "linear", "coordinate_transformation_mode": "tf_crop_and_resize"}, [1, 1, 2, 2], "tf_crop_and_resize"),
+    ({"mode": "linear"}, [1, 1, 2.3, 2], "approximately"),  # 4 x 2.3 = 9.2: ONNX keeps 9
     ({"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "round_prefer_floor"},
      [1, 1, 2, 2], "does not repeat"),
     ({"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}, [1, 1, 2.5, 2], "whole"),

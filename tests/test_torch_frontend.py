@@ -810,7 +810,7 @@ def test_non_persistent_buffer_is_kept_and_its_channels_pinned(fmt, tmp_path):
     assert _rel_err(torch.from_numpy(got), want) < 1e-5
 
 
-def test_nearest_upsampling_forms_and_refused_interpolations():
+def test_upsampling_forms_and_refused_interpolations():
     class Up(nn.Module):
         def __init__(self, mode: str, **kw):
             super().__init__()
@@ -819,15 +819,18 @@ def test_nearest_upsampling_forms_and_refused_interpolations():
         def forward(self, x):
             return F.interpolate(torch.relu(self.conv(x)), mode=self.mode, **self.kw)
 
-    for mode, kw, scale in [("nearest", {"scale_factor": 3}, [3, 3]),
-                            ("nearest-exact", {"size": (10, 15)}, [2, 3]),
-                            ("nearest", {"scale_factor": (1.0, 2.0)}, [1, 2])]:
+    for mode, kw, op in [("nearest", {"scale_factor": 3}, "upsample"),
+                         ("nearest-exact", {"size": (10, 15)}, "upsample"),
+                         ("nearest", {"scale_factor": (1.0, 2.0)}, "upsample"),
+                         ("bilinear", {"scale_factor": 2}, "resize_linear"),
+                         ("bilinear", {"size": (7, 3), "align_corners": True}, "resize_linear"),
+                         ("bilinear", {"size": (8, 4)}, "resize_linear")]:
         model = Up(mode, **kw).eval()
         graph = module_to_graph(model, [(1, 2, 5, 5)])
-        (up,) = [n for n in graph.nodes if n.op == "upsample"]
-        assert up.attrs["scale"] == scale, (mode, kw)
+        assert [n.op for n in graph.nodes].count(op) == 1, (mode, kw)
         _assert_module_matches(model, graph, (1, 2, 5, 5))
-    for mode, kw, why in [("bilinear", {"scale_factor": 2}, "nearest-neighbour"),
+    for mode, kw, why in [("bicubic", {"scale_factor": 2}, "bicubic"),
+                          ("bilinear", {"scale_factor": 1.5}, "not exact"),
                           ("nearest", {"scale_factor": 1.5}, "whole numbers"),
                           ("nearest", {"size": (7, 7)}, "whole-number")]:
         offenders = _offenders(Up(mode, **kw).eval(), (1, 2, 5, 5))

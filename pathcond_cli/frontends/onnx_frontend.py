@@ -732,12 +732,39 @@ _NEAREST_REPEAT = {("asymmetric", "floor"), ("half_pixel", "round_prefer_floor")
                    ("pytorch_half_pixel", "round_prefer_ceil")}
 
 
+# linear Resize coordinate modes and the IR's names for them (pytorch_half_pixel differs only for size 1)
+_LINEAR_COORDS = {"half_pixel": "half_pixel", "pytorch_half_pixel": "half_pixel", "align_corners": "align_corners",
+                  "asymmetric": "asymmetric"}
+
+
+def _resize_linear(ctx: _Context, coords: str) -> None:
+    node = ctx.node
+    if coords not in _LINEAR_COORDS:
+        raise _Refuse(f"linear Resize with coordinate_transformation_mode={coords!r} is not supported")
+    if int(_attr(node, "antialias", 0)):
+        raise _Refuse("antialiased Resize is not supported")
+    before = ctx.shape(0)
+    after = ctx.folder._shape_of(node.output[0])
+    if after is None or len(after) != len(before) or tuple(after[:2]) != tuple(before[:2]):
+        raise _Refuse(f"it resizes {before} to {after}: only spatial axes may change")
+    scales = ctx.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if scales is not None and scales.size and coords != "align_corners":
+        for f, n_in, n_out in zip(scales.reshape(-1)[2:], before[2:], after[2:]):
+            if abs(float(f) * n_in - n_out) > 1e-6 * n_out:  # coordinates use the scale: exact ratios only
+                raise _Refuse(f"scale {float(f)} maps {n_in} to {n_out} only approximately")
+    ctx.emit("resize_linear", [ctx.x(0)], attrs={"size": list(after[2:]), "coords": _LINEAR_COORDS[coords]})
+
+
 def _resize(ctx: _Context) -> None:
     node = ctx.node
     mode = _text_attr(node, "mode", "nearest")
-    if mode != "nearest":
-        raise _Refuse(f"Resize mode {mode!r}: only nearest-neighbour upsampling by integer factors is supported")
     coords = _text_attr(node, "coordinate_transformation_mode", "half_pixel")
+    if mode == "linear":
+        _resize_linear(ctx, coords)
+        return
+    if mode != "nearest":
+        raise _Refuse(f"Resize mode {mode!r}: only nearest-neighbour upsampling by integer factors and linear "
+                      "resizing are supported")
     rounding = _text_attr(node, "nearest_mode", "round_prefer_floor")
     if (coords, rounding) not in _NEAREST_REPEAT:
         raise _Refuse(f"nearest Resize with coordinate_transformation_mode={coords!r} and nearest_mode={rounding!r} "

@@ -117,9 +117,9 @@ CLAMP_OPS = _ops("clamp", "clamp_")
 TRANSPOSE_OPS = _ops("t", "numpy_T", "transpose.int", "permute", "t_copy", "permute_copy", "transpose_copy.int")
 UPSAMPLE_NEAREST_OPS = _ops("upsample_nearest1d", "upsample_nearest2d", "_upsample_nearest_exact1d",
                            "_upsample_nearest_exact2d")
-INTERPOLATE_OPS = _ops("upsample_linear1d", "upsample_bilinear2d", "upsample_bicubic2d", "_upsample_bilinear2d_aa",
-                       "_upsample_bicubic2d_aa", "upsample_trilinear3d", "upsample_nearest3d",
-                       "_upsample_nearest_exact3d", "grid_sampler_2d")
+LINEAR_RESIZE_OPS = _ops("upsample_linear1d", "upsample_bilinear2d")
+INTERPOLATE_OPS = _ops("upsample_bicubic2d", "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa", "upsample_trilinear3d",
+                       "upsample_nearest3d", "_upsample_nearest_exact3d", "grid_sampler_2d")
 HEAD_OPS = _ops("softmax", "_softmax", "log_softmax", "_log_softmax", "sigmoid", "special_softmax",
                 "special_log_softmax")
 NON_HOMOGENEOUS = _ops("hardtanh", "hardtanh_", "relu6", "gelu", "silu", "silu_", "tanh", "sigmoid", "elu",
@@ -492,6 +492,22 @@ class _Translator:
         scale = [int(o) // int(i) for o, i in zip(after[2:], before[2:])]
         return self._emit(node, "upsample", [self._tensor(x)], attrs={"scale": scale})
 
+    def _op_resize_linear(self, node, a, first, x):
+        """(Bi)linear resizing: fixed non-negative weights. With scale factors and align_corners=False,
+        torch maps coordinates with the factor, which is the IR's n_in/n_out only when it is exact."""
+        before, after = _meta_shape(first), _meta_shape(node)
+        if before is None or after is None or len(before) != len(after) or tuple(after[:2]) != tuple(before[:2]):
+            raise _Unsupported("linear resizing with unknown or channel-changing shapes")
+        corners = bool(a.get("align_corners"))
+        given = [a.get(k) for k in a if k.startswith("scale")]
+        flat = [f for v in given if v is not None for f in (v if isinstance(v, (list, tuple)) else [v])]
+        if not corners and len(flat) == len(after) - 2:
+            for f, n_in, n_out in zip(flat, before[2:], after[2:]):
+                if f is not None and abs(float(f) * int(n_in) - int(n_out)) > 1e-9 * int(n_out):
+                    raise _Unsupported(f"linear resizing by scale factor {f} from {n_in} to {n_out} (not exact)")
+        attrs = {"size": [int(n) for n in after[2:]], "coords": "align_corners" if corners else "half_pixel"}
+        return self._emit(node, "resize_linear", [self._tensor(x)], attrs=attrs)
+
     def _op_adaptive(self, node, a, first, x):
         return self._adaptive(node, a, x, node.target in ADAPTIVE_MAX_OPS)
 
@@ -818,8 +834,9 @@ _HANDLERS = [
     (AVGPOOL_OPS, _Translator._op_avgpool),
     (ADAPTIVE_AVG_OPS | ADAPTIVE_MAX_OPS, _Translator._op_adaptive),
     (UPSAMPLE_NEAREST_OPS, _Translator._op_upsample),
-    (INTERPOLATE_OPS, _refuse("only nearest-neighbour upsampling by whole factors is supported (bilinear, bicubic "
-                              "and 3-D resizing are not)")),
+    (LINEAR_RESIZE_OPS, _Translator._op_resize_linear),
+    (INTERPOLATE_OPS, _refuse("only nearest-neighbour upsampling by whole factors and (bi)linear resizing are "
+                              "supported (bicubic, antialiased and 3-D resizing are not)")),
     (MEAN_OPS, _Translator._op_mean),
     (ADD_OPS, _Translator._op_add),
     (SUB_OPS, _refuse("subtraction is not supported (only residual additions)")),
