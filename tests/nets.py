@@ -205,44 +205,42 @@ class TinyDenseNet(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
-def mlp(seed: int = 0, widths=(8, 32, 4, 16, 3)) -> nn.Module:
+def _build(cls: type[nn.Module], seed: int, *args) -> nn.Module:
+    """``cls(*args)`` initialised under ``seed``, BatchNorm randomised, in eval mode."""
     torch.manual_seed(seed)
-    return _finish(MLP(widths), seed)
+    return _finish(cls(*args), seed)
+
+
+def mlp(seed: int = 0, widths=(8, 32, 4, 16, 3)) -> nn.Module:
+    return _build(MLP, seed, widths)
 
 
 def small_cnn(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return _finish(SmallCNN(), seed)
+    return _build(SmallCNN, seed)
 
 
 def resnet_like(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return _finish(ResNetLike(), seed)
+    return _build(ResNetLike, seed)
 
 
 def plain_resnet(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return _finish(PlainResNet(), seed)
+    return _build(PlainResNet, seed)
 
 
 def concat_net(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return _finish(ConcatNet(), seed)
+    return _build(ConcatNet, seed)
 
 
 def tiny_unet(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return _finish(TinyUNet(), seed)
+    return _build(TinyUNet, seed)
 
 
 def tiny_generator(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return _finish(TinyGenerator(), seed)
+    return _build(TinyGenerator, seed)
 
 
 def dense_net(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return _finish(TinyDenseNet(), seed)
+    return _build(TinyDenseNet, seed)
 
 
 #: name -> (factory, input shape at batch 1)

@@ -594,6 +594,10 @@ class _Translator:
             pads = p + p
         if a.get("output_padding") and any(int(v) for v in a["output_padding"]):
             raise _Unsupported("output_padding is not supported")
+        attrs = {"stride": stride, "pads": pads, "dilation": dilation, "groups": int(a.get("groups") or 1)}
+        return self._emit(node, "conv", [x], self._conv_params(a, w), attrs)
+
+    def _conv_params(self, a, w: PVal) -> dict[str, str]:
         params = {"weight": w.key}
         b = a.get("bias")
         if b is not None:
@@ -601,8 +605,7 @@ class _Translator:
             if not isinstance(bv, PVal):
                 raise _Unsupported("convolution bias is not a parameter")
             params["bias"] = bv.key
-        attrs = {"stride": stride, "pads": pads, "dilation": dilation, "groups": int(a.get("groups") or 1)}
-        return self._emit(node, "conv", [x], params, attrs)
+        return params
 
     def _conv_transpose(self, node, a, x, w, d):
         """The weight is stored (I, O/groups, *k); the IR holds it swapped to (O, I/groups, *k)."""
@@ -614,14 +617,7 @@ class _Translator:
         p = _ints(a.get("padding"), d, 0)
         attrs = {"stride": _ints(a.get("stride"), d, 1), "dilation": _ints(a.get("dilation"), d, 1), "groups": groups,
                  "pads": p + p, "output_padding": _ints(a.get("output_padding"), d, 0)}
-        params = {"weight": w.key}
-        b = a.get("bias")
-        if b is not None:
-            bv = self._val(b)
-            if not isinstance(bv, PVal):
-                raise _Unsupported("convolution bias is not a parameter")
-            params["bias"] = bv.key
-        return self._emit(node, "conv_transpose", [x], params, attrs, swap={"weight": groups})
+        return self._emit(node, "conv_transpose", [x], self._conv_params(a, w), attrs, swap={"weight": groups})
 
     def _batchnorm(self, node, a, x):
         x = self._tensor(x)
