@@ -17,7 +17,7 @@ import torch
 
 from .errors import NumericalError, UsageError
 from .groups import Groups, Role, build_groups
-from .ir import Graph
+from .ir import WEIGHT_LAYER_OPS, Graph
 from .solver import Blocks, Solution, build_blocks, solve
 from .stats import PathStats, path_statistics, role_summary
 
@@ -80,7 +80,7 @@ class Analysis:
     @property
     def width_ratio(self) -> float:
         widths = [shape[1] for shape in self.graph.inputs.values()]
-        widths += [self.graph.shapes[n.output][1] for n in self.graph.nodes if n.op in ("linear", "conv", "conv_transpose")]
+        widths += [self.graph.shapes[n.output][1] for n in self.graph.nodes if n.op in WEIGHT_LAYER_OPS]
         return max(widths) / min(widths) if widths else 1.0
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .ir import LAYER_OPS, Graph, Node
+from .ir import LAYER_OPS, WEIGHT_LAYER_OPS, Graph, Node
 
 #: ops whose output channels are their input's channels (scaling commutes with them channel-wise)
 SAME_CHANNEL_OPS = frozenset(
@@ -123,6 +123,13 @@ class _Builder:
     def pin(self, ids: np.ndarray, node: str, reason: str, value: str) -> None:
         self.pin_raw.append((ids, node, reason, value))
 
+    def pin_role(self, node: Node, role: str, kind: str, reason: str) -> None:
+        """Pin the output channels of one objective role and, for an edge, the input channels it reads."""
+        out, inp = self.role_raw(node, role, kind)
+        self.pin(out, node.name, reason, node.output)
+        if inp is not None:
+            self.pin(inp.reshape(-1), node.name, reason, node.inputs[0])
+
     def channels(self, value: str) -> int:
         return self.graph.shapes[value][1]
 
@@ -161,7 +168,7 @@ class _Builder:
         if kind == "diag":
             return out, src.reshape(-1, 1)
         weight = self.graph.params[node.params[role]]
-        groups = int(node.attrs.get("groups", 1)) if node.op in ("conv", "conv_transpose") else 1
+        groups = int(node.attrs.get("groups", 1))  # only convolutions carry it
         if groups == 1:
             return out, src
         o, i_per = weight.shape[0], weight.shape[1]
@@ -184,10 +191,8 @@ def _tie_parameters(builder: _Builder, uses: dict[str, list[tuple[Node, str, str
                     builder.uf.union(in0.reshape(-1), inp.reshape(-1))
             continue
         reason = f"parameter {key!r} is shared in different roles ({', '.join(sorted({n.name for n, _, _ in places}))})"
-        for (node, _, _), (out, inp) in zip(objective, raws):
-            builder.pin(out, node.name, reason, node.output)
-            if inp is not None:
-                builder.pin(inp.reshape(-1), node.name, reason, node.inputs[0])
+        for node, role, kind in objective:
+            builder.pin_role(node, role, kind, reason)
 
 
 def _pin_frozen(builder: _Builder, uses: dict[str, list[tuple[Node, str, str | None]]]) -> None:
@@ -196,11 +201,7 @@ def _pin_frozen(builder: _Builder, uses: dict[str, list[tuple[Node, str, str | N
         for node, role, kind in uses.get(key, []):
             if kind is None:
                 continue  # not an objective role: its value never changes anyway
-            out, inp = builder.role_raw(node, role, kind)
-            reason = f"parameter {key!r} cannot be rewritten: {why}"
-            builder.pin(out, node.name, reason, node.output)
-            if inp is not None:
-                builder.pin(inp.reshape(-1), node.name, reason, node.inputs[0])
+            builder.pin_role(node, role, kind, f"parameter {key!r} cannot be rewritten: {why}")
 
 
 def build_groups(graph: Graph) -> Groups:
@@ -264,7 +265,7 @@ def _resolve(graph: Graph, b: _Builder) -> Groups:
     layer_outputs = {
         node.name: int(np.sum(~np.isin(roots[b.raw[node.output]], list(output_roots))))
         for node in graph.nodes
-        if node.op in ("linear", "conv", "conv_transpose")
+        if node.op in WEIGHT_LAYER_OPS
     }
     return Groups(
         n_free=len(free_roots),

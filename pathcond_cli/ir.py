@@ -70,6 +70,8 @@ OPS: dict[str, OpSpec] = {
 
 #: ops whose output channels are new neurons (each output channel starts its own group)
 LAYER_OPS = frozenset({"linear", "conv", "conv_transpose", "batchnorm", "affine"})
+#: layers with a weight between input and output channels: their outputs are the hidden units
+WEIGHT_LAYER_OPS = frozenset({"linear", "conv", "conv_transpose"})
 
 
 @dataclass(frozen=True, eq=False)

@@ -457,8 +457,7 @@ def _matmul(ctx: _Context) -> None:
 def _spatial_pads(ctx: _Context, kernel, strides, dilations) -> list[int]:
     node = ctx.node
     d = len(kernel)
-    auto_pad = _attr(node, "auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    auto_pad = _text_attr(node, "auto_pad", "NOTSET")
     if auto_pad in ("NOTSET", ""):
         return list(_attr(node, "pads", [0] * (2 * d)))
     if auto_pad == "VALID":
