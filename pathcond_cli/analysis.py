@@ -178,7 +178,8 @@ def rescaled_params(analysis: Analysis) -> dict[str, torch.Tensor]:
         stored = analysis.graph.params[role.key]
         value = stored.detach().to("cpu", torch.float64, copy=True).mul_(torch.exp(role_log_factor(role, u)))
         value = value.to(stored.dtype)  # checked after the cast: float16 overflows long before float64
-        extremes = [float(x) for x in torch.aminmax(value.float())] if value.numel() else []  # NaN propagates
+        # float64 keeps every value of every dtype (inf and NaN included); float32 would overflow float64 values
+        extremes = [float(x) for x in torch.aminmax(value.to(torch.float64))] if value.numel() else []
         if not all(math.isfinite(x) for x in extremes):
             raise NumericalError(
                 f"rescaled parameter {role.key!r} is not finite in {stored.dtype}; nothing was written"

@@ -430,6 +430,13 @@ def test_rescaled_params_keep_dtype_and_refuse_overflow():
     analysis.solution.u[1:] = 20.0  # e^20 ≈ 4.9e8 > float16's 65504
     with pytest.raises(NumericalError, match="not finite in torch.float16"):
         rescaled_params(analysis)
+    # float64 holds far more: a value beyond float32's range is finite and written
+    wide = mlp(5, (3, 6, 4, 2))
+    analysis = analyze(wide, device="cpu")
+    analysis.solution.u[1:] = 100.0  # e^100 ≈ 2.7e43 > float32's 3.4e38
+    new = rescaled_params(analysis)
+    assert all(v.dtype == torch.float64 and bool(torch.isfinite(v).all()) for v in new.values())
+    assert max(float(v.abs().max()) for v in new.values()) > 1e39
 
 
 # --------------------------------------------------------------------------------------------------
