@@ -201,19 +201,26 @@ def _is_state_dict(obj: Any) -> bool:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
+def _entry(container: Any, key: str) -> tuple[list[str], Any] | None:
+    """(key path, value) of the ``--key`` entry: a top-level key, else a dotted path; None if absent."""
+    parts = [key] if isinstance(container, Mapping) and key in container else key.split(".")
+    node = container
+    for part in parts:
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return parts, node
+
+
 def _find_state_dict(container: Any, expected: set[str], key: str | None) -> tuple[list[str], str]:
     """Where the state_dict sits in the container (a key path) and the prefix its keys carry."""
     candidates: list[list[str]] = []
     if key is not None:
-        node: Any = container
-        path: list[str] = []
-        parts = [key] if isinstance(container, Mapping) and key in container else key.split(".")
-        for part in parts:
-            if not isinstance(node, Mapping) or part not in node:
-                raise UsageError(f"the checkpoint has no entry {key!r} (top-level keys: "
-                                 f"{', '.join(map(str, container.keys())) if isinstance(container, Mapping) else '-'})")
-            node = node[part]
-            path.append(part)
+        found = _entry(container, key)
+        if found is None:
+            raise UsageError(f"the checkpoint has no entry {key!r} (top-level keys: "
+                             f"{', '.join(map(str, container.keys())) if isinstance(container, Mapping) else '-'})")
+        path, node = found
         if not _is_state_dict(node):
             raise UsageError(f"checkpoint entry {key!r} is not a state_dict (a mapping of names to tensors)")
         candidates = [path]
@@ -252,13 +259,8 @@ def _find_state_dict(container: Any, expected: set[str], key: str | None) -> tup
 def _find_module(container: Mapping, key: str | None) -> list[str] | None:
     """The key path of the one nn.Module inside a checkpoint dict (``key`` names it), or None."""
     if key is not None:
-        parts = [key] if key in container else key.split(".")
-        node: Any = container
-        for part in parts:
-            if not isinstance(node, Mapping) or part not in node:
-                return None
-            node = node[part]
-        return parts if isinstance(node, nn.Module) else None
+        found = _entry(container, key)
+        return found[0] if found is not None and isinstance(found[1], nn.Module) else None
     found: list[list[str]] = []
 
     def walk(obj: Mapping, path: list[str], depth: int) -> None:
