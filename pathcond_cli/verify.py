@@ -28,8 +28,8 @@ Runner = Callable[[Mapping[str, np.ndarray], bool], Sequence[np.ndarray]]
 
 #: default relative tolerance by floating dtype name (the loosest one among those involved is used)
 RTOL_BY_DTYPE = {"float64": 1e-9, "float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
-#: default relative tolerance for a floating dtype with fewer bits than the ones above (float8 ...)
-RTOL_OTHER_FLOAT = 1.25e-1
+#: default relative tolerance for the floating dtypes narrower than 16 bits (float8, float6, float4)
+RTOL_NARROW_FLOAT = 1.25e-1
 #: kept for callers that index by torch dtype
 DEFAULT_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
@@ -44,7 +44,7 @@ def _float_name(dtype: Any) -> str | None:
         return None
     if dt.name in RTOL_BY_DTYPE or np.issubdtype(dt, np.floating):
         return dt.name
-    return dt.name if dt.name.startswith("float8") else None
+    return dt.name if dt.name.startswith(("float8", "float6", "float4")) else None
 
 
 def default_rtol(dtypes: Iterable[Any] | Mapping[str, torch.Tensor]) -> float:
@@ -58,7 +58,13 @@ def default_rtol(dtypes: Iterable[Any] | Mapping[str, torch.Tensor]) -> float:
     if isinstance(dtypes, Mapping):
         dtypes = [t.dtype for t in dtypes.values() if isinstance(t, torch.Tensor)]
     names = {name for name in map(_float_name, dtypes) if name is not None}
-    return max((RTOL_BY_DTYPE.get(name, RTOL_OTHER_FLOAT) for name in names), default=1e-4)
+    return max((_rtol_of(name) for name in names), default=1e-4)
+
+
+def _rtol_of(name: str) -> float:
+    if name in RTOL_BY_DTYPE:
+        return RTOL_BY_DTYPE[name]
+    return RTOL_NARROW_FLOAT if name.startswith(("float8", "float6", "float4")) else RTOL_BY_DTYPE["float32"]
 
 
 @dataclass

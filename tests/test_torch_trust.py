@@ -190,6 +190,42 @@ def test_exported_program_in_its_own_dtype(dtype, tmp_path):
     assert (ver["rtol"] < 1e-4) == (dtype == torch.float64)
 
 
+@pytest.mark.parametrize("fmt", ["script", "trace", "pickled", "export-dynamic-batch"])
+def test_bfloat16_model_in_every_format(fmt, tmp_path):
+    """Verification feeds bfloat16 inputs (numpy has no bfloat16: they travel as float32 and are cast to
+    the model's input dtype) and reads bfloat16 outputs, in every torch format."""
+    model = nets.small_cnn().to(torch.bfloat16)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.bfloat16)
+    path, out = tmp_path / "m.bin", tmp_path / "out.bin"
+    options = ["--input-shape", "x=1x3x16x16"]
+    if fmt == "script":
+        torch.jit.save(torch.jit.script(model), str(path))
+        load = lambda p: torch.jit.load(str(p))  # noqa: E731
+    elif fmt == "trace":
+        torch.jit.save(torch.jit.trace(model, x), str(path))
+        load = lambda p: torch.jit.load(str(p))  # noqa: E731
+    elif fmt == "pickled":
+        torch.save(model, path)
+        options.append("--trust-pickle")
+        load = lambda p: torch.load(p, weights_only=False)  # noqa: E731
+    else:
+        ep = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+        torch.export.save(ep, str(path))
+        options = []
+        load = lambda p: torch.export.load(str(p)).module()  # noqa: E731
+    code, output, report = invoke("rescale", path, out, *options, "--json")
+    assert code == 0, output
+    ver = report["verification"]
+    assert ver["passed"] and ver["rtol"] > 1e-3 and report["conditioning"]["max_abs_log_scale"] > 1e-2
+    assert ver["modes"] == (["eval"] if fmt.startswith("export") else ["eval", "train"])
+    original, rewritten = load(path), load(out)
+    if not fmt.startswith("export"):  # an exported program's module has no modes
+        original.eval(), rewritten.eval()
+    with torch.no_grad():
+        want, got = original(x), rewritten(x)
+    assert got.dtype == torch.bfloat16 and rel_err(got, want) <= ver["rtol"]
+
+
 @pytest.mark.parametrize("stored", [torch.float64, torch.bfloat16])
 def test_state_dict_stored_in_another_dtype_than_the_module(stored, tmp_path):
     """The --arch module computes in float32. A float64 file is checked at float32's tolerance (not
@@ -342,3 +378,16 @@ def test_api_failure_restores_the_module_and_carries_the_report():
     ver = info.value.report["verification"]
     assert ver["passed"] is False and ver["max_rel_error"] > 1e-15 and ver["rtol"] == 1e-15
 
+
+
+def test_default_tolerance_is_the_least_precise_dtype_involved():
+    """Stored and run dtypes, torch's or numpy's names for them, integers ignored."""
+    import ml_dtypes
+
+    from pathcond_cli.verify import default_rtol
+
+    assert default_rtol([torch.float64, np.dtype(np.float32)]) == default_rtol([torch.float32]) > default_rtol([torch.float64])
+    assert default_rtol([np.dtype(ml_dtypes.bfloat16), torch.float32]) == default_rtol([torch.bfloat16])
+    assert default_rtol([torch.bfloat16]) > default_rtol([torch.float16]) > default_rtol([torch.float32])
+    assert default_rtol([torch.float64, torch.int64, np.dtype(np.uint8), np.dtype(bool)]) == default_rtol([torch.float64])
+    assert default_rtol([torch.float8_e4m3fn]) > default_rtol([torch.bfloat16])
