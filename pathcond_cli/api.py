@@ -13,15 +13,22 @@ registered), through the same engine as the CLI.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from .analysis import Analysis, analyze, rescaled_params
 from .errors import VerificationError
+from .frontends.base import InputSpec
 from .report import build_report
+from .verify import Runner, compare_cases, run_cases, verification_cases
+
+if TYPE_CHECKING:
+    from .frontends.torch_graph import Translation
 
 Shape = Sequence[int]
 
@@ -29,17 +36,20 @@ Shape = Sequence[int]
 def _translation(module: nn.Module, input_shape: Shape | dict[str, Shape]):
     from .frontends.torch_frontend import module_translation
 
-    shapes = input_shape if isinstance(input_shape, dict) else [tuple(input_shape)]
-    return module_translation(module, shapes)
+    return module_translation(module, _shapes(input_shape))
 
 
-def _analyze(module: nn.Module, input_shape, device: str, tol: float, max_sweeps: int) -> tuple[Analysis, dict[str, int]]:
-    """The analysis and the IR keys held in another layout than the module's (see ``stored_layout``)."""
+def _shapes(input_shape: Shape | dict[str, Shape]) -> dict[str, Shape] | list[tuple[int, ...]]:
+    return input_shape if isinstance(input_shape, dict) else [tuple(input_shape)]
+
+
+def _analyze(module: nn.Module, input_shape, device: str, tol: float, max_sweeps: int) -> tuple[Analysis, Translation]:
+    """The analysis and the translation it was made from (inputs, IR keys held in another layout)."""
     was_training = module.training
     module.eval()
     try:
         tr = _translation(module, input_shape)
-        return analyze(tr.graph, device=device, tol=tol, max_sweeps=max_sweeps), dict(tr.swapped)
+        return analyze(tr.graph, device=device, tol=tol, max_sweeps=max_sweeps), tr
     finally:
         module.train(was_training)
 
@@ -71,50 +81,84 @@ def _copy_into(module: nn.Module, values: dict[str, torch.Tensor]) -> None:
             tensors[key].copy_(value)
 
 
-def _outputs(module: nn.Module, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    with torch.no_grad():
-        out = module(*inputs)
-    flat = list(out) if isinstance(out, (tuple, list)) else [out]
-    return [t.detach().double().clone() for t in flat]
+def _live_runner(module: nn.Module, specs: list[InputSpec], dtypes: list[torch.dtype]) -> Runner:
+    """Run the module as it is now, like a file's runtime runs a file (:mod:`pathcond_cli.verify`).
+
+    A training-mode run updates BatchNorm's running statistics (and any other buffer the module's code
+    changes): every buffer is put back afterwards, so verifying leaves the module as it found it. The
+    module's own training flag is restored too."""
+    from .frontends.torch_frontend import _flatten_outputs, _reference_tensor, as_model_inputs
+
+    device = _reference_tensor(module).device
+
+    def run(feeds, train: bool) -> list[np.ndarray]:
+        args = as_model_inputs(specs, dtypes, feeds, device)
+        buffers = [(b, b.detach().clone()) for b in module.buffers()] if train else []
+        was_training = module.training
+        module.train(train)
+        try:
+            with torch.no_grad():
+                out = module(*args)
+        finally:
+            module.train(was_training)
+            with torch.no_grad():
+                for buffer, saved in buffers:
+                    buffer.copy_(saved)
+        return _flatten_outputs(out)
+
+    return run
+
+
+def _cuda_devices(module: nn.Module) -> list[int]:
+    """The CUDA devices the module's tensors are on (their random generators are seeded per run)."""
+    return sorted({t.device.index or 0 for t in [*module.parameters(), *module.buffers()] if t.device.type == "cuda"})
 
 
 def rescale_module_(
     module: nn.Module, input_shape: Shape | dict[str, Shape], *, device: str = "auto", tol: float = 1e-3,
-    max_sweeps: int = 2000, rtol: float | None = None, seed: int = 0,
+    max_sweeps: int = 2000, rtol: float | None = None, verify_inputs: int = 3, seed: int = 0,
 ) -> dict[str, Any]:
     """Rescale ``module``'s parameters in place with the optimal PathCond rescaling; the function it
-    computes is unchanged (checked on seeded random inputs in eval mode; on failure the original values
-    are restored and :class:`~pathcond_cli.errors.VerificationError` is raised). Returns the report,
-    with ``changed`` listing the state_dict entries that were rescaled.
+    computes is unchanged. Returns the report (the same schema as ``pathcond rescale``'s), with
+    ``changed`` listing the state_dict entries that were rescaled.
+
+    Verified like the CLI verifies a file: the module's outputs before and after, on ``verify_inputs``
+    seeded random inputs in eval mode, plus one batch in training mode when it has BatchNorm (its
+    running statistics are put back after that run). The tolerance defaults to that of the module's least
+    precise dtype. On failure the original values are restored and
+    :class:`~pathcond_cli.errors.VerificationError` is raised, carrying the report.
 
     Create the optimizer after calling this: optimizer state refers to the old parametrisation.
     """
-    from .verify import default_rtol
+    from .frontends.torch_frontend import _ordered_shapes, floating_dtypes, input_specs, stored_layout
 
-    from .frontends.torch_frontend import stored_layout
-
-    analysis, swapped = _analyze(module, input_shape, device, tol, max_sweeps)
-    new = stored_layout(rescaled_params(analysis), swapped)
-    shapes = list(input_shape.values()) if isinstance(input_shape, dict) else [tuple(input_shape)]
-    gen = torch.Generator().manual_seed(seed)
-    first = next(iter(_state_tensors(module).values()), torch.zeros(()))
-    inputs = [torch.randn(tuple(s), generator=gen).to(first.device, first.dtype) for s in shapes]
-    was_training = module.training
-    module.eval()
+    analysis, tr = _analyze(module, input_shape, device, tol, max_sweeps)
+    timings = dict(analysis.timings)
+    new = stored_layout(rescaled_params(analysis), tr.swapped)
+    _, full_shapes = _ordered_shapes(module, _shapes(input_shape))
+    specs = input_specs(tr, full_shapes)
+    input_dtypes = [tr.input_dtypes.get(name, torch.float32) for name in tr.graph.inputs]
+    runner = _live_runner(module, specs, input_dtypes)
+    train = any(n.op == "batchnorm" for n in analysis.graph.nodes)
+    cases = verification_cases(specs, n_inputs=verify_inputs, seed=seed, train=train)
+    cuda = _cuda_devices(module)
+    start = time.perf_counter()
+    before = run_cases(runner, cases, cuda)  # the reference: before any value changes
+    originals = {k: v.detach().clone() for k, v in _state_tensors(module).items() if k in new}
+    _copy_into(module, new)
     try:
-        before = _outputs(module, inputs)
-        originals = {k: v.detach().clone() for k, v in _state_tensors(module).items() if k in new}
-        _copy_into(module, new)
-        after = _outputs(module, inputs)
-    finally:
-        module.train(was_training)
-    tolerance = default_rtol(analysis.graph.params) if rtol is None else rtol
-    worst = max((float((a - b).abs().max() / a.abs().max().clamp_min(1e-300)) for a, b in zip(before, after)), default=0.0)
-    if worst > tolerance:
+        after = run_cases(runner, cases, cuda)
+        dtypes = floating_dtypes(_state_tensors(module).values()) | set(input_dtypes)
+        result = compare_cases(cases, before, after, n_inputs=verify_inputs, rtol=rtol, dtypes=dtypes)
+    except BaseException:
         _copy_into(module, originals)
-        raise VerificationError(f"rescaling changed the module's outputs (relative error {worst:.3g} > {tolerance:.3g}); "
-                                "the original parameters were restored")
-    report = build_report(analysis, input_info=_module_info(module), timings=analysis.timings)
+        raise
+    timings["verify"] = time.perf_counter() - start
+    report = build_report(analysis, input_info=_module_info(module), verification=result, timings=timings)
     report["changed"] = sorted(new)
-    report["verification"] = {"passed": True, "max_rel_error": worst, "rtol": tolerance, "inputs": 1, "modes": ["eval"]}
+    if not result.passed:
+        _copy_into(module, originals)
+        raise VerificationError(
+            f"rescaling changed the module's outputs: max relative error {result.max_rel_error:.3g} > rtol "
+            f"{result.rtol:.3g}; the original parameters were restored", report)
     return report

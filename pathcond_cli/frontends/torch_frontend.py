@@ -18,7 +18,7 @@ import importlib
 import inspect
 import pickle
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Callable
 
@@ -145,22 +145,46 @@ def _zip_names(path: Path) -> list[str]:
         raise UsageError(f"{path}: not a readable zip archive: {exc}") from exc
 
 
+def archive_records(names: Sequence[str]) -> set[str]:
+    """The archive's records: member names below the one folder every member sits in.
+
+    ``torch.save``, ``torch.jit.save`` and ``torch.export.save`` write every record under a folder named
+    after the file (``model/data.pkl``); ``torch.export.save`` before PyTorch 2.6 wrote its records at
+    the root. The folder's name says nothing (a file ``models.pt`` gives ``models/``), nor do paths deeper
+    down (TorchScript keeps the model's code at ``code/__torch__/<its package path>/``)."""
+    first = names[0].split("/", 1) if names else []
+    if len(first) == 2 and all(n.startswith(first[0] + "/") for n in names):
+        return {n[len(first[0]) + 1:] for n in names}
+    return set(names)
+
+
+def _records_format(records: set[str]) -> str | None:
+    """The torch format a set of archive records is laid out in (see :func:`archive_records`), or None.
+
+    * ``torch.export.save``: an ``archive_format`` record (the PT2 archive, PyTorch >= 2.6) or a
+      ``serialized_exported_program.json`` record (earlier versions);
+    * ``torch.jit.save``: ``constants.pkl`` and the model's code under ``code/``, beside ``data.pkl``;
+    * ``torch.save``: ``data.pkl`` alone (its tensors under ``data/``)."""
+    if "archive_format" in records or "serialized_exported_program.json" in records:
+        return "torch-export"
+    if "data.pkl" in records and "constants.pkl" in records and any(r.startswith("code/") for r in records):
+        return "torchscript"
+    if "data.pkl" in records and "constants.pkl" not in records:
+        return "torch-pickle"
+    return None
+
+
 def detect_torch_format(path: Path) -> str:
     """"torch-export", "torchscript" or "torch-pickle" (a plain ``torch.save`` file: state dict,
-    checkpoint or pickled module, told apart when loading)."""
+    checkpoint or pickled module, told apart when loading), from the archive's top-level records."""
     if not path.is_file():
         raise UsageError(f"{path} does not exist or is not a file")
     if zipfile.is_zipfile(path):
-        names = _zip_names(path)
-        if any(n.endswith("serialized_exported_program.json") or "/models/" in n or n.startswith("models/")
-               for n in names):
-            return "torch-export"
-        if any("/code/" in n or n.startswith("code/") or n.endswith("constants.pkl") for n in names):
-            return "torchscript"
-        if any(n.endswith("data.pkl") for n in names):
-            return "torch-pickle"
-        raise UsageError(f"{path}: a zip archive that is neither a torch.save, torch.jit.save nor "
-                         "torch.export.save file")
+        fmt = _records_format(archive_records(_zip_names(path)))
+        if fmt is None:
+            raise UsageError(f"{path}: a zip archive that is neither a torch.save, torch.jit.save nor "
+                             "torch.export.save file")
+        return fmt
     with open(path, "rb") as fh:
         head = fh.read(2)
     if head[:1] == b"\x80":
@@ -324,9 +348,27 @@ def _build_module(options: LoadOptions) -> nn.Module:
     return module
 
 
+def _check_shapes(module: nn.Module, sd: Mapping[str, torch.Tensor], shown: int = 5) -> None:
+    """Refuse a state_dict whose tensors do not have the --arch module's shapes (another width, depth or
+    variant of the architecture), naming the first mismatching keys."""
+    own = module.state_dict()
+    bad = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in sd.items()
+           if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if bad:
+        listed = "; ".join(f"{k}: {'x'.join(map(str, a)) or 'scalar'} in the file, "
+                           f"{'x'.join(map(str, b)) or 'scalar'} in the module" for k, a, b in bad[:shown])
+        more = f" (and {len(bad) - shown} more)" if len(bad) > shown else ""
+        raise UsageError(f"the state_dict does not match the --arch module: {len(bad)} tensor(s) have other "
+                         f"shapes: {listed}{more}. Check --arch and --arch-kwargs (width, depth, number of classes)")
+
+
 def _load_into(module: nn.Module, sd: Mapping[str, torch.Tensor], prefix: str) -> None:
     stripped = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    result = module.load_state_dict(stripped, strict=False)
+    _check_shapes(module, stripped)
+    try:
+        result = module.load_state_dict(stripped, strict=False)
+    except RuntimeError as exc:  # anything else load_state_dict refuses is about the file, not pathcond
+        raise UsageError(f"the state_dict does not load into the --arch module: {str(exc).strip()}") from exc
     if result.missing_keys or result.unexpected_keys:
         parts = []
         if result.missing_keys:
@@ -394,7 +436,7 @@ def _flatten_outputs(out: Any) -> list[np.ndarray]:
 
     def walk(o):
         if isinstance(o, torch.Tensor):
-            flat.append(o.detach().cpu().numpy())  # noqa: PD011
+            flat.append(_to_numpy(o))
         elif isinstance(o, Mapping):
             for v in o.values():
                 walk(v)
@@ -406,8 +448,54 @@ def _flatten_outputs(out: Any) -> list[np.ndarray]:
     return flat
 
 
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A tensor as a numpy array; floating dtypes numpy lacks (bfloat16, float8) are widened to float32,
+    exactly. The dtype the model computed in is known from :attr:`TorchModel.runtime_dtypes`."""
+    t = t.detach().cpu()
+    if t.is_floating_point() and t.dtype not in _NUMPY_FLOATS:
+        t = t.float()
+    return t.numpy()  # noqa: PD011
+
+
 def _dtype_np(dtype: torch.dtype) -> np.dtype:
-    return np.dtype(torch.empty((), dtype=dtype).numpy().dtype) if dtype != torch.bfloat16 else np.dtype(np.float32)
+    """The numpy dtype of the verification inputs for a torch input dtype: the same one, or float32 for
+    the floating dtypes numpy lacks (the runner casts them to the model's own dtype)."""
+    if dtype.is_floating_point and dtype not in _NUMPY_FLOATS:
+        return np.dtype(np.float32)
+    return np.dtype(torch.empty((), dtype=dtype).numpy().dtype)
+
+
+def floating_dtypes(tensors: Iterable[Any]) -> set[torch.dtype]:
+    """The floating dtypes among these tensors (anything else is skipped)."""
+    return {t.dtype for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()}
+
+
+def input_specs(tr: Translation, full_shapes: Sequence[tuple[int, ...]] | None = None) -> list[InputSpec]:
+    """The verification inputs of a translated model: its inputs' names, full shapes (the given ones, else
+    the exported ones with a dynamic batch as 1) and dtypes (see :func:`_dtype_np`)."""
+    specs = []
+    for i, (name, shape) in enumerate(tr.graph.inputs.items()):
+        if full_shapes is not None:
+            full = tuple(full_shapes[i])
+        else:
+            full = tuple(1 if s is None else s for s in tr.input_full_shapes.get(name, shape))
+        specs.append(InputSpec(name, full, _dtype_np(tr.input_dtypes.get(name, torch.float32))))
+    return specs
+
+
+def as_model_inputs(specs: Sequence[InputSpec], dtypes: Sequence[torch.dtype], feeds: Mapping[str, np.ndarray],
+                    device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """The feeds as tensors in the model's own input dtypes (bfloat16 inputs arrive as float32 arrays),
+    in the order of ``specs``."""
+    args = []
+    for i, spec in enumerate(specs):
+        arr = feeds[spec.name] if spec.name in feeds else list(feeds.values())[i]
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+        args.append(t.to(device=device, dtype=dtypes[i] if i < len(dtypes) else t.dtype))
+    return args
 
 
 def _shapes_from_options(options: LoadOptions, what: str) -> dict[str, tuple[int, ...]]:
@@ -434,6 +522,8 @@ class TorchModel:
         self._prefix = ""
         self._aliases: dict[str, list[str]] = {}
         self._specs: list[InputSpec] = []
+        self._input_dtypes: list[torch.dtype] = []  # the model's own (the specs hold numpy's closest)
+        self.runtime_dtypes: set[torch.dtype] = set()  # floating dtypes the runtime computes in
         self._arg_names: list[str] = []
         self._train_ok = True
         self._swapped: dict[str, int] = {}  # IR keys held in another layout (see stored_layout)
@@ -448,7 +538,7 @@ class TorchModel:
             ep = self._static_export(self._read_export(self.path))
             tr = translate(ep)
             self._train_ok = False
-            self._set(tr)
+            self._set(tr, [*ep.state_dict.values(), *ep.constants.values()])
             if tr.graph and any(n.op == "batchnorm" for n in tr.graph.nodes):
                 self.warnings.append("torch.export archive: the rewritten file is verified in eval mode only "
                                      "(an exported program has no training mode)")
@@ -474,7 +564,7 @@ class TorchModel:
                     f"{str(exc).splitlines()[0] if str(exc) else ''}",
                     [Offender("<torchscript>", "TS2EPConverter", str(exc).splitlines()[0] if str(exc) else "")]) from exc
             tr = translate(ep, names[: len(ordered)])
-            self._set(tr, full_shapes=[tuple(s) for s in ordered])
+            self._set(tr, [*ts.parameters(), *ts.buffers()], full_shapes=[tuple(s) for s in ordered])
             state = ts.state_dict()
             self._check_keys(state, dict(ts.named_buffers()))
             self._aliases = _alias_groups(state)
@@ -508,7 +598,7 @@ class TorchModel:
                 tr.graph = tr.graph.with_params({k: v.detach().clone() for k, v in stored.items()})
                 self._stored = None
             names, ordered = _ordered_shapes(module, shapes)
-            self._set(tr, full_shapes=ordered)
+            self._set(tr, [*module.parameters(), *module.buffers()], full_shapes=ordered)
             state = module.state_dict(keep_vars=True)
             self._check_keys(state, dict(module.named_buffers()))
             self._aliases = _alias_groups(state)
@@ -527,17 +617,15 @@ class TorchModel:
                 {k: "a non-persistent buffer (not in the state_dict): the model's code sets its value"
                  for k in outside})
 
-    def _set(self, tr: Translation, full_shapes: Sequence[tuple[int, ...]] | None = None) -> None:
+    def _set(self, tr: Translation, runtime_tensors: Iterable[Any],
+             full_shapes: Sequence[tuple[int, ...]] | None = None) -> None:
+        """Keep the IR, the inputs, and the dtypes the runtime computes in: those of the tensors it runs
+        with (``runtime_tensors``: the module's parameters and buffers as loaded) and of its inputs."""
         self.graph = tr.graph
         self.warnings += tr.warnings
-        self._specs = []
-        for i, (name, shape) in enumerate(tr.graph.inputs.items()):
-            if full_shapes is not None:
-                full = tuple(full_shapes[i])
-            else:
-                full = tuple(1 if s is None else s for s in tr.input_full_shapes.get(name, shape))
-            dtype = tr.input_dtypes.get(name, torch.float32)
-            self._specs.append(InputSpec(name, full, _dtype_np(dtype)))
+        self._specs = input_specs(tr, full_shapes)
+        self._input_dtypes = [tr.input_dtypes.get(name, torch.float32) for name in tr.graph.inputs]
+        self.runtime_dtypes = floating_dtypes(runtime_tensors) | {d for d in self._input_dtypes if d.is_floating_point}
         self._arg_names = list(tr.graph.inputs)
         self._swapped = dict(tr.swapped)
 
@@ -639,10 +727,7 @@ class TorchModel:
             model.train(train)
         elif train:
             raise UsageError("a torch.export archive cannot be run in training mode")
-        args = []
-        for i, spec in enumerate(self._specs):
-            arr = inputs[spec.name] if spec.name in inputs else list(inputs.values())[i]
-            args.append(torch.from_numpy(np.ascontiguousarray(arr)))
+        args = as_model_inputs(self._specs, self._input_dtypes, inputs)
         with torch.no_grad():
             out = model(*args)
         return _flatten_outputs(out)
@@ -721,5 +806,6 @@ def load_torch(path: Path, options: LoadOptions | None = None) -> TorchModel:
     return model
 
 
-__all__ = ["FORMATS", "TorchModel", "detect_torch_format", "export_module", "exported_to_graph", "load_torch",
-           "module_to_graph", "module_translation", "stored_layout"]
+__all__ = ["FORMATS", "TorchModel", "archive_records", "as_model_inputs", "detect_torch_format", "export_module",
+           "exported_to_graph", "floating_dtypes", "input_specs", "load_torch", "module_to_graph", "module_translation",
+           "stored_layout"]
