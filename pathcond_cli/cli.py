@@ -80,7 +80,7 @@ class Output:
     def warn(self, message: str) -> None:
         """A warning the user should see now (it is in the report too); stderr, so --json stays clean."""
         if not self.quiet:
-            self.err.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
+            self.err.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)  # whole paths
 
     @contextmanager
     def progress(self):
