@@ -265,7 +265,7 @@ def rescale(
     max_sweeps: MaxSweeps = 2000,
     tol: Tol = 1e-3,
     solver: Solver = "auto",
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT (and its report) if they exist.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT, its external-data file and its report if they exist.")] = False,
     report: Annotated[Optional[Path], typer.Option(help="Where to write the JSON report (default: OUT.pathcond.json beside OUT).")] = None,
     rtol: Annotated[Optional[float], typer.Option(help="Verification tolerance, relative to each output's scale (default: 1e-4 for float32, 1e-9 for float64, 2e-2 for float16, 5e-2 for bfloat16 parameters).")] = None,
     verify_inputs: Annotated[int, typer.Option(min=1, help="How many seeded random inputs to verify on.")] = 3,

@@ -38,7 +38,7 @@ Role = tuple[str, Path]  # ("the output model", path): what a path is for, to na
 
 def same_file(a: Path, b: Path) -> bool:
     """The same path once resolved (symbolic links, ``..``), or one file under two names (hard links)."""
-    if Path(os.path.abspath(a)).resolve() == Path(os.path.abspath(b)).resolve():
+    if a.resolve() == b.resolve():
         return True
     try:
         return os.path.samefile(a, b)
@@ -65,11 +65,6 @@ def check_outputs(outputs: Sequence[Role], *, inputs: Sequence[Role], force: boo
             raise UsageError(f"folder {path.parent} does not exist: create it first")
 
 
-def check_output_path(target: Path, *, inputs: list[Path], force: bool) -> None:
-    """One output against the input paths (see :func:`check_outputs`)."""
-    check_outputs([("the output", target)], inputs=[("the input", p) for p in inputs], force=force)
-
-
 # -- staging folders --------------------------------------------------------------------------------
 
 
@@ -81,6 +76,14 @@ def _owner_file(target: Path) -> str:
 
 def _stage_prefix(target: Path) -> str:
     return f".{target.name}.pathcond-"
+
+
+def _stage_folders(target: Path) -> list[Path]:
+    """The staging folders of runs to ``target``: the prefix and mkdtemp's 8 random letters, digits or
+    underscores (not the folders of a target whose name extends this one's, e.g. ``a.pathcond-b``)."""
+    pattern = os.path.join(glob.escape(str(target.parent)), glob.escape(_stage_prefix(target)) + "?" * 8)
+    found = [Path(p) for p in glob.glob(pattern)]
+    return sorted(p for p in found if p.name[-8:].replace("_", "").isalnum() and p.is_dir())
 
 
 def _start_time(pid: int) -> str | None:
@@ -118,11 +121,7 @@ def clear_stale_stages(target: Path) -> list[str]:
     """Remove the staging folders of runs to ``target`` that were killed (their process is gone), and
     return one message per folder found, removed or left."""
     messages = []
-    pattern = os.path.join(glob.escape(str(target.parent)), glob.escape(_stage_prefix(target)) + "*")
-    for name in sorted(glob.glob(pattern)):
-        folder = Path(name)
-        if not folder.is_dir():
-            continue
+    for folder in _stage_folders(target):
         try:
             owner = json.loads((folder / _owner_file(target)).read_text())
         except (OSError, ValueError):
