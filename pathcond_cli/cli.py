@@ -76,6 +76,7 @@ class Output:
         if not self.out.is_terminal:  # piped or captured: do not squeeze tables into 80 columns
             self.out = Console(width=140)
         self.err = Console(stderr=True)
+        self.written: list[str] = []  # files the job has moved into place (what an interrupt keeps)
 
     def warn(self, message: str) -> None:
         """A warning the user should see now (it is in the report too); stderr, so --json stays clean."""
@@ -90,6 +91,8 @@ class Output:
             def quiet_notify(stage: str, info: dict) -> None:
                 if stage == "warning":
                     self.warn(info["message"])
+                elif stage == "committed":
+                    self.written = info["paths"]
             yield quiet_notify
             return
         labels = {"load": "loading model", "groups": "finding rescaling groups", "statistics": "path statistics",
@@ -99,6 +102,8 @@ class Output:
             def notify(stage: str, info: dict) -> None:
                 if stage == "warning":
                     self.warn(info["message"])
+                elif stage == "committed":
+                    self.written = info["paths"]
                 elif stage == "sweep":
                     status.update(f"solving: sweep {info['sweep']}, largest |ln x| {info['gap']:.2e}")
                 else:
@@ -158,8 +163,9 @@ def _run(output: Output, job: Callable[[], Any]) -> Any:
     except PathcondError as exc:
         output.error(exc)
         raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:  # staged files were removed on the way out
-        output.err.print(INTERRUPTED, markup=False, highlight=False)
+    except KeyboardInterrupt:  # staged files were removed on the way out, committed ones taken back
+        message = INTERRUPTED if not output.written else f"interrupted; already written: {', '.join(output.written)}"
+        output.err.print(message, markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except Exception as exc:  # noqa: BLE001 - a bug: say so, keep the traceback, and exit with its own code
         output.internal_error(exc, traceback.format_exc())

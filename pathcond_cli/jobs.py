@@ -156,4 +156,5 @@ def rescale_model(
             )
         report_stage.path.write_text(json.dumps(report, indent=2) + "\n")
         written = commit_all([stage, report_stage], force=options.force)
+        notify("committed", {"paths": [str(p) for p in written]})  # from here, an interrupt keeps the files
     return JobResult(report, written)

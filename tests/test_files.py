@@ -372,6 +372,37 @@ def test_sigkilled_run_leaves_a_staging_folder_that_the_next_run_removes(slow_on
     assert listing(tmp_path) == ["out.onnx", "out.onnx.pathcond.json"]
 
 
+def test_interrupt_during_the_commit_takes_back_what_was_moved(mlp_onnx, tmp_path, monkeypatch):
+    """All files appear or none: an interrupt between two of them removes the first."""
+    source = with_external_data(mlp_onnx, tmp_path / "in.onnx", "in.onnx.data")
+    real, calls = os.link, []
+
+    def link_then_interrupt(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(outputs.os, "link", link_then_interrupt)
+    result = invoke("rescale", source, tmp_path / "out.onnx", "--device", "cpu")
+    assert result.exit_code == 130, result.output
+    assert result.stderr.splitlines() == ["interrupted; nothing was written"]
+    assert len(calls) == 2 and listing(tmp_path) == ["in.onnx", "in.onnx.data"]
+
+
+def test_interrupt_after_the_commit_says_what_was_written(mlp_onnx, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jobs, "JobResult", interrupted)
+    out = tmp_path / "out.onnx"
+    result = invoke("rescale", mlp_onnx, out, "--device", "cpu")
+    assert result.exit_code == 130, result.output
+    assert result.stderr.splitlines() == [f"interrupted; already written: {out}, {out}.pathcond.json"]
+    assert listing(tmp_path) == ["out.onnx", "out.onnx.pathcond.json"]
+    assert_same_function(mlp_onnx, out)
+
+
 def test_staging_folder_of_a_live_run_is_left(tmp_path, monkeypatch):
     from tests.test_jobs import FakeModel, uneven_mlp
 
