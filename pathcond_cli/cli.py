@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import traceback
 import warnings
@@ -21,11 +22,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .errors import EXIT_INTERNAL, EXIT_USAGE, PathcondError, UnsupportedModelError, UsageError, VerificationError
+from .errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, PathcondError, UnsupportedModelError, UsageError,
+                     VerificationError)
 
 EXIT_CODES = """Exit codes: 0 ok · 1 verification failed (nothing written) · 2 usage error or unreadable input ·
 3 unsupported model (not a ReLU network, or an op pathcond does not know) · 4 internal error (a bug in
-pathcond; nothing written)."""
+pathcond; nothing written) · 130 interrupted (Ctrl-C / SIGINT; nothing written)."""
+
+INTERRUPTED = "interrupted; nothing was written"
 
 app = typer.Typer(
     name="pathcond",
@@ -41,9 +45,10 @@ app = typer.Typer(
 # -- reusable options ------------------------------------------------------------------------------
 InputShape = Annotated[
     Optional[list[str]],
-    typer.Option("--input-shape", metavar="NAME=1x3x224x224",
-                 help="Full shape of an input (repeatable). Needed for dynamic dimensions other than the batch, "
-                      "and for PyTorch state_dicts / TorchScript."),
+    typer.Option("--input-shape", metavar="[NAME=]1x3x224x224",
+                 help="Full shape of an input: NAME=SHAPE, repeatable, or just SHAPE for a model with one input. "
+                      "Needed for dynamic dimensions other than the batch, and for PyTorch state_dicts / "
+                      "TorchScript."),
 ]
 Arch = Annotated[Optional[str], typer.Option(metavar="PACKAGE.MODULE:FACTORY",
                                              help="PyTorch state_dict: an importable callable that builds the nn.Module.")]
@@ -55,7 +60,7 @@ TrustPickle = Annotated[bool, typer.Option("--trust-pickle",
                                                 "(runs code from the file).")]
 Device = Annotated[str, typer.Option(help="Where to compute the statistics and solve: auto, cpu or cuda.")]
 MaxSweeps = Annotated[int, typer.Option(min=1, help="Cap on solver sweeps.")]
-Tol = Annotated[float, typer.Option(min=0.0, help="Optimality tolerance: largest |ln x| of a coordinate step.")]
+Tol = Annotated[float, typer.Option(help="Optimality tolerance: largest |ln x| of a coordinate step (finite, > 0).")]
 Solver = Annotated[str, typer.Option(help="auto (BCD + L-BFGS), bcd, or sequential (the slow reference).")]
 Layers = Annotated[bool, typer.Option("--layers", help="Also print the per-layer table.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout, nothing else.")]
@@ -71,19 +76,35 @@ class Output:
         if not self.out.is_terminal:  # piped or captured: do not squeeze tables into 80 columns
             self.out = Console(width=140)
         self.err = Console(stderr=True)
+        self.written: list[str] = []  # files the job has moved into place (what an interrupt keeps)
+
+    def warn(self, message: str) -> None:
+        """A warning the user should see now (it is in the report too); stderr, so --json stays clean."""
+        if not self.quiet:
+            self.err.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)  # whole paths
 
     @contextmanager
     def progress(self):
-        """A status line on stderr that follows the job's stages; silent for --json / --quiet."""
+        """A status line on stderr that follows the job's stages (silent for --json / --quiet), and the
+        job's early warnings."""
         if self.as_json or self.quiet or not self.err.is_terminal:
-            yield lambda stage, info: None
+            def quiet_notify(stage: str, info: dict) -> None:
+                if stage == "warning":
+                    self.warn(info["message"])
+                elif stage == "committed":
+                    self.written = info["paths"]
+            yield quiet_notify
             return
         labels = {"load": "loading model", "groups": "finding rescaling groups", "statistics": "path statistics",
                   "solve": "solving", "layers": "per-layer figures", "write": "writing output",
                   "verify": "verifying with the model's runtime"}
         with self.err.status("starting") as status:
             def notify(stage: str, info: dict) -> None:
-                if stage == "sweep":
+                if stage == "warning":
+                    self.warn(info["message"])
+                elif stage == "committed":
+                    self.written = info["paths"]
+                elif stage == "sweep":
                     status.update(f"solving: sweep {info['sweep']}, largest |ln x| {info['gap']:.2e}")
                 else:
                     status.update(labels.get(stage, stage))
@@ -142,6 +163,10 @@ def _run(output: Output, job: Callable[[], Any]) -> Any:
     except PathcondError as exc:
         output.error(exc)
         raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:  # staged files were removed on the way out, committed ones taken back
+        message = INTERRUPTED if not output.written else f"interrupted; already written: {', '.join(output.written)}"
+        output.err.print(message, markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     except Exception as exc:  # noqa: BLE001 - a bug: say so, keep the traceback, and exit with its own code
         output.internal_error(exc, traceback.format_exc())
         raise typer.Exit(EXIT_INTERNAL) from None
@@ -150,6 +175,10 @@ def _run(output: Output, job: Callable[[], Any]) -> Any:
 
 
 def parse_input_shapes(values: list[str] | None) -> dict[str, tuple[int, ...]]:
+    """NAME=SHAPE items by name; a lone SHAPE (for a model with one input, whose name a user of a
+    state_dict cannot know) under :data:`UNNAMED`, which the front ends give to the model's only input."""
+    from .frontends.base import UNNAMED
+
     shapes: dict[str, tuple[int, ...]] = {}
     for item in values or []:
         name, sep, dims = item.rpartition("=")
@@ -157,10 +186,23 @@ def parse_input_shapes(values: list[str] | None) -> dict[str, tuple[int, ...]]:
             shape = tuple(int(d) for d in dims.lower().split("x"))
         except ValueError:
             shape = ()
-        if not sep or not name or not shape or any(d <= 0 for d in shape):
-            raise UsageError(f"--input-shape {item!r}: expected NAME=1x3x224x224 (positive integers joined by 'x')")
-        shapes[name] = shape
+        if (sep and not name) or not shape or any(d <= 0 for d in shape):
+            raise UsageError(f"--input-shape {item!r}: expected NAME=1x3x224x224 or 1x3x224x224 (positive integers "
+                             "joined by 'x')")
+        shapes[name if sep else UNNAMED] = shape
+    if UNNAMED in shapes and len(values or []) > 1:
+        raise UsageError("--input-shape without a name is for a model with one input: with several shapes, "
+                         "give each as NAME=SHAPE")
     return shapes
+
+
+def check_tolerances(tol: float, rtol: float | None = None) -> None:
+    """Tolerances the solver and the verification can use: a NaN or infinite one would pass anything,
+    and a zero optimality tolerance would never be met."""
+    if not (math.isfinite(tol) and tol > 0):
+        raise UsageError(f"--tol {tol}: give a finite number > 0 (e.g. 1e-3)")
+    if rtol is not None and not (math.isfinite(rtol) and rtol >= 0):
+        raise UsageError(f"--rtol {rtol}: give a finite number >= 0 (e.g. 1e-4)")
 
 
 def _options(input_shape, arch, arch_kwargs, key, trust_pickle, device, solver, tol, max_sweeps):
@@ -168,6 +210,7 @@ def _options(input_shape, arch, arch_kwargs, key, trust_pickle, device, solver, 
     from .frontends.base import LoadOptions
     from .jobs import SolveOptions
 
+    check_tolerances(tol)
     if solver not in ("auto", "bcd", "sequential"):
         raise UsageError(f"--solver {solver!r}: use auto, bcd or sequential")
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
@@ -228,11 +271,11 @@ def rescale(
     max_sweeps: MaxSweeps = 2000,
     tol: Tol = 1e-3,
     solver: Solver = "auto",
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT (and its report) if they exist.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT, its external-data file and its report if they exist.")] = False,
     report: Annotated[Optional[Path], typer.Option(help="Where to write the JSON report (default: OUT.pathcond.json beside OUT).")] = None,
-    rtol: Annotated[Optional[float], typer.Option(min=0.0, help="Verification tolerance, relative to each output's scale (default: 1e-4 for float32, 1e-9 for float64, 2e-2 for float16, 5e-2 for bfloat16 parameters).")] = None,
+    rtol: Annotated[Optional[float], typer.Option(help="Verification tolerance, relative to each output's scale (default: 1e-4 for float32, 1e-9 for float64, 2e-2 for float16, 5e-2 for bfloat16 parameters).")] = None,
     verify_inputs: Annotated[int, typer.Option(min=1, help="How many seeded random inputs to verify on.")] = 3,
-    seed: Annotated[int, typer.Option(help="Seed of the verification inputs.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the verification inputs (>= 0).")] = 0,
     layers: Layers = False,
     as_json: Json = False,
     quiet: Quiet = False,
@@ -245,6 +288,7 @@ def rescale(
         from .jobs import RescaleOptions, rescale_model
 
         load, solve = _options(input_shape, arch, arch_kwargs, key, trust_pickle, device, solver, tol, max_sweeps)
+        check_tolerances(tol, rtol)
         options = RescaleOptions(force=force, report_path=report, rtol=rtol, verify_inputs=verify_inputs, seed=seed)
         with output.progress() as notify:
             return rescale_model(source, target, load, solve, options, notify)
@@ -269,9 +313,9 @@ def _main(
 def main() -> None:
     try:
         app()
-    except KeyboardInterrupt:  # pragma: no cover - interactive
-        print("interrupted; nothing was written", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:  # outside a job (typer exits 130 silently inside its own parsing)
+        print(INTERRUPTED, file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":  # pragma: no cover

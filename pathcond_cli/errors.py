@@ -14,6 +14,7 @@ EXIT_VERIFICATION_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNSUPPORTED = 3
 EXIT_INTERNAL = 4  # a bug in pathcond (not 1, which scripts read as "verification failed")
+EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C), the shell's 128 + 2; nothing written
 
 
 class PathcondError(Exception):

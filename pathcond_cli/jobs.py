@@ -13,7 +13,7 @@ from typing import Any
 from .analysis import Analysis, analyze, rescaled_params
 from .errors import UsageError, VerificationError
 from .frontends.base import LoadedModel, LoadOptions
-from .outputs import StagedOutput, check_output_path, sha256
+from .outputs import Role, StagedOutput, check_outputs, clear_stale_stages, commit_all, sha256
 from .report import build_report
 from .verify import verify
 
@@ -105,21 +105,41 @@ def default_report_path(output: Path) -> Path:
     return output.with_name(output.name + ".pathcond.json")
 
 
+def file_roles(source: Path, target: Path, report_path: Path) -> tuple[list[Role], list[Role]]:
+    """(every file the run will write, every file the input consists of), each with its role, known
+    before loading: ONNX external data files are read from the graph, without the tensors."""
+    inputs: list[Role] = [("the input", source)]
+    outputs: list[Role] = [("the output", target)]
+    if detect_format(source) == "onnx":
+        from .frontends.onnx_frontend import data_file_for, external_data_files
+
+        data = external_data_files(source)
+        inputs += [("the input's external data file", p) for p in data]
+        if data:
+            outputs.append(("the output's external data file", data_file_for(target)))
+    outputs.append(("the report", report_path))
+    return outputs, inputs
+
+
 def rescale_model(
     source: Path, target: Path, load: LoadOptions, solve: SolveOptions, options: RescaleOptions,
     notify: Notify | None = None,
 ) -> JobResult:
     """Load, solve, write to a staged file, verify, then move into place with the report.
 
-    Nothing is left behind on failure and the input is never written.
+    Nothing is left behind on failure, the input is never written, and no file that was not there at
+    the start (or without ``force``, none at all) is replaced.
     """
     notify = notify or _silent
     report_path = options.report_path or default_report_path(target)
-    check_output_path(target, inputs=[source], force=options.force)
-    check_output_path(report_path, inputs=[source, target], force=options.force)
+    outputs, inputs = file_roles(source, target, report_path)
+    check_outputs(outputs, inputs=inputs, force=options.force)
+    warnings = [m for path in (target, report_path) for m in clear_stale_stages(path)]
+    for message in warnings:
+        notify("warning", {"message": message})
     timings: dict[str, float] = {}
-    model, analysis = _load_and_analyze(source, load, solve, notify, timings)
-    with StagedOutput(target) as stage:
+    with StagedOutput(target) as stage, StagedOutput(report_path) as report_stage:  # folders writable?
+        model, analysis = _load_and_analyze(source, load, solve, notify, timings)
         notify("write", {"path": str(target)})
         _timed(timings, "write", lambda: model.save(rescaled_params(analysis), stage.path))
         notify("verify", {"inputs": options.verify_inputs})
@@ -127,20 +147,14 @@ def rescale_model(
                                                           rtol=options.rtol, seed=options.seed))
         output_info = {"path": str(target), "sha256": sha256(stage.path)}
         report = build_report(analysis, input_info=_input_info(model), output_info=output_info,
-                              verification=result, timings=timings, warnings=model.warnings)
+                              verification=result, timings=timings, warnings=model.warnings + warnings)
         if not result.passed:
             raise VerificationError(
                 f"the rescaled model differs from the original: max relative error {result.max_rel_error:.3g} "
                 f"> rtol {result.rtol:.3g}; nothing was written",
                 report,
             )
-        written = stage.commit()
-    written.append(_write_report(report, report_path))
+        report_stage.path.write_text(json.dumps(report, indent=2) + "\n")
+        written = commit_all([stage, report_stage], force=options.force)
+        notify("committed", {"paths": [str(p) for p in written]})  # from here, an interrupt keeps the files
     return JobResult(report, written)
-
-
-def _write_report(report: dict[str, Any], path: Path) -> Path:
-    with StagedOutput(path) as stage:
-        stage.path.write_text(json.dumps(report, indent=2) + "\n")
-        stage.commit()
-    return path

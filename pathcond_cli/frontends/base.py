@@ -15,6 +15,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from ..errors import UsageError
 from ..ir import Graph
 
 
@@ -27,11 +28,26 @@ class InputSpec:
     dtype: np.dtype
 
 
+UNNAMED = ""  # the key of an --input-shape given without a name: the shape of the model's only input
+
+def name_lone_shape(shapes: Mapping[str, tuple[int, ...]], names: list[str]) -> dict[str, tuple[int, ...]]:
+    """``shapes`` with a shape given without a name (:data:`UNNAMED`) put under the model's only input
+    name; a usage error when the model has several inputs (which one would it be?)."""
+    given = dict(shapes)
+    if UNNAMED not in given:
+        return given
+    shape = given.pop(UNNAMED)
+    if len(names) != 1 or given:
+        raise UsageError(f"--input-shape {'x'.join(map(str, shape))} has no name, but the model has "
+                         f"{len(names)} inputs ({', '.join(names) or 'none'}): give each as NAME=SHAPE")
+    return {names[0]: shape}
+
+
 @dataclass
 class LoadOptions:
     """Options every front end understands (unused ones are ignored)."""
 
-    input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # NAME -> full shape
+    input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # NAME (or UNNAMED) -> full shape
     arch: str | None = None  # torch state_dict: "package.module:factory"
     arch_kwargs: Mapping[str, object] = field(default_factory=dict)
     key: str | None = None  # torch checkpoint dict: where the state_dict is

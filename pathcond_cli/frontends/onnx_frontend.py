@@ -36,7 +36,7 @@ from onnx import numpy_helper
 
 from ..errors import Offender, UnsupportedModelError, UsageError
 from ..ir import Graph, GraphError, Node, swap_group_axes
-from .base import InputSpec, LoadOptions
+from .base import InputSpec, LoadOptions, name_lone_shape
 
 MIN_OPSET = 11
 HEAD_OPS = frozenset({"Softmax", "LogSoftmax", "Sigmoid"})
@@ -142,6 +142,28 @@ def _uses_external_data(path: Path) -> bool:
     return any(onnx.external_data_helper.uses_external_data(t) for t in tensors)
 
 
+# -- pathcond's file checks (jobs.py): the files a model consists of, the side files a save writes ----
+
+
+def external_data_files(path: Path) -> list[Path]:
+    """The files holding ``path``'s external data, read from the graph alone (cheap: no tensor data is
+    loaded); [] for a file that is not a readable ONNX model (loading it says why)."""
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not ONNX: the loader reports it
+        return []
+    tensors = list(proto.graph.initializer)
+    tensors += [a.t for n in proto.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    locations = {e.value for t in tensors if onnx.external_data_helper.uses_external_data(t)
+                 for e in t.external_data if e.key == "location"}
+    return [path.parent / loc for loc in sorted(locations)]
+
+
+def data_file_for(path: Path) -> Path:
+    """Where :meth:`OnnxModel.save` puts the external data of a model written to ``path``."""
+    return path.with_name(path.name + ".data")
+
+
 def _opset(model: onnx.ModelProto) -> int:
     for entry in model.opset_import:
         if entry.domain in ("", "ai.onnx"):
@@ -189,10 +211,11 @@ def _fixed_shape(value: onnx.ValueInfoProto, given: Mapping[str, tuple[int, ...]
 def _input_shapes(model: onnx.ModelProto, options: LoadOptions) -> dict[str, tuple[int, ...]]:
     inputs = _real_inputs(model)
     names = [v.name for v in inputs]
-    for name in options.input_shapes:
+    given = name_lone_shape(options.input_shapes, names)
+    for name in given:
         if name not in names:
             raise UsageError(f"--input-shape names {name!r}, but the model's inputs are {names}")
-    return {v.name: _fixed_shape(v, options.input_shapes) for v in inputs}
+    return {v.name: _fixed_shape(v, given) for v in inputs}
 
 
 def _probe(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]], folder: _Folder) -> onnx.ModelProto:
@@ -1115,7 +1138,7 @@ def _save_proto(model: onnx.ModelProto, path: Path, external: bool) -> None:
     if not external:
         onnx.save_model(model, str(path))
         return
-    location = path.name + ".data"
+    location = data_file_for(path).name
     data_file = path.parent / location
     if data_file.exists():  # onnx appends to an existing data file
         data_file.unlink()

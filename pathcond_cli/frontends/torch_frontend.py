@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import Offender, UnsupportedModelError, UsageError
 from ..ir import Graph, swap_group_axes
-from .base import InputSpec, LoadOptions
+from .base import UNNAMED, InputSpec, LoadOptions, name_lone_shape
 from .torch_graph import Translation, translate
 
 Shapes = Mapping[str, Sequence[int]] | Sequence[Sequence[int]]
@@ -59,6 +59,11 @@ def _reference_tensor(module: nn.Module) -> torch.Tensor:
 def _ordered_shapes(module: nn.Module, input_shapes: Shapes) -> tuple[list[str], list[tuple[int, ...]]]:
     """The forward's argument names and the shapes fed to them, in order."""
     argnames = _forward_arg_names(module)
+    if isinstance(input_shapes, Mapping) and UNNAMED in input_shapes:  # a lone shape: for the first argument,
+        defaults = inspect.signature(module.forward).parameters if argnames else {}  # unless more are required
+        required = [n for n in argnames if defaults[n].default is inspect.Parameter.empty]
+        if len(required) > 1:
+            name_lone_shape(input_shapes, required)  # raises: which input would it be?
     if isinstance(input_shapes, Mapping):
         items = [(str(k), tuple(int(s) for s in v)) for k, v in input_shapes.items()]
         if len(items) == 1 and (items[0][0] not in argnames):
