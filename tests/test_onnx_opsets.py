@@ -8,6 +8,7 @@ built in code in that style, then rescaled through the CLI and checked with onnx
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -156,7 +157,7 @@ def squeezenet_like(opset: int) -> onnx.ModelProto:
     return z.model([1, 3, 16, 16], z.node("Softmax", [x]), 10)
 
 
-def densenet_like(opset: int) -> onnx.ModelProto:
+def densenet_like(opset: int, weights_as_inputs: bool = True) -> onnx.ModelProto:
     """Pre-activation dense layers whose BatchNorms are Mul/Add by per-channel constants, Concat growth,
     a transition with AveragePool, GlobalAveragePool, Reshape by a stored shape, fc, Softmax."""
     z = _Zoo(opset, seed=4)
@@ -170,7 +171,8 @@ def densenet_like(opset: int) -> onnx.ModelProto:
     x = z.node("AveragePool", [x], kernel_shape=[2, 2], strides=[2, 2])
     x = z.node("GlobalAveragePool", [z.relu(z.mul_add_bn(x, 8))])
     x = z.node("Reshape", [x, z.tensor("fc_shape", np.array([1, -1], dtype=np.int64))])
-    return z.model([1, 3, 16, 16], z.node("Softmax", [z.gemm(x, 8, 10)]), 10)
+    return z.model([1, 3, 16, 16], z.node("Softmax", [z.gemm(x, 8, 10)]), 10, weights_as_inputs=weights_as_inputs,
+                   ir_version=3 if weights_as_inputs else 4)
 
 
 def lrn_like(opset: int) -> onnx.ModelProto:
@@ -189,6 +191,7 @@ ZOO = {
     "squeezenet-7": lambda: squeezenet_like(7),
     "squeezenet-8": lambda: squeezenet_like(8),
     "densenet-8": lambda: densenet_like(8),
+    "densenet-9-ir4": lambda: densenet_like(9, weights_as_inputs=False),
 }
 
 
@@ -254,11 +257,15 @@ def test_old_opset_model_is_rescaled_into_its_own_graph(name, tmp_path):
     assert _invoke("inspect", source, "--device", "cpu").exit_code == 0
 
     out = tmp_path / "out.onnx"
-    result = _invoke("rescale", source, out, "--device", "cpu")
+    result = _invoke("rescale", source, out, "--device", "cpu", "--json")
     assert result.exit_code == 0, result.output
     assert source.read_bytes() == before
+    report = json.loads(result.stdout)
+    assert report["verification"]["passed"]
+    assert any(f"keeps opset {_opset(proto)}" in w for w in report["warnings"])
 
     written = onnx.load(str(out))
+    onnx.checker.check_model(written)
     assert _opset(written) == _opset(proto) and written.ir_version == proto.ir_version
     assert [n.op_type for n in written.graph.node] == [n.op_type for n in proto.graph.node]
     assert [list(n.output) for n in written.graph.node] == [list(n.output) for n in proto.graph.node]
@@ -267,3 +274,108 @@ def test_old_opset_model_is_rescaled_into_its_own_graph(name, tmp_path):
     assert changed or set(new) - set(old), "no weight was rescaled"
     _assert_same_outputs(source, out)
     _assert_same_outputs(_logits(source), _logits(out))
+
+
+def test_computed_weight_gets_its_own_declared_initializer(tmp_path):
+    """A BatchNorm shift computed by ConstantOfShape: the rescaled values go to a new initializer read by
+    that BatchNorm, declared as a graph input as IR 3 requires; the rest of the graph is kept."""
+    proto = resnet_like(9)
+    reader = next(n for n in proto.graph.node if n.op_type == "BatchNormalization")
+    computed = reader.input[2]
+    source, out = _save(proto, tmp_path / "model.onnx"), tmp_path / "out.onnx"
+    assert _invoke("rescale", source, out, "--device", "cpu").exit_code == 0
+
+    written = onnx.load(str(out))
+    new_reader = next(n for n in written.graph.node if list(n.output) == list(reader.output))
+    name = new_reader.input[2]
+    assert name != computed and name in _initializers(written) and name not in _initializers(proto)
+    shift = _initializers(written)[name]
+    assert shift.shape == (8,) and not np.allclose(shift, 0.05)
+    assert name in {v.name for v in written.graph.input}
+    assert [list(n.input) for n in written.graph.node if n is not new_reader] == \
+        [list(n.input) for n in proto.graph.node if list(n.output) != list(reader.output)]
+    _assert_same_outputs(_logits(source), _logits(out))
+
+
+@pytest.mark.parametrize("command", ["inspect", "rescale"])
+def test_lrn_model_stays_refused(command, tmp_path):
+    source = _save(lrn_like(7), tmp_path / "alexnet.onnx")
+    out = tmp_path / "out.onnx"
+    result = _invoke(command, source, *([out] if command == "rescale" else []), "--device", "cpu")
+    assert result.exit_code == 3, result.output
+    assert "LRN" in result.output and "positively homogeneous" in result.output
+    assert not out.exists()
+
+
+def _spatial_batchnorm(spatial: int) -> onnx.ModelProto:
+    """Conv + BatchNorm(spatial) + Relu + Conv at opset 7; spatial=0 normalises per (c, h, w) element."""
+    z = _Zoo(7, seed=6)
+    shape = (8,) if spatial else (8, 16, 16)
+    stats = [z.tensor(k, z.rng.uniform(0.5, 1.5, shape).astype(np.float32)) for k in ("s", "b", "m", "v")]
+    x = z.node("BatchNormalization", [z.conv("data_0", 3, 8), *stats], spatial=spatial, epsilon=1e-5)
+    x = z.node("Flatten", [z.conv(z.relu(x), 8, 4)], axis=1)
+    return z.model([1, 3, 16, 16], x, 4 * 16 * 16)
+
+
+def test_what_the_version_converter_cannot_upgrade_is_refused(tmp_path):
+    proto = _spatial_batchnorm(0)
+    source = _save(proto, tmp_path / "model.onnx")
+    _session(source).run(None, {"data_0": np.zeros((1, 3, 16, 16), np.float32)})  # a valid model
+    out = tmp_path / "out.onnx"
+    result = _invoke("rescale", source, out, "--device", "cpu")
+    assert result.exit_code == 3, result.output
+    assert "version_converter" in result.output and "spatial" in result.output
+    assert not out.exists()
+
+
+def test_upgraded_graph_is_written_when_the_original_cannot_take_the_values(tmp_path, monkeypatch):
+    """A converter that rewires a weight (here through an Identity): the values cannot be put back into the
+    original graph, so the upgraded graph is written, with a warning, and still verified against the file."""
+    real = onnx.version_converter.convert_version
+
+    def rewiring(model, target):
+        upgraded = real(model, target)
+        conv = next(n for n in upgraded.graph.node if n.op_type == "Conv")
+        upgraded.graph.node.insert(0, helper.make_node("Identity", [conv.input[1]], [conv.input[1] + "_up"]))
+        conv.input[1] += "_up"
+        return upgraded
+
+    monkeypatch.setattr(onnx.version_converter, "convert_version", rewiring)
+    proto = vgg_like(8)
+    source, out = _save(proto, tmp_path / "model.onnx"), tmp_path / "out.onnx"
+    result = _invoke("rescale", source, out, "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert any("output is that upgraded graph at opset 11" in w for w in report["warnings"])
+    written = onnx.load(str(out))
+    assert _opset(written) == 11 and written.graph.node[0].op_type == "Identity"
+    assert not np.allclose(_initializers(written)[proto.graph.node[0].input[1]],
+                           _initializers(proto)[proto.graph.node[0].input[1]], rtol=1e-3, atol=0)
+    _assert_same_outputs(_logits(source), _logits(out))
+
+
+def test_model_onnxruntime_cannot_run_is_refused_on_rescale(tmp_path):
+    """Opset 6 upgrades, but onnxruntime has no opset-6 kernels to verify the output against."""
+    source, out = _save(vgg_like(6), tmp_path / "model.onnx"), tmp_path / "out.onnx"
+    assert _invoke("inspect", source, "--device", "cpu").exit_code == 0
+    result = _invoke("rescale", source, out, "--device", "cpu")
+    assert result.exit_code == 3, result.output
+    assert "onnxruntime cannot run" in result.output and "opset 6" in result.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("mask_read", [False, True])
+def test_dropout_mask_is_refused_only_when_read(mask_read, tmp_path):
+    z = _Zoo(12, seed=7)
+    x = z.relu(z.gemm(z.node("Flatten", [z.relu(z.conv("data_0", 3, 4))], axis=1), 4 * 16 * 16, 8))
+    z.nodes.append(helper.make_node("Dropout", [x], ["dropped", "mask"]))
+    proto = z.model([1, 3, 16, 16], z.gemm("dropped", 8, 5), 5, weights_as_inputs=False, ir_version=7)
+    if mask_read:
+        proto.graph.output.append(helper.make_tensor_value_info("mask", TensorProto.BOOL, [1, 8]))
+    source, out = _save(proto, tmp_path / "model.onnx"), tmp_path / "out.onnx"
+    result = _invoke("rescale", source, out, "--device", "cpu")
+    if mask_read:
+        assert result.exit_code == 3 and "mask output is used" in result.output, result.output
+    else:
+        assert result.exit_code == 0, result.output
+        _assert_same_outputs(source, out)
