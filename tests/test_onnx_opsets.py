@@ -19,6 +19,8 @@ from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
 from pathcond_cli.cli import app
+from pathcond_cli.errors import UnsupportedModelError
+from pathcond_cli.frontends.onnx_frontend import load_onnx
 
 runner = CliRunner()
 
@@ -175,6 +177,19 @@ def densenet_like(opset: int, weights_as_inputs: bool = True) -> onnx.ModelProto
                    ir_version=3 if weights_as_inputs else 4)
 
 
+def fcn_like(opset: int, tail: str = "Relu") -> onnx.ModelProto:
+    """A segmentation-style net: conv, nearest Upsample by 2 (scales an attribute before opset 9, an input
+    from 9; the converter turns it into Resize and inserts Constant nodes), conv head, Flatten."""
+    z = _Zoo(opset, seed=8)
+    x = z.maxpool(z.relu(z.conv("data_0", 3, 8)))
+    if opset >= 9:
+        x = z.node("Upsample", [x, z.tensor("scales", np.array([1, 1, 2, 2], dtype=np.float32))], mode="nearest")
+    else:
+        x = z.node("Upsample", [x], mode="nearest", scales=[1.0, 1.0, 2.0, 2.0])
+    x = z.node(tail, [z.conv(x, 8, 8)])
+    return z.model([1, 3, 16, 16], z.node("Flatten", [z.conv(x, 8, 2, k=1)], axis=1), 2 * 16 * 16)
+
+
 def lrn_like(opset: int) -> onnx.ModelProto:
     """AlexNet from Caffe: Conv + Relu + LRN + MaxPool."""
     z = _Zoo(opset, seed=5)
@@ -192,6 +207,8 @@ ZOO = {
     "squeezenet-8": lambda: squeezenet_like(8),
     "densenet-8": lambda: densenet_like(8),
     "densenet-9-ir4": lambda: densenet_like(9, weights_as_inputs=False),
+    "fcn-7-upsample": lambda: fcn_like(7),
+    "fcn-9-upsample": lambda: fcn_like(9),
 }
 
 
@@ -220,7 +237,8 @@ def _logits(path: Path) -> Path:
     values the rescaling could disturb (a softmax of large logits hides them)."""
     proto = onnx.load(str(path))
     head = proto.graph.node[-1]
-    assert head.op_type == "Softmax"
+    if head.op_type != "Softmax":
+        return path
     del proto.graph.node[-1]
     proto.graph.output[0].name = head.input[0]
     proto.graph.output[0].type.tensor_type.ClearField("shape")
@@ -379,3 +397,13 @@ def test_dropout_mask_is_refused_only_when_read(mask_read, tmp_path):
     else:
         assert result.exit_code == 0, result.output
         _assert_same_outputs(source, out)
+
+
+def test_offenders_are_named_after_the_original_graph(tmp_path):
+    """The converter inserts Constant nodes before the Resize it makes of Upsample: an unnamed node is
+    still reported under its op and index in the file the user has."""
+    proto = fcn_like(9, tail="Tanh")
+    index = next(i for i, n in enumerate(proto.graph.node) if n.op_type == "Tanh")
+    with pytest.raises(UnsupportedModelError) as caught:
+        load_onnx(_save(proto, tmp_path / "model.onnx"))
+    assert [o.node for o in caught.value.offenders] == [f"Tanh_{index}"]

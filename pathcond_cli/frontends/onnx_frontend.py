@@ -982,14 +982,15 @@ def _frontier_inputs(ctx: _Context, model: onnx.ModelProto, pre: list[int], inpu
     return shapes
 
 
-def _translate(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], warnings: list[str]):
+def _translate(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], warnings: list[str],
+               names: list[str] | None = None):
     opset = _opset(model)
     if opset < MIN_OPSET:
         raise UnsupportedModelError(
             f"the model uses opset {opset}; pathcond reads opset {MIN_OPSET} or later "
             "(upgrade it with onnx.version_converter.convert_version)")
     folder, info = _fold_graph(model, shapes, opset)
-    names = _node_names(model)
+    names = names or _node_names(model)
     ctx = _Context(model, folder, info, names, _readers(model, folder))
     heads = _heads(model, folder)
     for head in heads.values():
@@ -1055,6 +1056,20 @@ def _upgrade(model: onnx.ModelProto) -> onnx.ModelProto:
     if _opset(upgraded) < MIN_OPSET:  # pragma: no cover - a converter that silently did nothing
         raise UnsupportedModelError(f"the model uses opset {opset}; onnx.version_converter did not upgrade it")
     return upgraded
+
+
+def _names_after_original(original: onnx.ModelProto, upgraded: onnx.ModelProto) -> list[str]:
+    """Names for the upgraded model's nodes as the user sees them in the original file: an unnamed node
+    is called after its op and index there, not after its index in the upgraded graph (the converter
+    inserts Constant nodes, and turns Upsample into Resize)."""
+    names = _node_names(original)
+    where = {tuple(n.output): i for i, n in enumerate(original.graph.node)}
+    result, seen = [], set(names)
+    for index, node in enumerate(upgraded.graph.node):
+        j = where.get(tuple(node.output))
+        name = names[j] if j is not None else _fresh_name(node.name or f"{node.op_type}_{index}", seen)
+        result.append(name)
+    return result
 
 
 def _original_value(original: onnx.ModelProto, ref: _ParamRef) -> np.ndarray | None:
@@ -1272,7 +1287,8 @@ def load_onnx(path: Path, options: LoadOptions | None = None) -> OnnxModel:
     shapes = _input_shapes(model, options)
     warnings: list[str] = []
     upgraded = _upgrade(model)
-    graph, refs = _translate(upgraded, shapes, warnings)
+    names = _names_after_original(model, upgraded) if upgraded is not model else None
+    graph, refs = _translate(upgraded, shapes, warnings, names)
     model, refs = _writable(model, upgraded, refs, warnings)
     return OnnxModel(path, model, graph, refs, _input_specs(model, shapes), external, warnings)
 
