@@ -9,6 +9,14 @@ Reading
     :data:`CONVERTERS`; a node that cannot be translated is collected as an
     :class:`~pathcond_cli.errors.Offender` and all of them are reported at once.
 
+Models before opset 11
+    The converters are written against opset 11 and later. An older model (the classic model zoo is
+    opset 7-9, IR 3) is upgraded in memory with ``onnx.version_converter`` and that copy is translated.
+    The new values are written into the *original* graph and opset when every parameter's reading node
+    and stored tensor are found there unchanged (the converter adapts attributes, not parameter
+    layouts); else the upgraded graph is written, with a warning. Either way verification runs the
+    original file.
+
 Parameter keys
     A parameter stored once and read by exactly one (node, input) is keyed by its initializer name
     (or by the output name of the Constant node / folded value holding it). A stored tensor read by
@@ -1046,8 +1054,9 @@ def _upgrade(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
     from onnx import version_converter
 
+    light, heavy = _without_weight_data(model)
     try:
-        upgraded = version_converter.convert_version(model, MIN_OPSET)
+        upgraded = version_converter.convert_version(light, MIN_OPSET)
     except Exception as exc:  # the converter's adapters assert on what they cannot express
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise UnsupportedModelError(
@@ -1055,7 +1064,27 @@ def _upgrade(model: onnx.ModelProto) -> onnx.ModelProto:
             f"which pathcond reads: {reason}") from exc
     if _opset(upgraded) < MIN_OPSET:  # pragma: no cover - a converter that silently did nothing
         raise UnsupportedModelError(f"the model uses opset {opset}; onnx.version_converter did not upgrade it")
+    for tensor in upgraded.graph.initializer:
+        if tensor.name in heavy:
+            tensor.CopyFrom(heavy[tensor.name])
     return upgraded
+
+
+_DATA_FIELDS = ("raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
+def _without_weight_data(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, onnx.TensorProto]]:
+    """A copy of the model whose large initializers keep their type and dims but no data, and those
+    initializers by name. The converter serialises its input twice and works on graph structure and
+    small constant inputs: without the weights, upgrading a VGG is instant instead of seconds."""
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    heavy = {t.name: t for t in model.graph.initializer if math.prod(t.dims) > 4096}
+    for tensor in light.graph.initializer:
+        if tensor.name in heavy:
+            for name in _DATA_FIELDS:
+                tensor.ClearField(name)
+    return light, heavy
 
 
 def _names_after_original(original: onnx.ModelProto, upgraded: onnx.ModelProto) -> list[str]:
@@ -1072,18 +1101,25 @@ def _names_after_original(original: onnx.ModelProto, upgraded: onnx.ModelProto) 
     return result
 
 
-def _original_value(original: onnx.ModelProto, ref: _ParamRef) -> np.ndarray | None:
+def _stored_tensors(model: onnx.ModelProto) -> dict[tuple[str, str], onnx.TensorProto | onnx.NodeProto]:
+    """(kind, name) -> the initializer or Constant node holding a stored tensor."""
+    stored: dict[tuple[str, str], onnx.TensorProto | onnx.NodeProto] = {
+        ("initializer", t.name): t for t in model.graph.initializer}
+    stored.update({("constant", n.output[0]): n for n in model.graph.node if n.op_type == "Constant" and n.output})
+    return stored
+
+
+def _original_value(stored: Mapping, ref: _ParamRef) -> np.ndarray | None:
     """The stored tensor behind ``ref`` as the original file holds it (None when it has no such tensor)."""
-    if ref.kind == "initializer":
-        found = [t for t in original.graph.initializer if t.name == ref.base]
-        return numpy_helper.to_array(found[0]) if len(found) == 1 else None
-    if ref.kind == "constant":
-        found = [n for n in original.graph.node if n.op_type == "Constant" and list(n.output) == [ref.base]]
-        try:
-            return _constant_value(found[0]) if len(found) == 1 else None
-        except _Refuse:
-            return None
-    return None
+    holder = stored.get((ref.kind, ref.base))
+    if holder is None:
+        return None
+    if isinstance(holder, onnx.TensorProto):
+        return numpy_helper.to_array(holder)
+    try:
+        return _constant_value(holder)
+    except _Refuse:
+        return None
 
 
 def _read_counts(model: onnx.ModelProto) -> dict[str, int]:
@@ -1104,6 +1140,7 @@ def _rebase_refs(original: onnx.ModelProto, upgraded: onnx.ModelProto,
     adapts attributes, not parameter layouts) and the values can be written into the original file."""
     index = {(n.op_type, n.domain, tuple(n.output)): i for i, n in enumerate(original.graph.node)}
     readers_before, readers_after = _read_counts(original), _read_counts(upgraded)
+    stored = _stored_tensors(original)
     rebased = {}
     for key, ref in refs.items():
         node = upgraded.graph.node[ref.node_index]
@@ -1112,7 +1149,7 @@ def _rebase_refs(original: onnx.ModelProto, upgraded: onnx.ModelProto,
                 or original.graph.node[target].input[ref.slot] != node.input[ref.slot]:
             return None, f"the upgrade changed {node.op_type} node {node.name or node.output[0]!r}, which reads {ref.base!r}"
         if ref.kind != "computed":
-            value = _original_value(original, ref)
+            value = _original_value(stored, ref)
             if value is None or value.dtype != ref.stored.dtype or not np.array_equal(value, ref.stored):
                 return None, f"the upgrade changed the stored tensor {ref.base!r}"
             if readers_before.get(ref.base, 0) != readers_after.get(ref.base, 0):
