@@ -1147,7 +1147,8 @@ def _rebase_refs(original: onnx.ModelProto, upgraded: onnx.ModelProto,
         target = index.get((node.op_type, node.domain, tuple(node.output)))
         if target is None or len(original.graph.node[target].input) <= ref.slot \
                 or original.graph.node[target].input[ref.slot] != node.input[ref.slot]:
-            return None, f"the upgrade changed {node.op_type} node {node.name or node.output[0]!r}, which reads {ref.base!r}"
+            where = node.name or node.output[0]
+            return None, f"the upgrade changed {node.op_type} node {where!r}, which reads {ref.base!r}"
         if ref.kind != "computed":
             value = _original_value(stored, ref)
             if value is None or value.dtype != ref.stored.dtype or not np.array_equal(value, ref.stored):
