@@ -9,6 +9,14 @@ Reading
     :data:`CONVERTERS`; a node that cannot be translated is collected as an
     :class:`~pathcond_cli.errors.Offender` and all of them are reported at once.
 
+Models before opset 11
+    The converters are written against opset 11 and later. An older model (the classic model zoo is
+    opset 7-9, IR 3) is upgraded in memory with ``onnx.version_converter`` and that copy is translated.
+    The new values are written into the *original* graph and opset when every parameter's reading node
+    and stored tensor are found there unchanged (the converter adapts attributes, not parameter
+    layouts); else the upgraded graph is written, with a warning. Either way verification runs the
+    original file.
+
 Parameter keys
     A parameter stored once and read by exactly one (node, input) is keyed by its initializer name
     (or by the output name of the Constant node / folded value holding it). A stored tensor read by
@@ -233,7 +241,9 @@ def _probe(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]], folder
         inputs.append(onnx.helper.make_tensor_value_info(value.name, elem, shapes[value.name]))
     outputs = [onnx.helper.make_empty_tensor_value_info(v.name) for v in model.graph.output]
     graph = onnx.helper.make_graph(nodes, "probe", inputs + large, outputs, small)
-    probe = onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    # IR >= 4: before it, an initializer is only the default of a graph input and shape inference ignores
+    # the folded values above (the zoo's IR 3 files would leave every shape unknown)
+    probe = onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=max(model.ir_version, 4))
     probe.functions.extend(model.functions)
     return probe
 
@@ -682,10 +692,18 @@ def _squeeze(ctx: _Context) -> None:
     ctx.emit(_reshape_kind(before, after), [ctx.x(0)])
 
 
+def _is_read(model: onnx.ModelProto, name: str) -> bool:
+    """Whether a node or the graph's outputs read this value (old exporters declare outputs nobody reads,
+    such as Dropout's mask before opset 10)."""
+    if not name:
+        return False
+    return any(name in node.input for node in model.graph.node) or any(v.name == name for v in model.graph.output)
+
+
 def _identity(ctx: _Context) -> None:
     node = ctx.node
     if node.op_type == "Dropout":
-        if len(node.output) > 1 and node.output[1]:
+        if len(node.output) > 1 and _is_read(ctx.model, node.output[1]):
             raise _Refuse("its mask output is used")
         if len(node.input) > 2 and node.input[2] and bool(ctx.static(2, "training_mode").reshape(-1)[0]):
             raise _Refuse("it runs in training mode")
@@ -995,14 +1013,15 @@ def _frontier_inputs(ctx: _Context, model: onnx.ModelProto, pre: list[int], inpu
     return shapes
 
 
-def _translate(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], warnings: list[str]):
+def _translate(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], warnings: list[str],
+               names: list[str] | None = None):
     opset = _opset(model)
     if opset < MIN_OPSET:
         raise UnsupportedModelError(
             f"the model uses opset {opset}; pathcond reads opset {MIN_OPSET} or later "
             "(upgrade it with onnx.version_converter.convert_version)")
     folder, info = _fold_graph(model, shapes, opset)
-    names = _node_names(model)
+    names = names or _node_names(model)
     ctx = _Context(model, folder, info, names, _readers(model, folder))
     heads = _heads(model, folder)
     for head in heads.values():
@@ -1047,6 +1066,142 @@ def _check_outputs(ctx: _Context, outputs: list[str]) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# Models before opset 11 (the classic model zoo is opset 7-9): read an upgraded copy, write the original.
+
+
+def _upgrade(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model at opset MIN_OPSET or later: itself, or an in-memory copy upgraded by onnx.version_converter
+    (the converters are written against one opset; the file itself is never changed)."""
+    opset = _opset(model)
+    if opset >= MIN_OPSET:
+        return model
+    from onnx import version_converter
+
+    light, heavy = _without_weight_data(model)
+    try:
+        upgraded = version_converter.convert_version(light, MIN_OPSET)
+    except Exception as exc:  # the converter's adapters assert on what they cannot express
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedModelError(
+            f"the model uses opset {opset} and onnx.version_converter cannot upgrade it to opset {MIN_OPSET}, "
+            f"which pathcond reads: {reason}") from exc
+    if _opset(upgraded) < MIN_OPSET:  # pragma: no cover - a converter that silently did nothing
+        raise UnsupportedModelError(f"the model uses opset {opset}; onnx.version_converter did not upgrade it")
+    for tensor in upgraded.graph.initializer:
+        if tensor.name in heavy:
+            tensor.CopyFrom(heavy[tensor.name])
+    return upgraded
+
+
+_DATA_FIELDS = ("raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
+def _without_weight_data(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, onnx.TensorProto]]:
+    """A copy of the model whose large initializers keep their type and dims but no data, and those
+    initializers by name. The converter serialises its input twice and works on graph structure and
+    small constant inputs: without the weights, upgrading a VGG is instant instead of seconds."""
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    heavy = {t.name: t for t in model.graph.initializer if math.prod(t.dims) > 4096}
+    for tensor in light.graph.initializer:
+        if tensor.name in heavy:
+            for name in _DATA_FIELDS:
+                tensor.ClearField(name)
+    return light, heavy
+
+
+def _names_after_original(original: onnx.ModelProto, upgraded: onnx.ModelProto) -> list[str]:
+    """Names for the upgraded model's nodes as the user sees them in the original file: an unnamed node
+    is called after its op and index there, not after its index in the upgraded graph (the converter
+    inserts Constant nodes, and turns Upsample into Resize)."""
+    names = _node_names(original)
+    where = {tuple(n.output): i for i, n in enumerate(original.graph.node)}
+    result, seen = [], set(names)
+    for index, node in enumerate(upgraded.graph.node):
+        j = where.get(tuple(node.output))
+        name = names[j] if j is not None else _fresh_name(node.name or f"{node.op_type}_{index}", seen)
+        result.append(name)
+    return result
+
+
+def _stored_tensors(model: onnx.ModelProto) -> dict[tuple[str, str], onnx.TensorProto | onnx.NodeProto]:
+    """(kind, name) -> the initializer or Constant node holding a stored tensor."""
+    stored: dict[tuple[str, str], onnx.TensorProto | onnx.NodeProto] = {
+        ("initializer", t.name): t for t in model.graph.initializer}
+    stored.update({("constant", n.output[0]): n for n in model.graph.node if n.op_type == "Constant" and n.output})
+    return stored
+
+
+def _original_value(stored: Mapping, ref: _ParamRef) -> np.ndarray | None:
+    """The stored tensor behind ``ref`` as the original file holds it (None when it has no such tensor)."""
+    holder = stored.get((ref.kind, ref.base))
+    if holder is None:
+        return None
+    if isinstance(holder, onnx.TensorProto):
+        return numpy_helper.to_array(holder)
+    try:
+        return _constant_value(holder)
+    except _Refuse:
+        return None
+
+
+def _read_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """How many node inputs and graph outputs read each value."""
+    counts: dict[str, int] = {}
+    for name in [n for node in model.graph.node for n in node.input] + [v.name for v in model.graph.output]:
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def _rebase_refs(original: onnx.ModelProto, upgraded: onnx.ModelProto,
+                 refs: Mapping[str, _ParamRef]) -> tuple[dict[str, _ParamRef] | None, str]:
+    """The parameter references of the upgraded model moved onto the original graph, or (None, why not).
+
+    A reference moves when the node reading it is in the original (same op and outputs) and reads the
+    same tensor name at the same input, and that tensor is stored there with the same value and readers:
+    then the original op gives the parameter the meaning the analysis used (the version converter
+    adapts attributes, not parameter layouts) and the values can be written into the original file."""
+    index = {(n.op_type, n.domain, tuple(n.output)): i for i, n in enumerate(original.graph.node)}
+    readers_before, readers_after = _read_counts(original), _read_counts(upgraded)
+    stored = _stored_tensors(original)
+    rebased = {}
+    for key, ref in refs.items():
+        node = upgraded.graph.node[ref.node_index]
+        target = index.get((node.op_type, node.domain, tuple(node.output)))
+        if target is None or len(original.graph.node[target].input) <= ref.slot \
+                or original.graph.node[target].input[ref.slot] != node.input[ref.slot]:
+            where = node.name or node.output[0]
+            return None, f"the upgrade changed {node.op_type} node {where!r}, which reads {ref.base!r}"
+        if ref.kind != "computed":
+            value = _original_value(stored, ref)
+            if value is None or value.dtype != ref.stored.dtype or not np.array_equal(value, ref.stored):
+                return None, f"the upgrade changed the stored tensor {ref.base!r}"
+            if readers_before.get(ref.base, 0) != readers_after.get(ref.base, 0):
+                return None, f"the upgrade changed the nodes reading {ref.base!r}"
+        rebased[key] = _ParamRef(ref.key, ref.kind, ref.base, target, ref.slot, ref.stored, ref.transform,
+                                 ref.sole_role)
+    return rebased, ""
+
+
+def _writable(original: onnx.ModelProto, upgraded: onnx.ModelProto, refs: dict[str, _ParamRef],
+              warnings: list[str]) -> tuple[onnx.ModelProto, dict[str, _ParamRef]]:
+    """The model to write the new values into, with its references: the original graph and opset when
+    the upgraded model's parameters can be found in it, else the upgraded model (with a warning)."""
+    if upgraded is original:
+        return original, refs
+    opset = _opset(original)
+    rebased, why = _rebase_refs(original, upgraded, refs)
+    if rebased is not None:
+        warnings.append(f"the model uses opset {opset}: it was analysed after an in-memory upgrade to opset "
+                        f"{MIN_OPSET} (onnx.version_converter); the output keeps opset {opset} and its graph")
+        return original, rebased
+    warnings.append(f"the model uses opset {opset}: it was analysed after an upgrade to opset {MIN_OPSET} "
+                    f"(onnx.version_converter), and the output is that upgraded graph at opset {MIN_OPSET}, "
+                    f"because {why}")
+    return upgraded, refs
+
+
+# --------------------------------------------------------------------------------------------------
 # The loaded model.
 
 
@@ -1086,6 +1241,7 @@ class OnnxModel:
             if key not in self._refs:
                 raise KeyError(f"{key!r} is not a parameter of {self.path}")
             self._write(model, self._refs[key], value, taken)
+        _declare_initializers(model)
         _save_proto(model, Path(path), self._external)
 
     def _write(self, model: onnx.ModelProto, ref: _ParamRef, value: torch.Tensor, taken: set[str]) -> None:
@@ -1106,10 +1262,24 @@ class OnnxModel:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.log_severity_level = 3  # errors only: its warnings are about the runtime, not the model
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        try:
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # e.g. an opset-6 model: onnxruntime has no kernels before opset 7
+            if Path(path) != self.path:
+                raise  # the rewritten copy: pathcond's own fault
+            raise _unrunnable(self.path, self._model, exc) from exc
         dtypes = {spec.name: spec.dtype for spec in self._specs}
         feeds = {name: np.asarray(v, dtype=dtypes.get(name)) for name, v in inputs.items()}
         return [np.asarray(out) for out in session.run(None, feeds)]
+
+
+def _unrunnable(path: Path, model: onnx.ModelProto, exc: Exception) -> UnsupportedModelError:
+    """The error for an input file onnxruntime cannot run: what pathcond writes is verified against it."""
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    opset = _opset(model)
+    hint = f" (the model uses opset {opset}; onnxruntime runs opset 7 or later)" if opset < 7 else ""
+    return UnsupportedModelError(
+        f"onnxruntime cannot run {path}{hint}, and pathcond verifies the rescaled copy against it: {reason}")
 
 
 def _fresh_name(base: str, taken: set[str]) -> str:
@@ -1118,6 +1288,17 @@ def _fresh_name(base: str, taken: set[str]) -> str:
         name, i = f"{base}.{i}", i + 1
     taken.add(name)
     return name
+
+
+def _declare_initializers(model: onnx.ModelProto) -> None:
+    """Before IR version 4 an initializer is the default value of a graph input and must be declared as
+    one (the old model zoo's files are IR 3): declare the initializers added for new roles."""
+    if model.ir_version >= 4:
+        return
+    declared = {v.name for v in model.graph.input}
+    for tensor in model.graph.initializer:
+        if tensor.name not in declared:
+            model.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
 
 
 def _write_in_place(model: onnx.ModelProto, ref: _ParamRef, stored: np.ndarray) -> None:
@@ -1166,7 +1347,10 @@ def load_onnx(path: Path, options: LoadOptions | None = None) -> OnnxModel:
     external = _uses_external_data(path)
     shapes = _input_shapes(model, options)
     warnings: list[str] = []
-    graph, refs = _translate(model, shapes, warnings)
+    upgraded = _upgrade(model)
+    names = _names_after_original(model, upgraded) if upgraded is not model else None
+    graph, refs = _translate(upgraded, shapes, warnings, names)
+    model, refs = _writable(model, upgraded, refs, warnings)
     return OnnxModel(path, model, graph, refs, _input_specs(model, shapes), external, warnings)
 
 
