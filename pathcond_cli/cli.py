@@ -273,7 +273,7 @@ def rescale(
     solver: Solver = "auto",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT, its external-data file and its report if they exist.")] = False,
     report: Annotated[Optional[Path], typer.Option(help="Where to write the JSON report (default: OUT.pathcond.json beside OUT).")] = None,
-    rtol: Annotated[Optional[float], typer.Option(help="Verification tolerance, relative to each output's scale (default: 1e-4 for float32, 1e-9 for float64, 2e-2 for float16, 5e-2 for bfloat16 parameters).")] = None,
+    rtol: Annotated[Optional[float], typer.Option(help="Verification tolerance, relative to each output's scale (default: that of the least precise dtype stored or computed in: 1e-9 float64, 1e-4 float32, 2e-2 float16, 5e-2 bfloat16).")] = None,
     verify_inputs: Annotated[int, typer.Option(min=1, help="How many seeded random inputs to verify on.")] = 3,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the verification inputs (>= 0).")] = 0,
     layers: Layers = False,

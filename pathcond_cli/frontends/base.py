@@ -61,6 +61,9 @@ class LoadedModel(Protocol):
     path: Path
     graph: Graph  # parameters as stored (their own dtype)
     warnings: list[str]  # things the user should know (printed, and kept in the report)
+    # optional: floating dtypes the runtime computes in (torch front ends); verification's default
+    # tolerance is that of the least precise of these and the stored parameters' dtypes
+    runtime_dtypes: set[torch.dtype]
 
     def save(self, new_params: Mapping[str, torch.Tensor], path: Path) -> None:
         """Write the same container to ``path`` with only these parameters changed (each cast to
