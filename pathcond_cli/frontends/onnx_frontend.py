@@ -50,6 +50,9 @@ NOT_HOMOGENEOUS = frozenset(
     }
 )
 SHAPE_READERS = frozenset({"Shape", "Size"})
+#: ops whose output holds the elements of their first input in the same order: a static value read
+#: through a chain of them is a view of the stored tensor at the chain's start (see _Names)
+VIEW_OPS = frozenset({"Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten"})
 # Parameter-free layout and normalisation ops. A chain of them straight from the graph inputs that the
 # network's converters cannot read (an NHWC -> NCHW Transpose, a Cast, ...) is input preprocessing: the
 # rescaling never touches it, so the analysed network starts at its result (see _preprocessing).
@@ -114,9 +117,126 @@ class _ParamRef:
     base: str  # initializer name, Constant output name, or folded value name
     node_index: int  # the ONNX node reading it
     slot: int  # ... at this input
-    stored: np.ndarray
+    stored: np.ndarray  # the value under ``name``
     transform: _Transform
-    sole_role: bool  # the stored tensor has no other reader
+    name: str  # the name read at that input: ``base`` or a view of it (Identity, Unsqueeze, ...)
+
+
+@dataclass
+class _Names:
+    """Every name holding a static value, the stored tensor it is a view of, and what reads it.
+
+    Exporters share equal tensors between several names: ``layer1.0.bn1.weight = Identity(bn1.weight)``
+    when default-initialised BatchNorms have equal γ. The writer gives every name the value of the
+    role that name plays (:func:`_plan_names`), so the names keep their meaning."""
+
+    values: dict[str, np.ndarray]
+    origin: dict[str, tuple[str, str]]  # name -> (kind, stored tensor or computed value at the chain's start)
+    parent: dict[str, tuple[int, str]]  # view output -> (index of the view node, the name it reads)
+    readers: dict[str, list[tuple[int, int]]]  # name -> (node, input slot) reading its value; (-1, -1): graph output
+
+    def tree_readers(self, origin: tuple[str, str]) -> int:
+        """How many (node, input) read the stored tensor, through any of its names."""
+        if not hasattr(self, "_counts"):
+            self._counts: dict[tuple[str, str], int] = {}
+            for name, readers in self.readers.items():
+                self._counts[self.origin[name]] = self._counts.get(self.origin[name], 0) + len(readers)
+        return self._counts.get(origin, 0)
+
+
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs (If, Loop, Scan bodies) read from the enclosing scope, and more."""
+    names: set[str] = set()
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        for graph in graphs:
+            for inner in graph.node:
+                names.update(n for n in inner.input if n)
+                names |= _subgraph_reads(inner)
+    return names
+
+
+def _names(model: onnx.ModelProto, folder: "_Folder") -> _Names:
+    readers: dict[str, list[tuple[int, int]]] = {}
+    for index, node in enumerate(model.graph.node):
+        if node.op_type in SHAPE_READERS:  # reads the shape only, which no rescaling changes
+            continue
+        view = bool(node.output) and folder.parent.get(node.output[0], (None,))[0] == index
+        for slot, name in enumerate(node.input):
+            if name in folder.origin and not (view and slot == 0):
+                readers.setdefault(name, []).append((index, slot))
+        for name in _subgraph_reads(node) & set(folder.origin):
+            readers.setdefault(name, []).append((index, -1))
+    for value in model.graph.output:
+        if value.name in folder.origin:
+            readers.setdefault(value.name, []).append((-1, -1))
+    return _Names(folder.values, folder.origin, folder.parent, readers)
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+def _pick(candidates: list[np.ndarray], original: np.ndarray) -> np.ndarray:
+    """The value a name shared by conflicting readers keeps: its own if a reader still wants it
+    (graph outputs, non-parameter readers, unchanged roles), else the first reader's."""
+    return original if any(_same(c, original) for c in candidates) else candidates[0]
+
+
+@dataclass
+class _NamePlan:
+    """What the writer does: new values of stored tensors, views replaced by initializers of the same
+    name, and (only where one name is read directly by roles given different values) new tensors."""
+
+    roots: dict[str, np.ndarray] = field(default_factory=dict)  # stored tensor -> new value, in place
+    views: dict[str, np.ndarray] = field(default_factory=dict)  # view output -> value of its initializer
+    fresh: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)  # (node, slot) -> own new tensor
+
+
+def _plan_names(names: _Names, wanted: Mapping[tuple[int, int], np.ndarray | None]) -> _NamePlan:
+    """Give every name the value its direct readers want.
+
+    ``wanted`` holds the new value of each changed role, in the layout of the name it reads (None: the
+    value does not fit that name's shape, e.g. a broadcast scalar split per channel). Readers not in it
+    want the name's current value. A name with no direct reader (the start of an Identity chain) takes
+    a value one of the names below it wants, so that a chain with a single role is written in place."""
+    children: dict[str, list[str]] = {}
+    for name, (_, up) in names.parent.items():
+        children.setdefault(up, []).append(name)
+    plan, final = _NamePlan(), {}
+
+    def wants(name: str) -> list[np.ndarray]:
+        own = [wanted.get(r, names.values[name]) for r in names.readers.get(name, [])]
+        return [w for w in own if w is not None]
+
+    def below(name: str) -> list[np.ndarray]:
+        shape = names.values[name].shape
+        return wants(name) + [w.reshape(shape) for child in children.get(name, []) for w in below(child)]
+
+    def visit(name: str, inherited: np.ndarray) -> None:
+        original, own = names.values[name], wants(name)
+        if names.origin[name] == ("computed", name):  # a computed value cannot be written in place
+            value = original
+        elif own:
+            value = _pick(own, original)
+        else:
+            deeper = below(name)
+            value = inherited if not deeper or any(_same(inherited, w) for w in deeper) else _pick(deeper, original)
+        final[name] = value
+        if name in names.parent and not _same(value, inherited):
+            plan.views[name] = value
+        elif name not in names.parent and not _same(value, original):
+            plan.roots[name] = value
+        for reader in names.readers.get(name, []):
+            if reader in wanted and (wanted[reader] is None or not _same(wanted[reader], value)):
+                plan.fresh[reader] = wanted[reader]
+        for child in children.get(name, []):
+            visit(child, value.reshape(names.values[child].shape))
+
+    for name in names.values:
+        if name not in names.parent:
+            visit(name, names.values[name])
+    return plan
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,6 +391,7 @@ class _Folder:
         self.model, self.info, self.opset = model, info, opset
         self.values: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
         self.origin: dict[str, tuple[str, str]] = {n: ("initializer", n) for n in self.values}
+        self.parent: dict[str, tuple[int, str]] = {}  # view output -> (view node index, the name it reads)
         self.static_nodes: set[int] = set()
         for index, node in enumerate(model.graph.node):
             self._visit(index, node)
@@ -287,8 +408,9 @@ class _Folder:
                 self.values[name] = np.asarray(value)
         if node.op_type == "Constant":
             self.origin[node.output[0]] = ("constant", node.output[0])
-        elif node.op_type == "Identity" and node.input[0] in self.origin:
+        elif node.op_type in VIEW_OPS and node.input[0] in self.origin:
             self.origin[node.output[0]] = self.origin[node.input[0]]
+            self.parent[node.output[0]] = (index, node.input[0])
         else:
             self.origin.update({name: ("computed", name) for name in node.output if name})
 
@@ -336,11 +458,22 @@ class _Folder:
         from onnx.reference import ReferenceEvaluator
 
         try:
-            evaluator = ReferenceEvaluator(node, opsets={"": self.opset})
             feeds = {n: self.values[n] for n in node.input if n}
+            evaluator = ReferenceEvaluator(_one_node_model(node, feeds, self.opset))
             return [np.asarray(v) for v in evaluator.run(None, feeds)]
         except Exception:
             return None
+
+
+def _one_node_model(node: onnx.NodeProto, feeds: Mapping[str, np.ndarray], opset: int) -> onnx.ModelProto:
+    """``node`` alone in a model of the given opset. The reference evaluator picks an op's version from
+    a model's opset import; given a bare node it may run the newest version (Unsqueeze-13, reading
+    ``axes`` as an input, on an opset-11 node whose ``axes`` is an attribute)."""
+    inputs = [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), None)
+              for n, v in feeds.items()]
+    outputs = [onnx.helper.make_empty_tensor_value_info(n) for n in node.output if n]
+    graph = onnx.helper.make_graph([node], "fold", inputs, outputs)
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -353,7 +486,7 @@ class _Context:
     folder: _Folder
     info: dict
     node_names: list[str]
-    uses: dict[tuple[str, str], list[tuple[int, int]]]
+    names: _Names
     nodes: list[Node] = field(default_factory=list)
     params: dict[str, torch.Tensor] = field(default_factory=dict)
     refs: dict[str, _ParamRef] = field(default_factory=dict)
@@ -390,13 +523,18 @@ class _Context:
         return value
 
     def param(self, slot: int, transform: _Transform) -> str:
+        """Key of the parameter at this input: the stored tensor's name when it has no other reader,
+        else the name read here when nothing else reads that name, else ``name@node:slot``."""
         name = self.node.input[slot]
         kind, base = self.folder.origin[name]
-        readers = self.uses.get((kind, base), [])
-        sole = kind != "computed" and len(readers) <= 1
-        key = base if sole else f"{base}@{self.node_names[self.index]}:{slot}"
+        if kind != "computed" and self.names.tree_readers((kind, base)) <= 1:
+            key = base
+        elif self.names.readers.get(name) == [(self.index, slot)]:
+            key = name
+        else:
+            key = f"{name}@{self.node_names[self.index]}:{slot}"
         stored = self.folder.values[name]
-        self.refs[key] = _ParamRef(key, kind, base, self.index, slot, stored, transform, sole)
+        self.refs[key] = _ParamRef(key, kind, base, self.index, slot, stored, transform, name)
         self.params[key] = torch.from_numpy(np.ascontiguousarray(transform.forward(stored))).to(
             _torch_dtype(stored.dtype))
         return key
@@ -845,22 +983,6 @@ def _node_names(model: onnx.ModelProto) -> list[str]:
     return names
 
 
-def _readers(model: onnx.ModelProto, folder: _Folder) -> dict[tuple[str, str], list[tuple[int, int]]]:
-    """Every (node, input slot) reading each stored tensor, Identity pass-throughs and shape reads aside."""
-    readers: dict[tuple[str, str], list[tuple[int, int]]] = {}
-    for index, node in enumerate(model.graph.node):
-        passthrough = node.op_type == "Identity" and index in folder.static_nodes
-        if passthrough or node.op_type in SHAPE_READERS:
-            continue
-        for slot, name in enumerate(node.input):
-            if name in folder.origin:
-                readers.setdefault(folder.origin[name], []).append((index, slot))
-    for value in model.graph.output:
-        if value.name in folder.origin:
-            readers.setdefault(folder.origin[value.name], []).append((-1, -1))
-    return readers
-
-
 def _heads(model: onnx.ModelProto, folder: _Folder) -> dict[str, onnx.NodeProto]:
     """Graph output -> the trailing Softmax / LogSoftmax / Sigmoid node producing it."""
     consumed = {name for node in model.graph.node for name in node.input}
@@ -980,7 +1102,8 @@ def _translate(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], warni
             "(upgrade it with onnx.version_converter.convert_version)")
     folder, info = _fold_graph(model, shapes, opset)
     names = _node_names(model)
-    ctx = _Context(model, folder, info, names, _readers(model, folder))
+    stored = _names(model, folder)
+    ctx = _Context(model, folder, info, names, stored)
     heads = _heads(model, folder)
     for head in heads.values():
         warnings.append(f"head {head.op_type} {names[list(model.graph.node).index(head)]!r} ignored for the "
@@ -990,7 +1113,7 @@ def _translate(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], warni
     _convert(ctx, live)
     pre = _preprocessing(model, folder, live, list(shapes), ctx.offender_nodes) if ctx.offenders else []
     if pre:  # again, with the network starting after the input preprocessing
-        ctx = _Context(model, folder, info, names, _readers(model, folder))
+        ctx = _Context(model, folder, info, names, stored)
         _convert(ctx, [i for i in live if i not in set(pre)])
     _check_outputs(ctx, outputs)
     if ctx.offenders:
@@ -1012,7 +1135,7 @@ def _translate(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], warni
                       {k: v for k, v in ctx.params.items() if k in used})
     except GraphError as exc:
         raise UnsupportedModelError(f"the model cannot be represented: {exc}") from exc
-    return graph, ctx.refs
+    return graph, ctx.refs, stored
 
 
 def _check_outputs(ctx: _Context, outputs: list[str]) -> None:
@@ -1033,12 +1156,13 @@ class OnnxModel:
     format = "onnx"
 
     def __init__(self, path: Path, model: onnx.ModelProto, graph: Graph, refs: dict[str, _ParamRef],
-                 specs: list[InputSpec], external: bool, warnings: list[str]):
+                 names: _Names, specs: list[InputSpec], external: bool, warnings: list[str]):
         self.path = path
         self.graph = graph
         self.warnings = warnings
         self._model = model
         self._refs = refs
+        self._names = names
         self._specs = specs
         self._external = external
 
@@ -1057,25 +1181,19 @@ class OnnxModel:
     def save(self, new_params: Mapping[str, torch.Tensor], path: Path) -> None:
         model = onnx.ModelProto()
         model.CopyFrom(self._model)
-        taken = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
-        taken |= {v.name for v in model.graph.input}
+        wanted: dict[tuple[int, int], np.ndarray | None] = {}  # changed role -> value under its name
+        layouts: dict[tuple[int, int], np.ndarray] = {}  # ... and as a tensor of its own
         for key, value in new_params.items():
             if key not in self._refs:
                 raise KeyError(f"{key!r} is not a parameter of {self.path}")
-            self._write(model, self._refs[key], value, taken)
+            ref = self._refs[key]
+            new = value.detach().to("cpu", self.graph.params[key].dtype)
+            if not torch.equal(new, self.graph.params[key]):
+                stored, same_dims = ref.transform.inverse(new.double().numpy(), ref.stored)
+                wanted[(ref.node_index, ref.slot)] = stored if same_dims else None
+                layouts[(ref.node_index, ref.slot)] = stored
+        _apply_plan(model, _plan_names(self._names, wanted), layouts)
         _save_proto(model, Path(path), self._external)
-
-    def _write(self, model: onnx.ModelProto, ref: _ParamRef, value: torch.Tensor, taken: set[str]) -> None:
-        new = value.detach().to("cpu", self.graph.params[ref.key].dtype)
-        if torch.equal(new, self.graph.params[ref.key]):
-            return
-        stored, same_dims = ref.transform.inverse(new.double().numpy(), ref.stored)
-        if ref.sole_role and same_dims:
-            _write_in_place(model, ref, stored)
-            return
-        name = _fresh_name(f"{ref.base}.pathcond.{ref.slot}", taken)
-        model.graph.initializer.append(numpy_helper.from_array(stored, name))
-        model.graph.node[ref.node_index].input[ref.slot] = name
 
     def run(self, path: Path, inputs: Mapping[str, np.ndarray], *, train: bool = False) -> list[np.ndarray]:
         import onnxruntime as ort
@@ -1097,18 +1215,44 @@ def _fresh_name(base: str, taken: set[str]) -> str:
     return name
 
 
-def _write_in_place(model: onnx.ModelProto, ref: _ParamRef, stored: np.ndarray) -> None:
-    if ref.kind == "initializer":
-        for tensor in model.graph.initializer:
-            if tensor.name == ref.base:
-                tensor.CopyFrom(numpy_helper.from_array(stored, ref.base))
-                return
+def _add_initializer(model: onnx.ModelProto, value: np.ndarray, name: str) -> None:
+    model.graph.initializer.append(numpy_helper.from_array(value, name))
+    if model.ir_version < 4:  # before IR 4 every initializer is also a graph input
+        elem = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+        model.graph.input.append(onnx.helper.make_tensor_value_info(name, elem, value.shape))
+
+
+def _apply_plan(model: onnx.ModelProto, plan: _NamePlan, layouts: Mapping[tuple[int, int], np.ndarray]) -> None:
+    """Write ``plan`` into ``model``: stored tensors in place, views replaced by initializers of their
+    name (the view node goes), and the rare role that needs a tensor of its own (new name, rewired)."""
+    taken = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
+    taken |= {v.name for v in model.graph.input}
+    for (index, slot), value in plan.fresh.items():
+        node = model.graph.node[index]
+        value = layouts[(index, slot)] if value is None else value
+        name = _fresh_name(f"{node.input[slot]}.pathcond.{slot}", taken)
+        _add_initializer(model, value, name)
+        node.input[slot] = name
+    for name, value in plan.roots.items():
+        _write_in_place(model, name, value)
+    dropped = {i for i, node in enumerate(model.graph.node) if node.output and node.output[0] in plan.views}
+    for name, value in plan.views.items():
+        _add_initializer(model, value, name)
+    for index in sorted(dropped, reverse=True):
+        del model.graph.node[index]
+
+
+def _write_in_place(model: onnx.ModelProto, name: str, stored: np.ndarray) -> None:
+    for tensor in model.graph.initializer:
+        if tensor.name == name:
+            tensor.CopyFrom(numpy_helper.from_array(stored, name))
+            return
     for node in model.graph.node:
-        if node.op_type == "Constant" and node.output[0] == ref.base:
+        if node.op_type == "Constant" and node.output[0] == name:
             del node.attribute[:]
             node.attribute.append(onnx.helper.make_attribute("value", numpy_helper.from_array(stored)))
             return
-    raise KeyError(f"stored tensor {ref.base!r} not found")  # pragma: no cover - refs come from this model
+    raise KeyError(f"stored tensor {name!r} not found")  # pragma: no cover - names come from this model
 
 
 def _save_proto(model: onnx.ModelProto, path: Path, external: bool) -> None:
@@ -1143,8 +1287,8 @@ def load_onnx(path: Path, options: LoadOptions | None = None) -> OnnxModel:
     external = _uses_external_data(path)
     shapes = _input_shapes(model, options)
     warnings: list[str] = []
-    graph, refs = _translate(model, shapes, warnings)
-    return OnnxModel(path, model, graph, refs, _input_specs(model, shapes), external, warnings)
+    graph, refs, names = _translate(model, shapes, warnings)
+    return OnnxModel(path, model, graph, refs, names, _input_specs(model, shapes), external, warnings)
 
 
 __all__ = ["OnnxModel", "load_onnx", "CONVERTERS"]

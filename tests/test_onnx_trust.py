@@ -1,0 +1,184 @@
+"""ONNX files pathcond did not write: what their names mean after rescaling, external data, exporter
+quirks (PReLU slopes through Unsqueeze), and constants that make a node meaningless (Mul/Div by 0).
+
+References are independent of pathcond: the PyTorch module the file was exported from (loaded back by
+name), and onnxruntime runs of the files.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+from typer.testing import CliRunner
+
+from pathcond_cli import jobs
+from pathcond_cli.cli import app
+from pathcond_cli.frontends.base import LoadOptions
+from tests import nets
+from tests.torchvision_like import resnet18
+
+runner = CliRunner()
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _rescale(source: Path, target: Path) -> dict:
+    result = jobs.rescale_model(source, target, LoadOptions(), jobs.SolveOptions(device="cpu"),
+                                jobs.RescaleOptions())
+    assert result.report["verification"]["passed"]
+    return result.report
+
+
+def _named_values(path: Path) -> dict[str, np.ndarray]:
+    """Every name of the file holding a parameter: initializers, Constant outputs and Identity outputs
+    of those (what a name-based converter resolves)."""
+    proto = onnx.load(str(path))
+    values = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "Constant" and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        elif node.op_type == "Identity" and node.input[0] in values:
+            values[node.output[0]] = values[node.input[0]]
+    return values
+
+
+def _ort(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def _assert_close(got: np.ndarray, want: np.ndarray, rtol: float = 1e-4) -> None:
+    scale = max(float(np.abs(want).max()), 1e-12)
+    np.testing.assert_allclose(got, want, rtol=0, atol=rtol * scale)
+
+
+def _vi(name: str, shape) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Names keep their meaning: load the output back into the module by name.
+
+
+def _export(module: nn.Module, x: torch.Tensor, path: Path, variant: str) -> Path:
+    kwargs = {
+        # BatchNorm kept (no folding into the convolutions): equal γ/β/statistics shared through Identity
+        "torchscript": dict(dynamo=False, do_constant_folding=False),
+        "torchscript_preserve": dict(dynamo=False, training=torch.onnx.TrainingMode.PRESERVE),
+        "torchscript_inputs": dict(dynamo=False, do_constant_folding=False, keep_initializers_as_inputs=True),
+        "dynamo_noopt": dict(dynamo=True, optimize=False, external_data=False),
+        # the optimiser folds BatchNorm into the convolutions under the convolutions' names
+        "dynamo": dict(dynamo=True, optimize=True, external_data=False),
+    }[variant]
+    torch.onnx.export(module, (x,), str(path), **kwargs)
+    return path
+
+
+def _state_dict_from_onnx(module: nn.Module, path: Path) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """The module's state_dict with every entry the file holds under the same name replaced."""
+    values = _named_values(path)
+    state = module.state_dict()
+    found = {k for k in state if k in values and values[k].shape == tuple(state[k].shape)}
+    return {k: torch.from_numpy(values[k].copy()) if k in found else v for k, v in state.items()}, found
+
+
+@pytest.mark.parametrize(("factory", "shape", "variant"), [
+    (nets.resnet_like_default_init, (1, 3, 8, 8), "torchscript"),
+    (nets.resnet_like_default_init, (1, 3, 8, 8), "torchscript_preserve"),
+    (nets.resnet_like_default_init, (1, 3, 8, 8), "torchscript_inputs"),
+    (nets.resnet_like_default_init, (1, 3, 8, 8), "dynamo_noopt"),
+    (nets.resnet_like_default_init, (1, 3, 8, 8), "dynamo"),
+    (resnet18, (1, 3, 32, 32), "torchscript_preserve"),
+])
+def test_every_name_holds_the_value_of_its_role(factory, shape, variant, tmp_path):
+    torch.manual_seed(0)
+    module = factory().eval()
+    x = torch.randn(*shape)
+    source = _export(module, x, tmp_path / "in.onnx", variant)
+    target = tmp_path / "out.onnx"
+    _rescale(source, target)
+
+    before, found = _state_dict_from_onnx(module, source)
+    after, found_after = _state_dict_from_onnx(module, target)
+    assert found_after == found
+    weights = {k for k, v in module.state_dict().items() if v.is_floating_point()}
+    if variant == "dynamo":
+        assert {k for k in weights if "conv" in k or k.startswith(("stem.0", "fc", "layer2.shortcut.0"))} <= found
+    else:  # every parameter and statistic has its name in the file
+        assert weights <= found, sorted(weights - found)
+    changed = [k for k in found if not torch.equal(before[k], after[k])]
+    assert changed, "nothing was rescaled: the test could not fail"
+
+    reloaded = copy.deepcopy(module)
+    reloaded.load_state_dict(after)
+    with torch.no_grad():
+        want = module(x).numpy()
+        got = reloaded(x).numpy()
+        xs = torch.randn(4, *shape[1:], generator=torch.Generator().manual_seed(1))
+        want_batch, got_batch = module(xs).numpy(), reloaded(xs).numpy()
+    _assert_close(got, want)
+    _assert_close(got_batch, want_batch)
+    # and the file computes what the module computes
+    _assert_close(_ort(target, {onnx.load(str(target)).graph.input[0].name: x.numpy()})[0], want)
+
+
+def test_identity_shared_names_become_initializers_of_their_own(tmp_path):
+    """Exporter-style sharing: γ of bn2 and the running_var of bn1 are Identity outputs of bn1's γ.
+    Each name gets its own value; no new name appears."""
+    c = 4
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], "conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Identity", ["bn1.weight"], ["bn1.running_var"], "id_var"),
+        helper.make_node("Identity", ["bn1.weight"], ["bn2.weight"], "id_g2"),
+        helper.make_node("Identity", ["bn1.bias"], ["bn2.bias"], "id_b2"),
+        helper.make_node("BatchNormalization", ["c1", "bn1.weight", "bn1.bias", "bn1.running_mean",
+                                                "bn1.running_var"], ["h1"], "bn1"),
+        helper.make_node("Relu", ["h1"], ["r1"], "relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], "conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c2", "bn2.weight", "bn2.bias", "bn1.running_mean",
+                                                "bn1.bias"], ["h2"], "bn2"),
+        helper.make_node("Relu", ["h2"], ["r2"], "relu2"),
+        helper.make_node("Conv", ["r2", "w3"], ["y"], "conv3"),
+    ]
+    rng = np.random.default_rng(0)
+    inits = {"w1": rng.standard_normal((c, 2, 3, 3)) * np.array([0.1, 1, 5, 20]).reshape(c, 1, 1, 1),
+             "w2": rng.standard_normal((c, c, 3, 3)) * np.array([3, 0.2, 1, 9]).reshape(1, c, 1, 1),
+             "w3": rng.standard_normal((3, c, 1, 1)),
+             "bn1.weight": np.ones(c), "bn1.bias": np.full(c, 0.5), "bn1.running_mean": np.zeros(c)}
+    graph = helper.make_graph(nodes, "g", [_vi("x", [1, 2, 5, 5])], [_vi("y", [1, 3, 5, 5])],
+                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(proto)
+    source, target = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(proto, str(source))
+    _rescale(source, target)
+
+    out = onnx.load(str(target))
+    before, after = _named_values(source), _named_values(target)
+    assert set(before) <= set(after), "names were lost"
+    assert {n.name for n in out.graph.node} <= {n.name for n in proto.graph.node}
+    readers = {(n.name, i): name for n in out.graph.node for i, name in enumerate(n.input)}
+    assert readers[("bn2", 1)] == "bn2.weight" and readers[("bn1", 4)] == "bn1.running_var"
+    np.testing.assert_array_equal(after["bn1.running_var"], before["bn1.running_var"])  # a statistic
+    np.testing.assert_array_equal(after["bn1.running_mean"], before["bn1.running_mean"])
+    assert not np.array_equal(after["bn1.weight"], before["bn1.weight"])
+    assert not np.array_equal(after["bn2.weight"], after["bn1.weight"])
+    # bn2's running_var is the name bn1.bias, read directly by two roles (β of bn1, a statistic of
+    # bn2): the statistic keeps the name, β gets a new tensor.
+    np.testing.assert_array_equal(after["bn1.bias"], before["bn1.bias"])
+    assert readers[("bn2", 4)] == "bn1.bias" and readers[("bn1", 2)] != "bn1.bias"
+    assert set(after) - set(before) == {readers[("bn1", 2)]}, "the only new name is the one no name had"
+    feeds = {"x": rng.standard_normal((1, 2, 5, 5)).astype(np.float32)}
+    _assert_close(_ort(target, feeds)[0], _ort(source, feeds)[0])
