@@ -182,3 +182,164 @@ def test_identity_shared_names_become_initializers_of_their_own(tmp_path):
     assert set(after) - set(before) == {readers[("bn1", 2)]}, "the only new name is the one no name had"
     feeds = {"x": rng.standard_normal((1, 2, 5, 5)).astype(np.float32)}
     _assert_close(_ort(target, feeds)[0], _ort(source, feeds)[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. External data: small tensors stay inline, where onnxruntime's shape inference can read them.
+
+
+def _pool_reshape_resize_model() -> onnx.ModelProto:
+    """Conv, nearest Resize (scales input), conv, ReduceMean (axes input, opset 18), Reshape, Gemm."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], "conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], "relu1"),
+        helper.make_node("Resize", ["r1", "", "scales"], ["up"], "resize", mode="nearest"),
+        helper.make_node("Conv", ["up", "w2", "b2"], ["c2"], "conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"], "relu2"),
+        helper.make_node("ReduceMean", ["r2", "axes"], ["m"], "mean", keepdims=1),
+        helper.make_node("Reshape", ["m", "shape"], ["f"], "flatten"),
+        helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], "fc", transB=1),
+    ]
+    floats = {"w1": rng.standard_normal((4, 2, 3, 3)) * np.array([0.2, 1, 3, 8]).reshape(4, 1, 1, 1),
+              "b1": rng.standard_normal(4), "w2": rng.standard_normal((12, 4, 3, 3)),  # 1728 bytes: external
+              "b2": rng.standard_normal(12), "w3": rng.standard_normal((3, 12)), "b3": rng.standard_normal(3)}
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in floats.items()]
+    inits += [numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
+              numpy_helper.from_array(np.array([2, 3], np.int64), "axes"),
+              numpy_helper.from_array(np.array([1, 12], np.int64), "shape")]
+    graph = helper.make_graph(nodes, "g", [_vi("x", [1, 2, 5, 5])], [_vi("y", [1, 3])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def test_external_data_keeps_small_tensors_inline(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir(), dst.mkdir()
+    source = src / "model.onnx"
+    proto = _pool_reshape_resize_model()
+    # everything external, the small int64 axes/shape tensors too: onnxruntime cannot open this file
+    onnx.save(proto, str(source), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="weights.bin", size_threshold=0)
+    target = dst / "out.onnx"
+    result = runner.invoke(app, ["rescale", str(source), str(target), "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in dst.iterdir()) == ["out.onnx", "out.onnx.data", "out.onnx.pathcond.json"]
+
+    saved = onnx.load(str(target), load_external_data=False)
+    external = {t.name for t in saved.graph.initializer if t.data_location == TensorProto.EXTERNAL}
+    assert external == {"w2"}, external  # the only tensor of 1 KiB or more
+    assert all(t.external_data[0].value == "out.onnx.data" for t in saved.graph.initializer if t.name in external)
+    rng = np.random.default_rng(1)
+    feeds = {"x": rng.standard_normal((1, 2, 5, 5)).astype(np.float32)}
+    inline = tmp_path / "inline.onnx"  # the input as onnx itself reads it, in one file: the reference
+    onnx.save(onnx.load(str(source)), str(inline))
+    _assert_close(_ort(target, feeds)[0], _ort(inline, feeds)[0])
+    before, after = _named_values(inline), _named_values(target)
+    assert not np.array_equal(before["w1"], after["w1"]), "nothing was rescaled"
+
+
+def test_dynamo_export_with_external_data_round_trip(tmp_path):
+    """A dynamo export keeps its ReduceMean axes and Reshape shape inline; so must the output."""
+    module = nets.plain_resnet()
+    source = tmp_path / "in.onnx"
+    torch.onnx.export(module, (torch.randn(1, 2, 6, 6),), str(source), dynamo=True, external_data=True)
+    assert any(t.data_location == TensorProto.EXTERNAL for t in onnx.load(str(source), load_external_data=False)
+               .graph.initializer) or pytest.skip("this exporter wrote no external data")
+    target = tmp_path / "out.onnx"
+    result = runner.invoke(app, ["rescale", str(source), str(target), "--device", "cpu", "--quiet"])
+    assert result.exit_code == 0, result.output
+    x = np.random.default_rng(2).standard_normal((1, 2, 6, 6)).astype(np.float32)
+    name = onnx.load(str(source), load_external_data=False).graph.input[0].name
+    _assert_close(_ort(target, {name: x})[0], _ort(source, {name: x})[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. PReLU exported without constant folding: the slope reaches PRelu through Unsqueeze.
+
+
+class _PReLUNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.act, self.conv2 = nn.Conv2d(3, 4, 3), nn.PReLU(num_parameters=4), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.conv2(self.act(self.conv1(x)))
+
+
+@pytest.mark.parametrize("opset", [11, 13, 17])
+def test_prelu_slope_through_unsqueeze_keeps_its_name(opset, tmp_path):
+    torch.manual_seed(0)
+    module = _PReLUNet().eval()
+    with torch.no_grad():
+        module.act.weight.copy_(torch.tensor([0.05, 0.2, 0.5, 0.9]))
+        module.conv1.weight.mul_(torch.tensor([0.1, 1.0, 4.0, 10.0]).view(4, 1, 1, 1))
+    x = torch.randn(1, 3, 7, 7)
+    source, target = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    torch.onnx.export(module, (x,), str(source), opset_version=opset, do_constant_folding=False, dynamo=False)
+    unsqueeze = [n for n in onnx.load(str(source)).graph.node if n.op_type == "Unsqueeze"]
+    assert unsqueeze and unsqueeze[0].input[0] == "act.weight"
+    assert bool([a for a in unsqueeze[0].attribute if a.name == "axes"]) == (opset < 13)
+    result = runner.invoke(app, ["rescale", str(source), str(target), "--device", "cpu", "--quiet"])
+    assert result.exit_code == 0, result.output
+
+    out = onnx.load(str(target))
+    assert [(n.op_type, list(n.input)) for n in out.graph.node] == \
+        [(n.op_type, list(n.input)) for n in onnx.load(str(source)).graph.node]
+    after, found = _state_dict_from_onnx(module, target)
+    assert found == set(module.state_dict())
+    np.testing.assert_array_equal(after["act.weight"].numpy(), module.act.weight.detach().numpy())
+    assert not torch.equal(after["conv1.weight"], module.conv1.weight), "nothing was rescaled"
+    reloaded = copy.deepcopy(module)
+    reloaded.load_state_dict(after)
+    with torch.no_grad():
+        _assert_close(reloaded(x).numpy(), module(x).numpy())
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. Multiplying or dividing by 0 is refused with the node named (exit 3), not a crash (exit 4).
+
+
+def _scaled_mlp(op: str, factor: np.ndarray) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], "fc1", transB=1),
+        helper.make_node("Relu", ["h"], ["r"], "relu"),
+        helper.make_node(op, ["r", "factor"], ["s"], "the_factor"),
+        helper.make_node("Gemm", ["s", "w2", "b2"], ["y"], "fc2", transB=1),
+    ]
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+             for name, shape in [("w1", (6, 4)), ("b1", (6,)), ("w2", (3, 6)), ("b2", (3,))]]
+    inits.append(numpy_helper.from_array(factor.astype(np.float32), "factor"))
+    graph = helper.make_graph(nodes, "g", [_vi("x", [1, 4])], [_vi("y", [1, 3])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(("op", "factor", "why"), [
+    ("Mul", np.array(0.0), "multiplies by 0"),
+    ("Mul", np.zeros((1, 6)), "multiplies by 0"),
+    ("Div", np.array(0.0), "divides by 0"),
+    ("Div", np.array([[1.0, 2.0, 0.0, 1.0, 1.0, 3.0]]), "divides by 0"),
+    ("Mul", np.array(np.inf), "inf or NaN"),
+])
+@pytest.mark.parametrize("command", ["inspect", "rescale"])
+def test_multiplying_or_dividing_by_zero_is_refused(op, factor, why, command, tmp_path):
+    source = tmp_path / "in.onnx"
+    onnx.save(_scaled_mlp(op, factor), str(source))
+    args = [command, str(source)] + ([str(tmp_path / "out.onnx")] if command == "rescale" else [])
+    result = runner.invoke(app, args + ["--device", "cpu"])
+    assert result.exit_code == 3, result.output
+    text = " ".join(result.output.split())
+    assert "the_factor" in text and why in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]
+
+
+def test_some_channels_multiplied_by_zero_are_dead_units(tmp_path):
+    """Zero factors beside non-zero ones are not refused: those channels are dead units."""
+    source, target = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(_scaled_mlp("Mul", np.array([[1.0, 0.0, 2.0, 0.5, 1.0, 0.0]])), str(source))
+    result = runner.invoke(app, ["rescale", str(source), str(target), "--device", "cpu", "--quiet"])
+    assert result.exit_code == 0, result.output
+    x = np.random.default_rng(3).standard_normal((1, 4)).astype(np.float32)
+    _assert_close(_ort(target, {"x": x})[0], _ort(source, {"x": x})[0])

@@ -11,15 +11,23 @@ Reading
 
 Parameter keys
     A parameter stored once and read by exactly one (node, input) is keyed by its initializer name
-    (or by the output name of the Constant node / folded value holding it). A stored tensor read by
-    several roles (exporters deduplicate equal tensors) gets one key per role:
-    ``"<tensor>@<node name>:<input slot>"``, so that each role is rescaled on its own.
+    (or by the output name of the Constant node / folded value holding it). Identity, Unsqueeze,
+    Squeeze, Reshape and Flatten of a stored tensor are *views* of it (:data:`VIEW_OPS`). A stored
+    tensor read by several roles (exporters deduplicate equal tensors) gets one key per role: the
+    name read at that input when nothing else reads that name, else ``"<name>@<node name>:<slot>"``,
+    so that each role is rescaled on its own.
 
 Writing
-    :meth:`OnnxModel.save` copies the ModelProto and changes only the parameters whose values
-    changed: in place when the tensor has a single role, else as a new initializer wired into that
-    one node input. Transforms applied on reading (Gemm ``transB=0`` and ``alpha``/``beta``, MatMul's
-    (I, O) layout, Sub's negation, Div's reciprocal, broadcast scalars) are inverted.
+    :meth:`OnnxModel.save` copies the ModelProto and gives every name the value of the role it plays
+    (:func:`_plan_names`): a stored tensor is changed in place; a view whose value must now differ from
+    the tensor it views (``layer1.0.bn1.weight = Identity(bn1.weight)`` when only one γ is rescaled) is
+    replaced by an initializer of the same name, and its node goes. A new name
+    (``<name>.pathcond.<slot>``) appears only where one name is read directly by roles given different
+    values (one initializer read by two nodes, a broadcast scalar split per channel), or where the
+    parameter is computed (Cast, Mul, ... of stored tensors), which cannot be written back. Transforms
+    applied on reading (Gemm ``transB=0`` and ``alpha``/``beta``, MatMul's (I, O) layout, Sub's
+    negation, Div's reciprocal, broadcast scalars) are inverted. With external data, float tensors of
+    1 KiB or more go to ``OUT.data``; smaller and integer tensors (shapes, axes) stay inline.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
+from onnx import TensorProto, numpy_helper
 
 from ..errors import Offender, UnsupportedModelError, UsageError
 from ..ir import Graph, GraphError, Node, swap_group_axes
@@ -841,12 +849,27 @@ def _add(ctx: _Context) -> None:
     ctx.emit("bias", [ctx.x(xs)], {"bias": ctx.param(cs, _Transform((channels,), factor=factor, expanded_shape=layout))})
 
 
+def _check_factor(c: np.ndarray, divide: bool) -> None:
+    """Refuse constants that leave nothing to rescale: x / 0 is ±inf or NaN, x * 0 forgets x (nothing
+    before the node reaches the outputs through it), and inf or NaN factors are not linear maps.
+    Channels multiplied by 0 beside others that are not are dead units, which pathcond handles."""
+    values = c.astype(np.float64)
+    if not np.all(np.isfinite(values)):
+        raise _Refuse(f"its constant {'divisor' if divide else 'factor'} holds inf or NaN")
+    if divide and np.any(values == 0):
+        raise _Refuse("it divides by 0 (the result is ±inf or NaN, not a function pathcond can rescale)")
+    if not divide and c.size and np.all(values == 0):
+        raise _Refuse("it multiplies by 0: its output is 0 whatever its input, so the network before it "
+                      "does not reach the outputs through it")
+
+
 def _mul(ctx: _Context) -> None:
     xs, cs = _split_operands(ctx)
     divide = ctx.node.op_type == "Div"
     if divide and xs == 1:
         raise _Refuse("it divides a constant by an activation")
     c = ctx.const(ctx.node.input[cs])
+    _check_factor(c, divide)
     if c.size == 1 and c.ndim <= len(ctx.shape(xs)):
         value = float(c.reshape(-1)[0])
         ctx.emit("scale", [ctx.x(xs)], attrs={"value": 1.0 / value if divide else value})
@@ -1196,15 +1219,42 @@ class OnnxModel:
         _save_proto(model, Path(path), self._external)
 
     def run(self, path: Path, inputs: Mapping[str, np.ndarray], *, train: bool = False) -> list[np.ndarray]:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.log_severity_level = 3  # errors only: its warnings are about the runtime, not the model
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         dtypes = {spec.name: spec.dtype for spec in self._specs}
         feeds = {name: np.asarray(v, dtype=dtypes.get(name)) for name, v in inputs.items()}
+        try:
+            session = _session(path)
+        except Exception as exc:
+            if Path(path) != self.path or not self._external:
+                raise
+            return self._run_relaid(exc, feeds)
         return [np.asarray(out) for out in session.run(None, feeds)]
+
+    def _run_relaid(self, exc: Exception, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Run the input when onnxruntime cannot open it as stored (small shape tensors in the external
+        data file: its shape inference cannot read them) from the same tensors laid out as the writer
+        lays them out."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="pathcond-") as folder:
+            copy = onnx.ModelProto()
+            copy.CopyFrom(self._model)
+            relaid = Path(folder) / "input.onnx"
+            _save_proto(copy, relaid, external=True)
+            outputs = [np.asarray(out) for out in _session(relaid).run(None, feeds)]
+        note = (f"onnxruntime cannot open {self.path.name} as stored ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:200]}); it was run with its small tensors stored inline")
+        if note not in self.warnings:
+            self.warnings.append(note)
+        return outputs
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3  # errors only: its warnings are about the runtime, not the model
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _fresh_name(base: str, taken: set[str]) -> str:
@@ -1255,16 +1305,52 @@ def _write_in_place(model: onnx.ModelProto, name: str, stored: np.ndarray) -> No
     raise KeyError(f"stored tensor {name!r} not found")  # pragma: no cover - names come from this model
 
 
-def _save_proto(model: onnx.ModelProto, path: Path, external: bool) -> None:
-    if not external:
-        onnx.save_model(model, str(path))
-        return
-    location = path.name + ".data"
-    data_file = path.parent / location
-    if data_file.exists():  # onnx appends to an existing data file
-        data_file.unlink()
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=location, size_threshold=0)
+#: an initializer goes to the external data file when it holds at least this many bytes (onnx's own
+#: default threshold) and is not an integer or boolean tensor: shapes, axes and indices stay inline, as
+#: exporters keep them, because onnxruntime's shape inference cannot read external tensors.
+EXTERNAL_MIN_BYTES = 1024
+_INLINE_TYPES = frozenset({
+    TensorProto.INT8, TensorProto.INT16, TensorProto.INT32, TensorProto.INT64, TensorProto.UINT8,
+    TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64, TensorProto.BOOL, TensorProto.STRING})
+
+
+def _all_tensors(graph: onnx.GraphProto):
+    """Every tensor of a graph: initializers, attribute tensors (Constant values), subgraphs'."""
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                yield a.t
+            yield from a.tensors
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                yield from _all_tensors(sub)
+
+
+def _goes_external(tensor: TensorProto) -> bool:
+    if tensor.data_type in _INLINE_TYPES:
+        return False
+    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    return math.prod(tensor.dims) * itemsize >= EXTERNAL_MIN_BYTES
+
+
+def _save_proto(model: onnx.ModelProto, path: Path, external: bool, location: str | None = None) -> None:
+    """Write ``model`` (its tensors loaded); with ``external``, large float initializers go to
+    ``location`` (default ``<name>.data``) beside ``path``, whatever the input's own layout was."""
+    for tensor in _all_tensors(model.graph):  # onnx.load keeps the input's external markers
+        if tensor.data_location == TensorProto.EXTERNAL:
+            tensor.data_location = TensorProto.DEFAULT
+            del tensor.external_data[:]
+    if external:
+        location = location or path.name + ".data"
+        data_file = path.parent / location
+        if data_file.exists():  # onnx appends to an existing data file
+            data_file.unlink()
+        for index, tensor in enumerate(model.graph.initializer):
+            if _goes_external(tensor):
+                if not tensor.HasField("raw_data"):
+                    tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
+                onnx.external_data_helper.set_external_data(tensor, location)
+    onnx.save_model(model, str(path))
 
 
 def _input_specs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> list[InputSpec]:
