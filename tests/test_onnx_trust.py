@@ -343,3 +343,20 @@ def test_some_channels_multiplied_by_zero_are_dead_units(tmp_path):
     assert result.exit_code == 0, result.output
     x = np.random.default_rng(3).standard_normal((1, 4)).astype(np.float32)
     _assert_close(_ort(target, {"x": x})[0], _ort(source, {"x": x})[0])
+
+
+@pytest.mark.parametrize("bad", ["w1", "b2"])
+def test_a_parameter_holding_nan_or_inf_is_named(bad, tmp_path):
+    """A diverged checkpoint: refused with the node and the tensor named, not 'statistics overflowed'."""
+    proto = _scaled_mlp("Mul", np.array(2.0))
+    for tensor in proto.graph.initializer:
+        if tensor.name == bad:
+            value = numpy_helper.to_array(tensor).copy()
+            value.reshape(-1)[0] = np.nan
+            tensor.CopyFrom(numpy_helper.from_array(value, bad))
+    source = tmp_path / "in.onnx"
+    onnx.save(proto, str(source))
+    result = runner.invoke(app, ["rescale", str(source), str(tmp_path / "out.onnx"), "--device", "cpu"])
+    assert result.exit_code == 3, result.output
+    text = " ".join(result.output.split())
+    assert {"w1": "fc1", "b2": "fc2"}[bad] in text and f"'{bad}'" in text and "NaN" in text

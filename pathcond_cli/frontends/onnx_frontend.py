@@ -542,9 +542,11 @@ class _Context:
         else:
             key = f"{name}@{self.node_names[self.index]}:{slot}"
         stored = self.folder.values[name]
+        value = transform.forward(stored)
+        if not np.all(np.isfinite(value)):  # the path statistics would overflow without saying where
+            raise _Refuse(f"its input {slot} ({name!r}) holds inf or NaN")
         self.refs[key] = _ParamRef(key, kind, base, self.index, slot, stored, transform, name)
-        self.params[key] = torch.from_numpy(np.ascontiguousarray(transform.forward(stored))).to(
-            _torch_dtype(stored.dtype))
+        self.params[key] = torch.from_numpy(np.ascontiguousarray(value)).to(_torch_dtype(stored.dtype))
         return key
 
     def emit(self, op: str, inputs: Sequence[str], params=None, attrs=None) -> None:
