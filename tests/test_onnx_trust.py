@@ -360,3 +360,13 @@ def test_a_parameter_holding_nan_or_inf_is_named(bad, tmp_path):
     assert result.exit_code == 3, result.output
     text = " ".join(result.output.split())
     assert {"w1": "fc1", "b2": "fc2"}[bad] in text and f"'{bad}'" in text and "NaN" in text
+
+
+def test_weights_fed_as_graph_inputs_are_named(tmp_path):
+    """torch.onnx.export(export_params=False): the file holds no weights; say so, per node."""
+    source = tmp_path / "in.onnx"
+    torch.onnx.export(nets.mlp(), (torch.randn(1, 8),), str(source), dynamo=False, export_params=False)
+    result = runner.invoke(app, ["inspect", str(source), "--device", "cpu"])
+    assert result.exit_code == 3, result.output
+    text = " ".join(result.output.split())
+    assert "the file stores no value for it" in text and "net.0.weight" in text

@@ -142,14 +142,15 @@ class _Names:
     origin: dict[str, tuple[str, str]]  # name -> (kind, stored tensor or computed value at the chain's start)
     parent: dict[str, tuple[int, str]]  # view output -> (index of the view node, the name it reads)
     readers: dict[str, list[tuple[int, int]]]  # name -> (node, input slot) reading its value; (-1, -1): graph output
+    counts: dict[tuple[str, str], int] = field(default_factory=dict)  # origin -> readers through all its names
+
+    def __post_init__(self) -> None:
+        for name, readers in self.readers.items():
+            self.counts[self.origin[name]] = self.counts.get(self.origin[name], 0) + len(readers)
 
     def tree_readers(self, origin: tuple[str, str]) -> int:
         """How many (node, input) read the stored tensor, through any of its names."""
-        if not hasattr(self, "_counts"):
-            self._counts: dict[tuple[str, str], int] = {}
-            for name, readers in self.readers.items():
-                self._counts[self.origin[name]] = self._counts.get(self.origin[name], 0) + len(readers)
-        return self._counts.get(origin, 0)
+        return self.counts.get(origin, 0)
 
 
 def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
@@ -527,6 +528,9 @@ class _Context:
     def static(self, slot: int, what: str) -> np.ndarray:
         value = self.const(self.node.input[slot]) if slot < len(self.node.input) else None
         if value is None:
+            name = self.node.input[slot] if slot < len(self.node.input) else ""
+            if name in {v.name for v in self.model.graph.input}:  # torch.onnx.export(export_params=False)
+                raise _Refuse(f"its {what} (input {slot}) is the graph input {name!r}: the file stores no value for it")
             raise _Refuse(f"its {what} (input {slot}) is not a constant")
         return value
 
