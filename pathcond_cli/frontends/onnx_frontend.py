@@ -183,7 +183,15 @@ def _names(model: onnx.ModelProto, folder: "_Folder") -> _Names:
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+    """Bitwise equality (NaN equals itself), without copying large tensors."""
+    if a is b:
+        return True
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.dtype.kind == "O":
+        return bool(np.array_equal(a, b))
+    bits = [np.ascontiguousarray(x).reshape(-1).view(np.uint8) for x in (a, b)]
+    return bool(np.array_equal(*bits))
 
 
 def _pick(candidates: list[np.ndarray], original: np.ndarray) -> np.ndarray:
