@@ -108,7 +108,10 @@ def test_every_name_holds_the_value_of_its_role(factory, shape, variant, tmp_pat
     x = torch.randn(*shape)
     source = _export(module, x, tmp_path / "in.onnx", variant)
     target = tmp_path / "out.onnx"
-    _rescale(source, target)
+    report = _rescale(source, target)
+    assert not [w for w in report["warnings"] if "new name" in w], "a role had no name of its own"
+    names_before, names_after = _named_values(source), _named_values(target)
+    assert set(names_after) == set(names_before), "names were added or lost"
 
     before, found = _state_dict_from_onnx(module, source)
     after, found_after = _state_dict_from_onnx(module, target)
@@ -163,7 +166,7 @@ def test_identity_shared_names_become_initializers_of_their_own(tmp_path):
     onnx.checker.check_model(proto)
     source, target = tmp_path / "in.onnx", tmp_path / "out.onnx"
     onnx.save(proto, str(source))
-    _rescale(source, target)
+    report = _rescale(source, target)
 
     out = onnx.load(str(target))
     before, after = _named_values(source), _named_values(target)
@@ -180,6 +183,8 @@ def test_identity_shared_names_become_initializers_of_their_own(tmp_path):
     np.testing.assert_array_equal(after["bn1.bias"], before["bn1.bias"])
     assert readers[("bn2", 4)] == "bn1.bias" and readers[("bn1", 2)] != "bn1.bias"
     assert set(after) - set(before) == {readers[("bn1", 2)]}, "the only new name is the one no name had"
+    notes = [w for w in report["warnings"] if "new name" in w]
+    assert len(notes) == 1 and "bn1 input 2" in notes[0] and readers[("bn1", 2)] in notes[0]
     feeds = {"x": rng.standard_normal((1, 2, 5, 5)).astype(np.float32)}
     _assert_close(_ort(target, feeds)[0], _ort(source, feeds)[0])
 

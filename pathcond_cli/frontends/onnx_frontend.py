@@ -1229,8 +1229,14 @@ class OnnxModel:
                 stored, same_dims = ref.transform.inverse(new.double().numpy(), ref.stored)
                 wanted[(ref.node_index, ref.slot)] = stored if same_dims else None
                 layouts[(ref.node_index, ref.slot)] = stored
-        _apply_plan(model, _plan_names(self._names, wanted), layouts)
+        node_names = _node_names(self._model)
+        for index, slot, old, new_name in _apply_plan(model, _plan_names(self._names, wanted), layouts):
+            self._note(_rewired_note(node_names[index], slot, old, new_name, self._names.origin[old][0]))
         _save_proto(model, Path(path), self._external)
+
+    def _note(self, warning: str) -> None:
+        if warning not in self.warnings:
+            self.warnings.append(warning)
 
     def run(self, path: Path, inputs: Mapping[str, np.ndarray], *, train: bool = False) -> list[np.ndarray]:
         dtypes = {spec.name: spec.dtype for spec in self._specs}
@@ -1257,8 +1263,7 @@ class OnnxModel:
             outputs = [np.asarray(out) for out in _session(relaid).run(None, feeds)]
         note = (f"onnxruntime cannot open {self.path.name} as stored ({type(exc).__name__}: "
                 f"{str(exc).splitlines()[0][:200]}); it was run with its small tensors stored inline")
-        if note not in self.warnings:
-            self.warnings.append(note)
+        self._note(note)
         return outputs
 
 
@@ -1269,6 +1274,16 @@ def _session(path: Path):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3  # errors only: its warnings are about the runtime, not the model
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _rewired_note(node: str, slot: int, old: str, new: str, kind: str) -> str:
+    """Why a node input reads a new name: the exceptions to "every name keeps its meaning"."""
+    if kind == "computed":
+        why = "is computed from stored tensors (it cannot be written back into them)"
+    else:
+        why = "is read by other roles that keep another value"
+    return (f"{node} input {slot}: {old!r} {why}; the rescaled value is stored under the new name {new!r} "
+            "and read from there")
 
 
 def _fresh_name(base: str, taken: set[str]) -> str:
@@ -1286,16 +1301,20 @@ def _add_initializer(model: onnx.ModelProto, value: np.ndarray, name: str) -> No
         model.graph.input.append(onnx.helper.make_tensor_value_info(name, elem, value.shape))
 
 
-def _apply_plan(model: onnx.ModelProto, plan: _NamePlan, layouts: Mapping[tuple[int, int], np.ndarray]) -> None:
+def _apply_plan(model: onnx.ModelProto, plan: _NamePlan,
+                layouts: Mapping[tuple[int, int], np.ndarray]) -> list[tuple[int, int, str, str]]:
     """Write ``plan`` into ``model``: stored tensors in place, views replaced by initializers of their
-    name (the view node goes), and the rare role that needs a tensor of its own (new name, rewired)."""
+    name (the view node goes), and the rare role that needs a tensor of its own (new name, rewired).
+    Returns those rewired inputs: (node index, slot, name read before, new name)."""
     taken = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
     taken |= {v.name for v in model.graph.input}
+    rewired = []
     for (index, slot), value in plan.fresh.items():
         node = model.graph.node[index]
         value = layouts[(index, slot)] if value is None else value
         name = _fresh_name(f"{node.input[slot]}.pathcond.{slot}", taken)
         _add_initializer(model, value, name)
+        rewired.append((index, slot, node.input[slot], name))
         node.input[slot] = name
     for name, value in plan.roots.items():
         _write_in_place(model, name, value)
@@ -1304,6 +1323,7 @@ def _apply_plan(model: onnx.ModelProto, plan: _NamePlan, layouts: Mapping[tuple[
         _add_initializer(model, value, name)
     for index in sorted(dropped, reverse=True):
         del model.graph.node[index]
+    return rewired
 
 
 def _write_in_place(model: onnx.ModelProto, name: str, stored: np.ndarray) -> None:
