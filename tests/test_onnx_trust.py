@@ -375,3 +375,36 @@ def test_weights_fed_as_graph_inputs_are_named(tmp_path):
     assert result.exit_code == 3, result.output
     text = " ".join(result.output.split())
     assert "the file stores no value for it" in text and "net.0.weight" in text
+
+
+class _HandWrittenLinear(nn.Module):
+    """``x @ W.t() + b``: exported without constant folding as MatMul(x, Transpose(W)) and Add."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.w1 = nn.Parameter(torch.randn(6, 4, generator=gen) * torch.tensor([0.1, 1, 3, 9, 0.5, 2]).view(6, 1))
+        self.b1 = nn.Parameter(torch.randn(6, generator=gen))
+        self.w2 = nn.Parameter(torch.randn(3, 6, generator=gen))
+
+    def forward(self, x):
+        return torch.relu(x @ self.w1.t() + self.b1) @ self.w2.t()
+
+
+def test_weight_read_through_transpose_keeps_its_name(tmp_path):
+    module = _HandWrittenLinear().eval()
+    x = torch.randn(2, 4)
+    source, target = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    torch.onnx.export(module, (x,), str(source), dynamo=False, do_constant_folding=False)
+    assert [n.op_type for n in onnx.load(str(source)).graph.node].count("Transpose") == 2
+    report = _rescale(source, target)
+    assert not [w for w in report["warnings"] if "new name" in w]
+    assert [(n.op_type, list(n.input)) for n in onnx.load(str(target)).graph.node] == \
+        [(n.op_type, list(n.input)) for n in onnx.load(str(source)).graph.node]
+    after, found = _state_dict_from_onnx(module, target)
+    assert found == {"w1", "b1", "w2"}
+    assert not torch.equal(after["w1"], module.w1.detach()), "nothing was rescaled"
+    reloaded = copy.deepcopy(module)
+    reloaded.load_state_dict(after)
+    with torch.no_grad():
+        _assert_close(reloaded(x).numpy(), module(x).numpy())

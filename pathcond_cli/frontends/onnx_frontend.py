@@ -12,7 +12,8 @@ Reading
 Parameter keys
     A parameter stored once and read by exactly one (node, input) is keyed by its initializer name
     (or by the output name of the Constant node / folded value holding it). Identity, Unsqueeze,
-    Squeeze, Reshape and Flatten of a stored tensor are *views* of it (:data:`VIEW_OPS`). A stored
+    Squeeze, Reshape, Flatten and Transpose of a stored tensor are *views* of it (:data:`VIEW_OPS`),
+    written back through the view (``x @ W.t()`` exported as ``MatMul(x, Transpose(W))``). A stored
     tensor read by several roles (exporters deduplicate equal tensors) gets one key per role: the
     name read at that input when nothing else reads that name, else ``"<name>@<node name>:<slot>"``,
     so that each role is rescaled on its own.
@@ -58,9 +59,9 @@ NOT_HOMOGENEOUS = frozenset(
     }
 )
 SHAPE_READERS = frozenset({"Shape", "Size"})
-#: ops whose output holds the elements of their first input in the same order: a static value read
-#: through a chain of them is a view of the stored tensor at the chain's start (see _Names)
-VIEW_OPS = frozenset({"Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten"})
+#: ops whose output holds the elements of their first input, reshaped or transposed: a static value
+#: read through a chain of them is a view of the stored tensor at the chain's start (see _Names)
+VIEW_OPS = frozenset({"Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Transpose"})
 # Parameter-free layout and normalisation ops. A chain of them straight from the graph inputs that the
 # network's converters cannot read (an NHWC -> NCHW Transpose, a Cast, ...) is input preprocessing: the
 # rescaling never touches it, so the analysed network starts at its result (see _preprocessing).
@@ -142,6 +143,7 @@ class _Names:
     origin: dict[str, tuple[str, str]]  # name -> (kind, stored tensor or computed value at the chain's start)
     parent: dict[str, tuple[int, str]]  # view output -> (index of the view node, the name it reads)
     readers: dict[str, list[tuple[int, int]]]  # name -> (node, input slot) reading its value; (-1, -1): graph output
+    perm: dict[str, tuple[int, ...]] = field(default_factory=dict)  # Transpose view -> its permutation
     counts: dict[tuple[str, str], int] = field(default_factory=dict)  # origin -> readers through all its names
 
     def __post_init__(self) -> None:
@@ -151,6 +153,17 @@ class _Names:
     def tree_readers(self, origin: tuple[str, str]) -> int:
         """How many (node, input) read the stored tensor, through any of its names."""
         return self.counts.get(origin, 0)
+
+    def down(self, name: str, value: np.ndarray) -> np.ndarray:
+        """A value of the view ``name``'s parent, seen through the view."""
+        value = value.transpose(self.perm[name]) if name in self.perm else value
+        return value.reshape(self.values[name].shape)
+
+    def up(self, name: str, value: np.ndarray) -> np.ndarray:
+        """A value of the view ``name``, in its parent's layout."""
+        if name in self.perm:
+            return value.transpose(np.argsort(self.perm[name]))
+        return value.reshape(self.values[self.parent[name][1]].shape)
 
 
 def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
@@ -179,7 +192,7 @@ def _names(model: onnx.ModelProto, folder: "_Folder") -> _Names:
     for value in model.graph.output:
         if value.name in folder.origin:
             readers.setdefault(value.name, []).append((-1, -1))
-    return _Names(folder.values, folder.origin, folder.parent, readers)
+    return _Names(folder.values, folder.origin, folder.parent, readers, folder.perm)
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> bool:
@@ -227,8 +240,7 @@ def _plan_names(names: _Names, wanted: Mapping[tuple[int, int], np.ndarray | Non
         return [w for w in own if w is not None]
 
     def below(name: str) -> list[np.ndarray]:
-        shape = names.values[name].shape
-        return wants(name) + [w.reshape(shape) for child in children.get(name, []) for w in below(child)]
+        return wants(name) + [names.up(child, w) for child in children.get(name, []) for w in below(child)]
 
     def visit(name: str, inherited: np.ndarray) -> None:
         original, own = names.values[name], wants(name)
@@ -248,7 +260,7 @@ def _plan_names(names: _Names, wanted: Mapping[tuple[int, int], np.ndarray | Non
             if reader in wanted and (wanted[reader] is None or not _same(wanted[reader], value)):
                 plan.fresh[reader] = wanted[reader]
         for child in children.get(name, []):
-            visit(child, value.reshape(names.values[child].shape))
+            visit(child, names.down(child, value))
 
     for name in names.values:
         if name not in names.parent:
@@ -409,6 +421,7 @@ class _Folder:
         self.values: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
         self.origin: dict[str, tuple[str, str]] = {n: ("initializer", n) for n in self.values}
         self.parent: dict[str, tuple[int, str]] = {}  # view output -> (view node index, the name it reads)
+        self.perm: dict[str, tuple[int, ...]] = {}  # Transpose view output -> its permutation
         self.static_nodes: set[int] = set()
         for index, node in enumerate(model.graph.node):
             self._visit(index, node)
@@ -428,6 +441,9 @@ class _Folder:
         elif node.op_type in VIEW_OPS and node.input[0] in self.origin:
             self.origin[node.output[0]] = self.origin[node.input[0]]
             self.parent[node.output[0]] = (index, node.input[0])
+            if node.op_type == "Transpose":
+                rank = self.values[node.input[0]].ndim
+                self.perm[node.output[0]] = tuple(_attr(node, "perm", list(range(rank))[::-1]))
         else:
             self.origin.update({name: ("computed", name) for name in node.output if name})
 
