@@ -254,3 +254,10 @@ ZOO = {
     "tiny_generator": (tiny_generator, (1, 5, 1, 1)),
     "dense_net": (dense_net, (1, 3, 8, 8)),
 }
+
+
+def resnet_like_default_init(seed: int = 0) -> nn.Module:
+    """ResNetLike with BatchNorm as PyTorch initialises it (γ = 1, β = 0, mean 0, var 1): the equal
+    tensors that ONNX exporters share between several names."""
+    torch.manual_seed(seed)
+    return ResNetLike().eval()

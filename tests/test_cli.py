@@ -238,7 +238,7 @@ def test_bad_solver_option_is_a_usage_error(mlp_onnx):
 def test_command_help_shows_defaults_and_exit_codes():
     result = runner.invoke(app, ["rescale", "--help"], env={"COLUMNS": "250"})  # no wrapping inside cells
     text = " ".join(result.output.split())
-    assert "OUT.pathcond.json" in text and "1e-4 for float32" in text
+    assert "OUT.pathcond.json" in text and "1e-4 float32" in text and "least precise dtype" in text
     assert "Exit codes" in text
 
 

@@ -19,15 +19,24 @@ Models before opset 11
 
 Parameter keys
     A parameter stored once and read by exactly one (node, input) is keyed by its initializer name
-    (or by the output name of the Constant node / folded value holding it). A stored tensor read by
-    several roles (exporters deduplicate equal tensors) gets one key per role:
-    ``"<tensor>@<node name>:<input slot>"``, so that each role is rescaled on its own.
+    (or by the output name of the Constant node / folded value holding it). Identity, Unsqueeze,
+    Squeeze, Reshape, Flatten and Transpose of a stored tensor are *views* of it (:data:`VIEW_OPS`),
+    written back through the view (``x @ W.t()`` exported as ``MatMul(x, Transpose(W))``). A stored
+    tensor read by several roles (exporters deduplicate equal tensors) gets one key per role: the
+    name read at that input when nothing else reads that name, else ``"<name>@<node name>:<slot>"``,
+    so that each role is rescaled on its own.
 
 Writing
-    :meth:`OnnxModel.save` copies the ModelProto and changes only the parameters whose values
-    changed: in place when the tensor has a single role, else as a new initializer wired into that
-    one node input. Transforms applied on reading (Gemm ``transB=0`` and ``alpha``/``beta``, MatMul's
-    (I, O) layout, Sub's negation, Div's reciprocal, broadcast scalars) are inverted.
+    :meth:`OnnxModel.save` copies the ModelProto and gives every name the value of the role it plays
+    (:func:`_plan_names`): a stored tensor is changed in place; a view whose value must now differ from
+    the tensor it views (``layer1.0.bn1.weight = Identity(bn1.weight)`` when only one γ is rescaled) is
+    replaced by an initializer of the same name, and its node goes. A new name
+    (``<name>.pathcond.<slot>``) appears only where one name is read directly by roles given different
+    values (one initializer read by two nodes, a broadcast scalar split per channel), or where the
+    parameter is computed (Cast, Mul, ... of stored tensors), which cannot be written back. Transforms
+    applied on reading (Gemm ``transB=0`` and ``alpha``/``beta``, MatMul's (I, O) layout, Sub's
+    negation, Div's reciprocal, broadcast scalars) are inverted. With external data, float tensors of
+    1 KiB or more go to ``OUT.data``; smaller and integer tensors (shapes, axes) stay inline.
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
+from onnx import TensorProto, numpy_helper
 
 from ..errors import Offender, UnsupportedModelError, UsageError
 from ..ir import Graph, GraphError, Node, swap_group_axes
@@ -58,6 +67,9 @@ NOT_HOMOGENEOUS = frozenset(
     }
 )
 SHAPE_READERS = frozenset({"Shape", "Size"})
+#: ops whose output holds the elements of their first input, reshaped or transposed: a static value
+#: read through a chain of them is a view of the stored tensor at the chain's start (see _Names)
+VIEW_OPS = frozenset({"Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Transpose"})
 # Parameter-free layout and normalisation ops. A chain of them straight from the graph inputs that the
 # network's converters cannot read (an NHWC -> NCHW Transpose, a Cast, ...) is input preprocessing: the
 # rescaling never touches it, so the analysed network starts at its result (see _preprocessing).
@@ -122,9 +134,146 @@ class _ParamRef:
     base: str  # initializer name, Constant output name, or folded value name
     node_index: int  # the ONNX node reading it
     slot: int  # ... at this input
-    stored: np.ndarray
+    stored: np.ndarray  # the value under ``name``
     transform: _Transform
-    sole_role: bool  # the stored tensor has no other reader
+    name: str  # the name read at that input: ``base`` or a view of it (Identity, Unsqueeze, ...)
+
+
+@dataclass
+class _Names:
+    """Every name holding a static value, the stored tensor it is a view of, and what reads it.
+
+    Exporters share equal tensors between several names: ``layer1.0.bn1.weight = Identity(bn1.weight)``
+    when default-initialised BatchNorms have equal γ. The writer gives every name the value of the
+    role that name plays (:func:`_plan_names`), so the names keep their meaning."""
+
+    values: dict[str, np.ndarray]
+    origin: dict[str, tuple[str, str]]  # name -> (kind, stored tensor or computed value at the chain's start)
+    parent: dict[str, tuple[int, str]]  # view output -> (index of the view node, the name it reads)
+    readers: dict[str, list[tuple[int, int]]]  # name -> (node, input slot) reading its value; (-1, -1): graph output
+    perm: dict[str, tuple[int, ...]] = field(default_factory=dict)  # Transpose view -> its permutation
+    counts: dict[tuple[str, str], int] = field(default_factory=dict)  # origin -> readers through all its names
+
+    def __post_init__(self) -> None:
+        for name, readers in self.readers.items():
+            self.counts[self.origin[name]] = self.counts.get(self.origin[name], 0) + len(readers)
+
+    def tree_readers(self, origin: tuple[str, str]) -> int:
+        """How many (node, input) read the stored tensor, through any of its names."""
+        return self.counts.get(origin, 0)
+
+    def down(self, name: str, value: np.ndarray) -> np.ndarray:
+        """A value of the view ``name``'s parent, seen through the view."""
+        value = value.transpose(self.perm[name]) if name in self.perm else value
+        return value.reshape(self.values[name].shape)
+
+    def up(self, name: str, value: np.ndarray) -> np.ndarray:
+        """A value of the view ``name``, in its parent's layout."""
+        if name in self.perm:
+            return value.transpose(np.argsort(self.perm[name]))
+        return value.reshape(self.values[self.parent[name][1]].shape)
+
+
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs (If, Loop, Scan bodies) read from the enclosing scope, and more."""
+    names: set[str] = set()
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        for graph in graphs:
+            for inner in graph.node:
+                names.update(n for n in inner.input if n)
+                names |= _subgraph_reads(inner)
+    return names
+
+
+def _names(model: onnx.ModelProto, folder: "_Folder") -> _Names:
+    readers: dict[str, list[tuple[int, int]]] = {}
+    for index, node in enumerate(model.graph.node):
+        if node.op_type in SHAPE_READERS:  # reads the shape only, which no rescaling changes
+            continue
+        view = bool(node.output) and folder.parent.get(node.output[0], (None,))[0] == index
+        for slot, name in enumerate(node.input):
+            if name in folder.origin and not (view and slot == 0):
+                readers.setdefault(name, []).append((index, slot))
+        for name in _subgraph_reads(node) & set(folder.origin):
+            readers.setdefault(name, []).append((index, -1))
+    for value in model.graph.output:
+        if value.name in folder.origin:
+            readers.setdefault(value.name, []).append((-1, -1))
+    return _Names(folder.values, folder.origin, folder.parent, readers, folder.perm)
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bitwise equality (NaN equals itself), without copying large tensors."""
+    if a is b:
+        return True
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.dtype.kind == "O":
+        return bool(np.array_equal(a, b))
+    bits = [np.ascontiguousarray(x).reshape(-1).view(np.uint8) for x in (a, b)]
+    return bool(np.array_equal(*bits))
+
+
+def _pick(candidates: list[np.ndarray], original: np.ndarray) -> np.ndarray:
+    """The value a name shared by conflicting readers keeps: its own if a reader still wants it
+    (graph outputs, non-parameter readers, unchanged roles), else the first reader's."""
+    return original if any(_same(c, original) for c in candidates) else candidates[0]
+
+
+@dataclass
+class _NamePlan:
+    """What the writer does: new values of stored tensors, views replaced by initializers of the same
+    name, and (only where one name is read directly by roles given different values) new tensors."""
+
+    roots: dict[str, np.ndarray] = field(default_factory=dict)  # stored tensor -> new value, in place
+    views: dict[str, np.ndarray] = field(default_factory=dict)  # view output -> value of its initializer
+    fresh: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)  # (node, slot) -> own new tensor
+
+
+def _plan_names(names: _Names, wanted: Mapping[tuple[int, int], np.ndarray | None]) -> _NamePlan:
+    """Give every name the value its direct readers want.
+
+    ``wanted`` holds the new value of each changed role, in the layout of the name it reads (None: the
+    value does not fit that name's shape, e.g. a broadcast scalar split per channel). Readers not in it
+    want the name's current value. A name with no direct reader (the start of an Identity chain) takes
+    a value one of the names below it wants, so that a chain with a single role is written in place."""
+    children: dict[str, list[str]] = {}
+    for name, (_, up) in names.parent.items():
+        children.setdefault(up, []).append(name)
+    plan, final = _NamePlan(), {}
+
+    def wants(name: str) -> list[np.ndarray]:
+        own = [wanted.get(r, names.values[name]) for r in names.readers.get(name, [])]
+        return [w for w in own if w is not None]
+
+    def below(name: str) -> list[np.ndarray]:
+        return wants(name) + [names.up(child, w) for child in children.get(name, []) for w in below(child)]
+
+    def visit(name: str, inherited: np.ndarray) -> None:
+        original, own = names.values[name], wants(name)
+        if names.origin[name] == ("computed", name):  # a computed value cannot be written in place
+            value = original
+        elif own:
+            value = _pick(own, original)
+        else:
+            deeper = below(name)
+            value = inherited if not deeper or any(_same(inherited, w) for w in deeper) else _pick(deeper, original)
+        final[name] = value
+        if name in names.parent and not _same(value, inherited):
+            plan.views[name] = value
+        elif name not in names.parent and not _same(value, original):
+            plan.roots[name] = value
+        for reader in names.readers.get(name, []):
+            if reader in wanted and (wanted[reader] is None or not _same(wanted[reader], value)):
+                plan.fresh[reader] = wanted[reader]
+        for child in children.get(name, []):
+            visit(child, names.down(child, value))
+
+    for name in names.values:
+        if name not in names.parent:
+            visit(name, names.values[name])
+    return plan
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,6 +453,8 @@ class _Folder:
         self.model, self.info, self.opset = model, info, opset
         self.values: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
         self.origin: dict[str, tuple[str, str]] = {n: ("initializer", n) for n in self.values}
+        self.parent: dict[str, tuple[int, str]] = {}  # view output -> (view node index, the name it reads)
+        self.perm: dict[str, tuple[int, ...]] = {}  # Transpose view output -> its permutation
         self.static_nodes: set[int] = set()
         for index, node in enumerate(model.graph.node):
             self._visit(index, node)
@@ -320,8 +471,12 @@ class _Folder:
                 self.values[name] = np.asarray(value)
         if node.op_type == "Constant":
             self.origin[node.output[0]] = ("constant", node.output[0])
-        elif node.op_type == "Identity" and node.input[0] in self.origin:
+        elif node.op_type in VIEW_OPS and node.input[0] in self.origin:
             self.origin[node.output[0]] = self.origin[node.input[0]]
+            self.parent[node.output[0]] = (index, node.input[0])
+            if node.op_type == "Transpose":
+                rank = self.values[node.input[0]].ndim
+                self.perm[node.output[0]] = tuple(_attr(node, "perm", list(range(rank))[::-1]))
         else:
             self.origin.update({name: ("computed", name) for name in node.output if name})
 
@@ -369,11 +524,22 @@ class _Folder:
         from onnx.reference import ReferenceEvaluator
 
         try:
-            evaluator = ReferenceEvaluator(node, opsets={"": self.opset})
             feeds = {n: self.values[n] for n in node.input if n}
+            evaluator = ReferenceEvaluator(_one_node_model(node, feeds, self.opset))
             return [np.asarray(v) for v in evaluator.run(None, feeds)]
         except Exception:
             return None
+
+
+def _one_node_model(node: onnx.NodeProto, feeds: Mapping[str, np.ndarray], opset: int) -> onnx.ModelProto:
+    """``node`` alone in a model of the given opset. The reference evaluator picks an op's version from
+    a model's opset import; given a bare node it may run the newest version (Unsqueeze-13, reading
+    ``axes`` as an input, on an opset-11 node whose ``axes`` is an attribute)."""
+    inputs = [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), None)
+              for n, v in feeds.items()]
+    outputs = [onnx.helper.make_empty_tensor_value_info(n) for n in node.output if n]
+    graph = onnx.helper.make_graph([node], "fold", inputs, outputs)
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -386,7 +552,7 @@ class _Context:
     folder: _Folder
     info: dict
     node_names: list[str]
-    uses: dict[tuple[str, str], list[tuple[int, int]]]
+    names: _Names
     nodes: list[Node] = field(default_factory=list)
     params: dict[str, torch.Tensor] = field(default_factory=dict)
     refs: dict[str, _ParamRef] = field(default_factory=dict)
@@ -419,19 +585,29 @@ class _Context:
     def static(self, slot: int, what: str) -> np.ndarray:
         value = self.const(self.node.input[slot]) if slot < len(self.node.input) else None
         if value is None:
+            name = self.node.input[slot] if slot < len(self.node.input) else ""
+            if name in {v.name for v in self.model.graph.input}:  # torch.onnx.export(export_params=False)
+                raise _Refuse(f"its {what} (input {slot}) is the graph input {name!r}: the file stores no value for it")
             raise _Refuse(f"its {what} (input {slot}) is not a constant")
         return value
 
     def param(self, slot: int, transform: _Transform) -> str:
+        """Key of the parameter at this input: the stored tensor's name when it has no other reader,
+        else the name read here when nothing else reads that name, else ``name@node:slot``."""
         name = self.node.input[slot]
         kind, base = self.folder.origin[name]
-        readers = self.uses.get((kind, base), [])
-        sole = kind != "computed" and len(readers) <= 1
-        key = base if sole else f"{base}@{self.node_names[self.index]}:{slot}"
+        if kind != "computed" and self.names.tree_readers((kind, base)) <= 1:
+            key = base
+        elif self.names.readers.get(name) == [(self.index, slot)]:
+            key = name
+        else:
+            key = f"{name}@{self.node_names[self.index]}:{slot}"
         stored = self.folder.values[name]
-        self.refs[key] = _ParamRef(key, kind, base, self.index, slot, stored, transform, sole)
-        self.params[key] = torch.from_numpy(np.ascontiguousarray(transform.forward(stored))).to(
-            _torch_dtype(stored.dtype))
+        value = transform.forward(stored)
+        if not np.all(np.isfinite(value)):  # the path statistics would overflow without saying where
+            raise _Refuse(f"its input {slot} ({name!r}) holds inf or NaN")
+        self.refs[key] = _ParamRef(key, kind, base, self.index, slot, stored, transform, name)
+        self.params[key] = torch.from_numpy(np.ascontiguousarray(value)).to(_torch_dtype(stored.dtype))
         return key
 
     def emit(self, op: str, inputs: Sequence[str], params=None, attrs=None) -> None:
@@ -744,12 +920,27 @@ def _add(ctx: _Context) -> None:
     ctx.emit("bias", [ctx.x(xs)], {"bias": ctx.param(cs, _Transform((channels,), factor=factor, expanded_shape=layout))})
 
 
+def _check_factor(c: np.ndarray, divide: bool) -> None:
+    """Refuse constants that leave nothing to rescale: x / 0 is ±inf or NaN, x * 0 forgets x (nothing
+    before the node reaches the outputs through it), and inf or NaN factors are not linear maps.
+    Channels multiplied by 0 beside others that are not are dead units, which pathcond handles."""
+    values = c.astype(np.float64)
+    if not np.all(np.isfinite(values)):
+        raise _Refuse(f"its constant {'divisor' if divide else 'factor'} holds inf or NaN")
+    if divide and np.any(values == 0):
+        raise _Refuse("it divides by 0 (the result is ±inf or NaN, not a function pathcond can rescale)")
+    if not divide and c.size and np.all(values == 0):
+        raise _Refuse("it multiplies by 0: its output is 0 whatever its input, so the network before it "
+                      "does not reach the outputs through it")
+
+
 def _mul(ctx: _Context) -> None:
     xs, cs = _split_operands(ctx)
     divide = ctx.node.op_type == "Div"
     if divide and xs == 1:
         raise _Refuse("it divides a constant by an activation")
     c = ctx.const(ctx.node.input[cs])
+    _check_factor(c, divide)
     if c.size == 1 and c.ndim <= len(ctx.shape(xs)):
         value = float(c.reshape(-1)[0])
         ctx.emit("scale", [ctx.x(xs)], attrs={"value": 1.0 / value if divide else value})
@@ -886,22 +1077,6 @@ def _node_names(model: onnx.ModelProto) -> list[str]:
     return names
 
 
-def _readers(model: onnx.ModelProto, folder: _Folder) -> dict[tuple[str, str], list[tuple[int, int]]]:
-    """Every (node, input slot) reading each stored tensor, Identity pass-throughs and shape reads aside."""
-    readers: dict[tuple[str, str], list[tuple[int, int]]] = {}
-    for index, node in enumerate(model.graph.node):
-        passthrough = node.op_type == "Identity" and index in folder.static_nodes
-        if passthrough or node.op_type in SHAPE_READERS:
-            continue
-        for slot, name in enumerate(node.input):
-            if name in folder.origin:
-                readers.setdefault(folder.origin[name], []).append((index, slot))
-    for value in model.graph.output:
-        if value.name in folder.origin:
-            readers.setdefault(folder.origin[value.name], []).append((-1, -1))
-    return readers
-
-
 def _heads(model: onnx.ModelProto, folder: _Folder) -> dict[str, onnx.NodeProto]:
     """Graph output -> the trailing Softmax / LogSoftmax / Sigmoid node producing it."""
     consumed = {name for node in model.graph.node for name in node.input}
@@ -1022,7 +1197,8 @@ def _translate(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], warni
             "(upgrade it with onnx.version_converter.convert_version)")
     folder, info = _fold_graph(model, shapes, opset)
     names = names or _node_names(model)
-    ctx = _Context(model, folder, info, names, _readers(model, folder))
+    stored = _names(model, folder)
+    ctx = _Context(model, folder, info, names, stored)
     heads = _heads(model, folder)
     for head in heads.values():
         warnings.append(f"head {head.op_type} {names[list(model.graph.node).index(head)]!r} ignored for the "
@@ -1032,7 +1208,7 @@ def _translate(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], warni
     _convert(ctx, live)
     pre = _preprocessing(model, folder, live, list(shapes), ctx.offender_nodes) if ctx.offenders else []
     if pre:  # again, with the network starting after the input preprocessing
-        ctx = _Context(model, folder, info, names, _readers(model, folder))
+        ctx = _Context(model, folder, info, names, stored)
         _convert(ctx, [i for i in live if i not in set(pre)])
     _check_outputs(ctx, outputs)
     if ctx.offenders:
@@ -1054,7 +1230,7 @@ def _translate(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], warni
                       {k: v for k, v in ctx.params.items() if k in used})
     except GraphError as exc:
         raise UnsupportedModelError(f"the model cannot be represented: {exc}") from exc
-    return graph, ctx.refs
+    return graph, ctx.refs, stored
 
 
 def _check_outputs(ctx: _Context, outputs: list[str]) -> None:
@@ -1179,26 +1355,66 @@ def _rebase_refs(original: onnx.ModelProto, upgraded: onnx.ModelProto,
             if readers_before.get(ref.base, 0) != readers_after.get(ref.base, 0):
                 return None, f"the upgrade changed the nodes reading {ref.base!r}"
         rebased[key] = _ParamRef(ref.key, ref.kind, ref.base, target, ref.slot, ref.stored, ref.transform,
-                                 ref.sole_role)
+                                 ref.name)
     return rebased, ""
 
 
-def _writable(original: onnx.ModelProto, upgraded: onnx.ModelProto, refs: dict[str, _ParamRef],
-              warnings: list[str]) -> tuple[onnx.ModelProto, dict[str, _ParamRef]]:
-    """The model to write the new values into, with its references: the original graph and opset when
-    the upgraded model's parameters can be found in it, else the upgraded model (with a warning)."""
+def _rebase_names(original: onnx.ModelProto, upgraded: onnx.ModelProto, names: _Names,
+                  refs: Mapping[str, _ParamRef]) -> _Names | None:
+    """The name table of the upgraded model moved onto the original graph, or None when a node that
+    reads (or is a view of) a parameter's stored tensor is not in the original. Names unrelated to any
+    parameter (the converter's own Constant nodes: Unsqueeze axes, Resize scales) are left out: the
+    writer never changes them."""
+    index = {(n.op_type, n.domain, tuple(n.output)): i for i, n in enumerate(original.graph.node)}
+
+    def move(i: int) -> int | None:
+        if i < 0:
+            return i
+        node = upgraded.graph.node[i]
+        return index.get((node.op_type, node.domain, tuple(node.output)))
+
+    roots = {names.origin[r.name] for r in refs.values() if r.name in names.origin}
+    keep = {name for name, origin in names.origin.items() if origin in roots}
+    readers: dict[str, list[tuple[int, int]]] = {}
+    for name in keep:
+        moved = []
+        for i, slot in names.readers.get(name, []):
+            j = move(i)
+            if j is None or (j >= 0 and slot >= 0 and name not in original.graph.node[j].input[slot:slot + 1]):
+                return None
+            moved.append((j, slot))
+        readers[name] = moved
+    parent = {}
+    for name in keep & set(names.parent):
+        i, up = names.parent[name]
+        j = move(i)
+        if j is None:
+            return None
+        parent[name] = (j, up)
+    return _Names({n: names.values[n] for n in keep}, {n: names.origin[n] for n in keep}, parent, readers,
+                  {n: p for n, p in names.perm.items() if n in keep})
+
+
+def _writable(original: onnx.ModelProto, upgraded: onnx.ModelProto, refs: dict[str, _ParamRef], names: _Names,
+              warnings: list[str]) -> tuple[onnx.ModelProto, dict[str, _ParamRef], _Names]:
+    """The model to write the new values into, with its references and name table: the original graph
+    and opset when the upgraded model's parameters can be found in it, else the upgraded model (with a
+    warning)."""
     if upgraded is original:
-        return original, refs
+        return original, refs, names
     opset = _opset(original)
     rebased, why = _rebase_refs(original, upgraded, refs)
-    if rebased is not None:
+    moved = _rebase_names(original, upgraded, names, refs) if rebased is not None else None
+    if rebased is not None and moved is None:
+        why = "the upgrade changed a node that reads a parameter under another name"
+    if rebased is not None and moved is not None:
         warnings.append(f"the model uses opset {opset}: it was analysed after an in-memory upgrade to opset "
                         f"{MIN_OPSET} (onnx.version_converter); the output keeps opset {opset} and its graph")
-        return original, rebased
+        return original, rebased, moved
     warnings.append(f"the model uses opset {opset}: it was analysed after an upgrade to opset {MIN_OPSET} "
                     f"(onnx.version_converter), and the output is that upgraded graph at opset {MIN_OPSET}, "
                     f"because {why}")
-    return upgraded, refs
+    return upgraded, refs, names
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1211,12 +1427,13 @@ class OnnxModel:
     format = "onnx"
 
     def __init__(self, path: Path, model: onnx.ModelProto, graph: Graph, refs: dict[str, _ParamRef],
-                 specs: list[InputSpec], external: bool, warnings: list[str]):
+                 names: _Names, specs: list[InputSpec], external: bool, warnings: list[str]):
         self.path = path
         self.graph = graph
         self.warnings = warnings
         self._model = model
         self._refs = refs
+        self._names = names
         self._specs = specs
         self._external = external
 
@@ -1235,42 +1452,77 @@ class OnnxModel:
     def save(self, new_params: Mapping[str, torch.Tensor], path: Path) -> None:
         model = onnx.ModelProto()
         model.CopyFrom(self._model)
-        taken = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
-        taken |= {v.name for v in model.graph.input}
+        wanted: dict[tuple[int, int], np.ndarray | None] = {}  # changed role -> value under its name
+        layouts: dict[tuple[int, int], np.ndarray] = {}  # ... and as a tensor of its own
         for key, value in new_params.items():
             if key not in self._refs:
                 raise KeyError(f"{key!r} is not a parameter of {self.path}")
-            self._write(model, self._refs[key], value, taken)
-        _declare_initializers(model)
+            ref = self._refs[key]
+            new = value.detach().to("cpu", self.graph.params[key].dtype)
+            if not torch.equal(new, self.graph.params[key]):
+                stored, same_dims = ref.transform.inverse(new.double().numpy(), ref.stored)
+                wanted[(ref.node_index, ref.slot)] = stored if same_dims else None
+                layouts[(ref.node_index, ref.slot)] = stored
+        node_names = _node_names(self._model)
+        for index, slot, old, new_name in _apply_plan(model, _plan_names(self._names, wanted), layouts):
+            self._note(_rewired_note(node_names[index], slot, old, new_name, self._names.origin[old][0]))
         _save_proto(model, Path(path), self._external)
 
-    def _write(self, model: onnx.ModelProto, ref: _ParamRef, value: torch.Tensor, taken: set[str]) -> None:
-        new = value.detach().to("cpu", self.graph.params[ref.key].dtype)
-        if torch.equal(new, self.graph.params[ref.key]):
-            return
-        stored, same_dims = ref.transform.inverse(new.double().numpy(), ref.stored)
-        if ref.sole_role and same_dims:
-            _write_in_place(model, ref, stored)
-            return
-        name = _fresh_name(f"{ref.base}.pathcond.{ref.slot}", taken)
-        model.graph.initializer.append(numpy_helper.from_array(stored, name))
-        model.graph.node[ref.node_index].input[ref.slot] = name
+    def _note(self, warning: str) -> None:
+        if warning not in self.warnings:
+            self.warnings.append(warning)
 
     def run(self, path: Path, inputs: Mapping[str, np.ndarray], *, train: bool = False) -> list[np.ndarray]:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.log_severity_level = 3  # errors only: its warnings are about the runtime, not the model
-        try:
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # e.g. an opset-6 model: onnxruntime has no kernels before opset 7
-            if Path(path) != self.path:
-                raise  # the rewritten copy: pathcond's own fault
-            raise _unrunnable(self.path, self._model, exc) from exc
         dtypes = {spec.name: spec.dtype for spec in self._specs}
         feeds = {name: np.asarray(v, dtype=dtypes.get(name)) for name, v in inputs.items()}
+        try:
+            session = _session(path)
+        except Exception as exc:  # noqa: BLE001 - the input: say why it cannot be verified against
+            if Path(path) != self.path:
+                raise  # the rewritten copy: pathcond's own fault
+            if self._external:
+                try:
+                    return self._run_relaid(exc, feeds)
+                except Exception:  # noqa: BLE001 - not the external layout either: report the first error
+                    pass
+            raise _unrunnable(self.path, self._model, exc) from exc
         return [np.asarray(out) for out in session.run(None, feeds)]
+
+    def _run_relaid(self, exc: Exception, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Run the input when onnxruntime cannot open it as stored (small shape tensors in the external
+        data file: its shape inference cannot read them) from the same tensors laid out as the writer
+        lays them out."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="pathcond-") as folder:
+            copy = onnx.ModelProto()
+            copy.CopyFrom(self._model)
+            relaid = Path(folder) / "input.onnx"
+            _save_proto(copy, relaid, external=True)
+            outputs = [np.asarray(out) for out in _session(relaid).run(None, feeds)]
+        note = (f"onnxruntime cannot open {self.path.name} as stored ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:200]}); it was run with its small tensors stored inline")
+        self._note(note)
+        return outputs
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3  # errors only: its warnings are about the runtime, not the model
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _rewired_note(node: str, slot: int, old: str, new: str, kind: str) -> str:
+    """Why a node input reads a new name: the exceptions to "every name keeps its meaning"."""
+    if kind == "computed":
+        why = "is computed from stored tensors (it cannot be written back into them)"
+    else:
+        why = "is read by other roles that keep another value"
+    return (f"{node} input {slot}: {old!r} {why}; the rescaled value is stored under the new name {new!r} "
+            "and read from there")
 
 
 def _unrunnable(path: Path, model: onnx.ModelProto, exc: Exception) -> UnsupportedModelError:
@@ -1290,41 +1542,97 @@ def _fresh_name(base: str, taken: set[str]) -> str:
     return name
 
 
-def _declare_initializers(model: onnx.ModelProto) -> None:
-    """Before IR version 4 an initializer is the default value of a graph input and must be declared as
-    one (the old model zoo's files are IR 3): declare the initializers added for new roles."""
-    if model.ir_version >= 4:
-        return
-    declared = {v.name for v in model.graph.input}
+def _add_initializer(model: onnx.ModelProto, value: np.ndarray, name: str) -> None:
+    model.graph.initializer.append(numpy_helper.from_array(value, name))
+    if model.ir_version < 4:  # before IR 4 every initializer is also a graph input
+        elem = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+        model.graph.input.append(onnx.helper.make_tensor_value_info(name, elem, value.shape))
+
+
+def _apply_plan(model: onnx.ModelProto, plan: _NamePlan,
+                layouts: Mapping[tuple[int, int], np.ndarray]) -> list[tuple[int, int, str, str]]:
+    """Write ``plan`` into ``model``: stored tensors in place, views replaced by initializers of their
+    name (the view node goes), and the rare role that needs a tensor of its own (new name, rewired).
+    Returns those rewired inputs: (node index, slot, name read before, new name)."""
+    taken = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
+    taken |= {v.name for v in model.graph.input}
+    rewired = []
+    for (index, slot), value in plan.fresh.items():
+        node = model.graph.node[index]
+        value = layouts[(index, slot)] if value is None else value
+        name = _fresh_name(f"{node.input[slot]}.pathcond.{slot}", taken)
+        _add_initializer(model, value, name)
+        rewired.append((index, slot, node.input[slot], name))
+        node.input[slot] = name
+    for name, value in plan.roots.items():
+        _write_in_place(model, name, value)
+    dropped = {i for i, node in enumerate(model.graph.node) if node.output and node.output[0] in plan.views}
+    for name, value in plan.views.items():
+        _add_initializer(model, value, name)
+    for index in sorted(dropped, reverse=True):
+        del model.graph.node[index]
+    return rewired
+
+
+def _write_in_place(model: onnx.ModelProto, name: str, stored: np.ndarray) -> None:
     for tensor in model.graph.initializer:
-        if tensor.name not in declared:
-            model.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
-
-
-def _write_in_place(model: onnx.ModelProto, ref: _ParamRef, stored: np.ndarray) -> None:
-    if ref.kind == "initializer":
-        for tensor in model.graph.initializer:
-            if tensor.name == ref.base:
-                tensor.CopyFrom(numpy_helper.from_array(stored, ref.base))
-                return
+        if tensor.name == name:
+            tensor.CopyFrom(numpy_helper.from_array(stored, name))
+            return
     for node in model.graph.node:
-        if node.op_type == "Constant" and node.output[0] == ref.base:
+        if node.op_type == "Constant" and node.output[0] == name:
             del node.attribute[:]
             node.attribute.append(onnx.helper.make_attribute("value", numpy_helper.from_array(stored)))
             return
-    raise KeyError(f"stored tensor {ref.base!r} not found")  # pragma: no cover - refs come from this model
+    raise KeyError(f"stored tensor {name!r} not found")  # pragma: no cover - names come from this model
 
 
-def _save_proto(model: onnx.ModelProto, path: Path, external: bool) -> None:
-    if not external:
-        onnx.save_model(model, str(path))
-        return
-    location = data_file_for(path).name
-    data_file = path.parent / location
-    if data_file.exists():  # onnx appends to an existing data file
-        data_file.unlink()
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=location, size_threshold=0)
+#: an initializer goes to the external data file when it holds at least this many bytes (onnx's own
+#: default threshold) and is not an integer or boolean tensor: shapes, axes and indices stay inline, as
+#: exporters keep them, because onnxruntime's shape inference cannot read external tensors.
+EXTERNAL_MIN_BYTES = 1024
+_INLINE_TYPES = frozenset({
+    TensorProto.INT8, TensorProto.INT16, TensorProto.INT32, TensorProto.INT64, TensorProto.UINT8,
+    TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64, TensorProto.BOOL, TensorProto.STRING})
+
+
+def _all_tensors(graph: onnx.GraphProto):
+    """Every tensor of a graph: initializers, attribute tensors (Constant values), subgraphs'."""
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                yield a.t
+            yield from a.tensors
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                yield from _all_tensors(sub)
+
+
+def _goes_external(tensor: TensorProto) -> bool:
+    if tensor.data_type in _INLINE_TYPES:
+        return False
+    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    return math.prod(tensor.dims) * itemsize >= EXTERNAL_MIN_BYTES
+
+
+def _save_proto(model: onnx.ModelProto, path: Path, external: bool, location: str | None = None) -> None:
+    """Write ``model`` (its tensors loaded); with ``external``, large float initializers go to
+    ``location`` (default ``<name>.data``) beside ``path``, whatever the input's own layout was."""
+    for tensor in _all_tensors(model.graph):  # onnx.load keeps the input's external markers
+        if tensor.data_location == TensorProto.EXTERNAL:
+            tensor.data_location = TensorProto.DEFAULT
+            del tensor.external_data[:]
+    if external:
+        location = location or data_file_for(path).name
+        data_file = path.parent / location
+        if data_file.exists():  # onnx appends to an existing data file
+            data_file.unlink()
+        for index, tensor in enumerate(model.graph.initializer):
+            if _goes_external(tensor):
+                if not tensor.HasField("raw_data"):
+                    tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
+                onnx.external_data_helper.set_external_data(tensor, location)
+    onnx.save_model(model, str(path))
 
 
 def _input_specs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> list[InputSpec]:
@@ -1348,10 +1656,10 @@ def load_onnx(path: Path, options: LoadOptions | None = None) -> OnnxModel:
     shapes = _input_shapes(model, options)
     warnings: list[str] = []
     upgraded = _upgrade(model)
-    names = _names_after_original(model, upgraded) if upgraded is not model else None
-    graph, refs = _translate(upgraded, shapes, warnings, names)
-    model, refs = _writable(model, upgraded, refs, warnings)
-    return OnnxModel(path, model, graph, refs, _input_specs(model, shapes), external, warnings)
+    node_names = _names_after_original(model, upgraded) if upgraded is not model else None
+    graph, refs, stored = _translate(upgraded, shapes, warnings, node_names)
+    model, refs, stored = _writable(model, upgraded, refs, stored, warnings)
+    return OnnxModel(path, model, graph, refs, stored, _input_specs(model, shapes), external, warnings)
 
 
 __all__ = ["OnnxModel", "load_onnx", "CONVERTERS"]
