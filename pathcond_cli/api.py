@@ -34,7 +34,7 @@ Shape = Sequence[int]
 
 
 def _translation(module: nn.Module, input_shape: Shape | dict[str, Shape]):
-    from .frontends.torch_frontend import module_translation
+    from .frontends.torch_module import module_translation
 
     return module_translation(module, _shapes(input_shape))
 
@@ -87,9 +87,9 @@ def _live_runner(module: nn.Module, specs: list[InputSpec], dtypes: list[torch.d
     A training-mode run updates BatchNorm's running statistics (and any other buffer the module's code
     changes): every buffer is put back afterwards, so verifying leaves the module as it found it. The
     module's own training flag is restored too."""
-    from .frontends.torch_frontend import _flatten_outputs, _reference_tensor, as_model_inputs
+    from .frontends.torch_module import as_model_inputs, flatten_outputs, reference_tensor
 
-    device = _reference_tensor(module).device
+    device = reference_tensor(module).device
 
     def run(feeds, train: bool) -> list[np.ndarray]:
         args = as_model_inputs(specs, dtypes, feeds, device)
@@ -104,7 +104,7 @@ def _live_runner(module: nn.Module, specs: list[InputSpec], dtypes: list[torch.d
             with torch.no_grad():
                 for buffer, saved in buffers:
                     buffer.copy_(saved)
-        return _flatten_outputs(out)
+        return flatten_outputs(out)
 
     return run
 
@@ -130,12 +130,12 @@ def rescale_module_(
 
     Create the optimizer after calling this: optimizer state refers to the old parametrisation.
     """
-    from .frontends.torch_frontend import _ordered_shapes, floating_dtypes, input_specs, stored_layout
+    from .frontends.torch_module import floating_dtypes, input_specs, ordered_shapes, stored_layout
 
     analysis, tr = _analyze(module, input_shape, device, tol, max_sweeps)
     timings = dict(analysis.timings)
     new = stored_layout(rescaled_params(analysis), tr.swapped)
-    _, full_shapes = _ordered_shapes(module, _shapes(input_shape))
+    _, full_shapes = ordered_shapes(module, _shapes(input_shape))
     specs = input_specs(tr, full_shapes)
     input_dtypes = [tr.input_dtypes.get(name, torch.float32) for name in tr.graph.inputs]
     runner = _live_runner(module, specs, input_dtypes)

@@ -36,8 +36,8 @@ from .torch_graph import Translation, translate
 from .torch_module import (
     _as_stored,
     _first_line,
-    _flatten_outputs,
-    _ordered_shapes,
+    flatten_outputs,
+    ordered_shapes,
     as_model_inputs,
     floating_dtypes,
     input_specs,
@@ -160,7 +160,7 @@ class TorchModel:
         args = as_model_inputs(self._specs, self._input_dtypes, inputs)
         with torch.no_grad():
             out = model(*args)
-        return _flatten_outputs(out)
+        return flatten_outputs(out)
 
     def save(self, new_params: Mapping[str, torch.Tensor], path: Path) -> None:
         unknown = [k for k in new_params if k not in self.graph.params]
@@ -319,7 +319,7 @@ class _SavedModule(TorchModel):
         """The module's IR and the full input shapes, in forward's order."""
         shapes = _shapes_from_options(self.options, self._what)
         tr = module_translation(module, shapes)
-        return tr, _ordered_shapes(module, shapes)[1]
+        return tr, ordered_shapes(module, shapes)[1]
 
     def _bind_module(self, module: nn.Module, tr: Translation, shapes: Sequence[tuple[int, ...]]) -> None:
         self._set(tr, [*module.parameters(), *module.buffers()], full_shapes=shapes)

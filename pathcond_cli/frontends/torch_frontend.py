@@ -24,9 +24,9 @@ from .torch_detect import archive_records, detect, detect_torch_format
 from .torch_formats import FORMAT_CLASSES, FORMATS, TorchModel
 from .torch_module import (  # noqa: F401 - _-names: used by pathcond_cli.api
     Shapes,
-    _flatten_outputs,
-    _ordered_shapes,
-    _reference_tensor,
+    flatten_outputs,
+    ordered_shapes,
+    reference_tensor,
     as_model_inputs,
     export_module,
     exported_to_graph,

@@ -36,14 +36,14 @@ def _forward_arg_names(module: nn.Module) -> list[str]:
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
-def _reference_tensor(module: nn.Module) -> torch.Tensor:
+def reference_tensor(module: nn.Module) -> torch.Tensor:
     for t in list(module.parameters()) + list(module.buffers()):
         if t.is_floating_point():
             return t
     return torch.zeros((), dtype=torch.float32)
 
 
-def _ordered_shapes(module: nn.Module, input_shapes: Shapes) -> tuple[list[str], list[tuple[int, ...]]]:
+def ordered_shapes(module: nn.Module, input_shapes: Shapes) -> tuple[list[str], list[tuple[int, ...]]]:
     """The forward's argument names and the shapes fed to them, in order."""
     argnames = _forward_arg_names(module)
     if isinstance(input_shapes, Mapping):
@@ -92,9 +92,9 @@ def _check_batch1(names: Sequence[str], shapes: Sequence[tuple[int, ...]]) -> No
 
 def export_module(module: nn.Module, input_shapes: Shapes) -> tuple[torch.export.ExportedProgram, list[str]]:
     """``torch.export`` the module in eval mode on batch-1 example inputs (its training flag is restored)."""
-    names, shapes = _ordered_shapes(module, input_shapes)
+    names, shapes = ordered_shapes(module, input_shapes)
     _check_batch1(names, shapes)
-    ref = _reference_tensor(module)
+    ref = reference_tensor(module)
     args = tuple(torch.zeros((1, *s[1:]), dtype=ref.dtype, device=ref.device) for s in shapes)
     was_training = module.training
     module.eval()
@@ -170,7 +170,7 @@ def _as_stored(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
 
 
 
-def _flatten_outputs(out: Any) -> list[np.ndarray]:
+def flatten_outputs(out: Any) -> list[np.ndarray]:
     flat: list[np.ndarray] = []
 
     def walk(o):
