@@ -6,6 +6,9 @@ factor, so the objective only needs one number per *block*: ln Σ g over the blo
 
     F(u) = G · ln Σ_b g_b e^{−2(Bu)_b} + 2 Σ_j k_j u_j,     k_j = n_in(j) − n_out(j)
 
+where G, n_in and n_out count only parameters with g > 0 (MATH §5): then F = G·ln(AM/GM) + const
+exactly, so minimising F never raises the reported score.
+
 Three methods reach the same minimum:
 
 * ``"bcd"``: exact block coordinate descent. λ = G/S is optimal for the current u; then groups that
@@ -226,13 +229,15 @@ TINY = 1e-300  # floor of a dense row/column sum before its log (reached only on
 
 @dataclass
 class _State:
-    """Precomputed per-problem tensors."""
+    """Precomputed per-problem tensors.
+
+    ``k`` and ``G`` count only parameters with g > 0 (MATH §5): a parameter with g = 0 adds −∞ to
+    ln det whatever u is, so counting it would optimise another function than the reported score."""
 
     blocks: Blocks
     fixed: torch.Tensor  # (H+1,) bool: pinned (index 0) or degenerate
-    k: torch.Tensor  # (H+1,) float64
-    k_pos: torch.Tensor  # (H+1,) float64, counting only g > 0 (for the score)
-    G: float
+    k: torch.Tensor  # (H+1,) float64, n_in − n_out over parameters with g > 0
+    G: float  # parameters with g > 0
     pos_mask: torch.Tensor  # blocks with g > 0
     cross: torch.Tensor  # blocks with out != in
     a_index: torch.Tensor = field(init=False)  # group of every incoming-mass term (cross blocks, dense rows)
@@ -269,7 +274,9 @@ class _State:
         return torch.logsumexp(torch.cat(terms), 0)
 
     def f(self, u: torch.Tensor) -> torch.Tensor:
-        return self.G * self.log_total(u) + 2.0 * (self.k * u).sum()
+        """F(u) = G₊·ln S + 2 Σ_j k_j u_j = G₊·ln(AM/GM of the positive g̃) + const (MATH §5)."""
+        linear = 2.0 * (self.k * u).sum()
+        return linear if self.G == 0 else self.G * self.log_total(u) + linear
 
     def objective(self, u: torch.Tensor) -> float:
         return float(self.f(u))
@@ -277,11 +284,11 @@ class _State:
     def log_score(self, u: torch.Tensor) -> float:
         """ln(AM/GM) of the rescaled diagonal over parameters with g > 0."""
         b = self.blocks
-        gp = float(b.n_params_pos)
+        gp = self.G
         if gp == 0:
             return 0.0
         log_s = float(self.log_total(u))
-        mean_log = (b.sum_log_g_pos - 2.0 * float((self.k_pos * u).sum())) / gp
+        mean_log = (b.sum_log_g_pos - 2.0 * float((self.k * u).sum())) / gp
         return max(0.0, log_s - math.log(gp) - mean_log)
 
     def group_sums(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -320,14 +327,12 @@ def _prepare(blocks: Blocks) -> tuple[_State, list[tuple[int, str]]]:
     n = blocks.n_groups + 1
     dev = blocks.device
     zeros = torch.zeros(n, dtype=torch.float64, device=dev)
-    k = zeros.scatter_add(0, blocks.out, blocks.count).scatter_add(0, blocks.inn, -blocks.count)
-    k_pos = zeros.scatter_add(0, blocks.out, blocks.count_pos).scatter_add(0, blocks.inn, -blocks.count_pos)
+    k = zeros.scatter_add(0, blocks.out, blocks.count_pos).scatter_add(0, blocks.inn, -blocks.count_pos)
     for d in blocks.dense:
-        k = k.scatter_add(0, d.out, d.count_out).scatter_add(0, d.inn, -d.count_in)
-        k_pos = k_pos.scatter_add(0, d.out, d.pos_out).scatter_add(0, d.inn, -d.pos_in)
+        k = k.scatter_add(0, d.out, d.pos_out).scatter_add(0, d.inn, -d.pos_in)
     cross = blocks.out != blocks.inn
     pos = torch.isfinite(blocks.log_g)
-    state = _State(blocks, torch.zeros(n, dtype=torch.bool, device=dev), k, k_pos, float(blocks.n_params), pos, cross)
+    state = _State(blocks, torch.zeros(n, dtype=torch.bool, device=dev), k, float(blocks.n_params_pos), pos, cross)
     log_a, log_c, _ = state.group_sums(torch.zeros(n, dtype=torch.float64, device=dev))
     no_in, no_out = ~torch.isfinite(log_a), ~torch.isfinite(log_c)
     fixed = no_in | no_out
@@ -448,7 +453,7 @@ def solve(
         else:
             u = run.bcd(u, warmup=(method == "auto"))
             if method == "auto" and not run.converged:
-                u = run.bcd(run.lbfgs(u), warmup=False)
+                u = run.quasi_newton(u)
     return Solution(
         u=u,
         objective_before=f0,
@@ -469,10 +474,12 @@ class _Run:
 
     WARMUP_SWEEPS = 5
     STALL = 1e-15  # relative decrease of F below which a method has stalled
+    PLATEAU = 0.9  # an L-BFGS step that leaves the gap above this fraction of itself hands over to BCD
 
     def __init__(self, state: _State, tol: float, max_sweeps: int, progress: Progress | None):
         self.state, self.tol, self.max_sweeps, self.progress = state, tol, max_sweeps, progress
         self.sweeps, self.history, self.converged, self.last_gap = 0, [], False, math.inf
+        self.stopped = False  # the last record() said stop
 
     def record(self, u: torch.Tensor, passes: int = 1) -> bool:
         """Count ``passes`` sweeps' worth of work; True when the method should stop (optimal, stalled,
@@ -486,7 +493,8 @@ class _Run:
         self.converged = gap <= self.tol
         if self.progress:
             self.progress(self.sweeps, f, gap)
-        return self.converged or stalled or self.sweeps >= self.max_sweeps
+        self.stopped = self.converged or stalled or self.sweeps >= self.max_sweeps
+        return self.stopped
 
     def bcd(self, u: torch.Tensor, warmup: bool) -> torch.Tensor:
         colours = colour_classes(self.state.blocks, self.state.fixed)
@@ -508,8 +516,24 @@ class _Run:
             if self.record(u):
                 return u
 
-    def lbfgs(self, u: torch.Tensor) -> torch.Tensor:
-        """Quasi-Newton steps on the smooth convex F over the free groups."""
+    def quasi_newton(self, u: torch.Tensor) -> torch.Tensor:
+        """L-BFGS, handing over to a few exact BCD sweeps whenever its optimality gap stops falling,
+        then BCD to the end.
+
+        L-BFGS removes the slow "ramp" of deep chains, but it crawls on a coordinate whose mass is tiny
+        against S (its gradient is tiny while its ln x is not): a few exact coordinate steps fix that."""
+        while True:
+            u, plateau = self.lbfgs(u)
+            if not plateau:
+                break
+            u = self.bcd(u, warmup=True)
+            if self.stopped:
+                break
+        return u if self.converged else self.bcd(u, warmup=False)
+
+    def lbfgs(self, u: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Quasi-Newton steps on the smooth convex F over the free groups, until the stopping rule
+        holds or the optimality gap falls by less than ``PLATEAU`` over one L-BFGS step (then True)."""
         state = self.state
         free = ~state.fixed
         x = u[free].clone().requires_grad_(True)
@@ -533,10 +557,13 @@ class _Run:
         )
         while True:
             evaluations[0] = 0
+            gap = self.last_gap
             opt.step(closure)
             uu = full(x.detach())
             if self.record(uu, passes=evaluations[0]):
-                return uu
+                return uu, False
+            if self.last_gap > self.PLATEAU * gap:
+                return uu, True
 
 
 __all__ = ["Blocks", "DenseBlocks", "Solution", "build_blocks", "colour_classes", "scatter_logsumexp", "solve"]
