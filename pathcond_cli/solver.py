@@ -406,6 +406,161 @@ def _greedy(edges: set[tuple[int, int]], vertices: list[int]) -> dict[int, int]:
 
 
 # --------------------------------------------------------------------------------------------------
+# Bounds: every rescaled parameter stays finite and normal in its stored dtype
+
+SAFETY = 4 * LOG2  # stay a factor 2^4 inside the dtype's normal range: exp and the cast round
+
+
+def dtype_log_range(dtype: torch.dtype) -> tuple[float, float]:
+    """[ln tiny, ln max] of a floating dtype's normal numbers, brought 2^4 inside on both ends."""
+    info = torch.finfo(dtype)
+    return math.log(info.tiny) + SAFETY, math.log(info.max) - SAFETY
+
+
+@dataclass
+class DiffBounds:
+    """Constraints lo ≤ u[out] − u[in] ≤ hi, one per (out group, in group) block of a parameter tensor
+    with a nonzero entry; lo ≤ 0 ≤ hi, so u = 0 satisfies all of them."""
+
+    out: torch.Tensor  # (m,) int64
+    inn: torch.Tensor  # (m,) int64
+    lo: torch.Tensor  # (m,) float64
+    hi: torch.Tensor  # (m,) float64
+
+    def violation(self, u: torch.Tensor) -> float:
+        """The largest amount by which u breaks a constraint (0 when it keeps all of them)."""
+        if not len(self.out):
+            return 0.0
+        d = u[self.out] - u[self.inn]
+        return float(torch.maximum(self.lo - d, d - self.hi).clamp_min(0.0).max())
+
+    def shrink(self, u: torch.Tensor) -> torch.Tensor:
+        """t·u with the largest t ∈ [0, 1] that keeps every constraint. F is convex and u = 0 is
+        feasible, so F(t·u) ≤ max(F(0), F(u)): starting there never raises the score."""
+        if not bool(torch.isfinite(u).all()):
+            return torch.zeros_like(u)
+        d = u[self.out] - u[self.inn]
+        one = torch.ones_like(d)
+        ratio = torch.where(d > self.hi, self.hi / d, torch.where(d < self.lo, self.lo / d, one))
+        t = float(ratio.min()) if len(d) else 1.0
+        return u if t >= 1.0 else u * (t * (1.0 - 1e-9))  # a hair inside: rounding must not cross a bound
+
+    def intervals(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(low, high) per group: where u_j may go with every other coordinate held."""
+        n = len(u)
+        u_out, u_in = u[self.out], u[self.inn]
+        low = torch.full((n,), -math.inf, dtype=u.dtype, device=u.device)
+        low = low.scatter_reduce(0, self.out, self.lo + u_in, "amax").scatter_reduce(0, self.inn, u_out - self.hi, "amax")
+        high = torch.full((n,), math.inf, dtype=u.dtype, device=u.device)
+        high = high.scatter_reduce(0, self.out, self.hi + u_in, "amin").scatter_reduce(0, self.inn, u_out - self.lo, "amin")
+        return low, high
+
+    def clip(self, u: torch.Tensor, target: torch.Tensor, move: torch.Tensor) -> torch.Tensor:
+        """``target`` on the groups in ``move`` (mutually independent), each clipped to its interval."""
+        low, high = self.intervals(u)
+        return torch.where(move, torch.minimum(torch.maximum(target, low), high), u)
+
+
+@dataclass
+class ParamBox:
+    """The stored parameter tensors behind the roles, for the bounds of the rescaling.
+
+    Parameter i of a tensor stored in dtype D becomes θ_i·e^{(Bu)_i}; it must stay within D's normal
+    range [L, U] (``dtype_log_range``): ln|θ_i| + (Bu)_i ∈ [L, U] for every nonzero θ_i. A value already
+    outside [L, U] may not be pushed further out (u = 0 stays feasible). Only the tensor-wide extremes
+    are computed up front; the per-block constraints are built only when a solution breaks them."""
+
+    roles: Sequence[Role]
+    values: Sequence[torch.Tensor]
+    log_min: list[float] = field(init=False)  # ln of the smallest nonzero |θ| per role (inf: all zero)
+    log_max: list[float] = field(init=False)  # ln of the largest |θ| (−inf: all zero)
+    ranges: list[tuple[float, float]] = field(init=False)  # the dtype's [L, U] per role
+
+    def __post_init__(self) -> None:
+        self.log_min, self.log_max, self.ranges = [], [], []
+        for value in self.values:
+            lo_hi = dtype_log_range(value.dtype) if value.dtype.is_floating_point else (-math.inf, math.inf)
+            magnitude = value.detach().abs()
+            top = float(magnitude.max()) if magnitude.numel() else 0.0
+            bottom = float(magnitude.masked_fill_(magnitude == 0, math.inf).min()) if top > 0 else math.inf
+            self.log_min.append(math.log(bottom) if bottom < math.inf else math.inf)
+            self.log_max.append(math.log(top) if top > 0 else -math.inf)
+            self.ranges.append(lo_hi)
+
+    def _limits(self, r: int) -> tuple[float, float]:
+        """(lo, hi) on (Bu) for role r from its extremes: lo ≤ 0 ≤ hi."""
+        low, high = self.ranges[r]
+        return min(low - self.log_min[r], 0.0), max(high - self.log_max[r], 0.0)
+
+    def surely_inside(self, u: torch.Tensor) -> bool:
+        """A sufficient check per tensor: its extremes moved by the extremes of its (Bu) stay inside."""
+        for r, role in enumerate(self.roles):
+            if self.log_max[r] == -math.inf:
+                continue
+            u_out = u[role.out_idx.to(u.device)]
+            u_in = u[role.in_idx.to(u.device)] if role.in_idx is not None else torch.zeros(1, dtype=u.dtype, device=u.device)
+            lo, hi = self._limits(r)
+            if float(u_out.max() - u_in.min()) > hi or float(u_out.min() - u_in.max()) < lo:
+                return False
+        return True
+
+    def constraints(self, device: torch.device) -> DiffBounds:
+        """One constraint per (out group, in group) block with a nonzero entry (exact: every entry of a
+        block shares its factor, so the block's smallest and largest |θ| decide)."""
+        parts = [self._role_constraints(r, role, device) for r, role in enumerate(self.roles)
+                 if self.log_max[r] > -math.inf]
+        if not parts:
+            empty = torch.zeros(0, dtype=torch.float64, device=device)
+            return DiffBounds(empty.long(), empty.long(), empty, empty)
+        out, inn, lo, hi = (torch.cat(x) for x in zip(*parts))
+        keep = out != inn
+        return DiffBounds(out[keep], inn[keep], lo[keep], hi[keep])
+
+    def _role_constraints(self, r: int, role: Role, device: torch.device) -> tuple[torch.Tensor, ...]:
+        magnitude = self.values[r].detach().to(device).abs()
+        out_idx = role.out_idx.to(device)
+        o = len(out_idx)
+        n_in = 1 if role.in_idx is None else role.in_idx.shape[-1]
+        top = magnitude.reshape(o, n_in, -1).amax(-1).double()
+        bottom = magnitude.masked_fill_(magnitude == 0, math.inf).reshape(o, n_in, -1).amin(-1).double()
+        if role.in_idx is None or role.in_idx.dim() == 2:  # bias, BN, diag, grouped conv: per (o, i') entry
+            ins = torch.zeros((o, 1), dtype=torch.int64, device=device) if role.in_idx is None else role.in_idx.to(device)
+            outs = out_idx[:, None].expand_as(ins)
+        else:  # dense weight: reduce over the channels of each (out group, in group) block
+            uniq_in, inv_in = torch.unique(role.in_idx.to(device), return_inverse=True)
+            uniq_out, inv_out = torch.unique(out_idx, return_inverse=True)
+
+            def reduce(m: torch.Tensor, how: str, fill: float) -> torch.Tensor:
+                cols = torch.full((o, len(uniq_in)), fill, dtype=m.dtype, device=device)
+                m = cols.scatter_reduce(1, inv_in[None, :].expand_as(m), m, how)
+                rows = torch.full((len(uniq_out), len(uniq_in)), fill, dtype=m.dtype, device=device)
+                return rows.scatter_reduce(0, inv_out[:, None].expand_as(m), m, how)
+
+            top, bottom = reduce(top, "amax", 0.0), reduce(bottom, "amin", math.inf)
+            outs = uniq_out[:, None].expand(len(uniq_out), len(uniq_in))
+            ins = uniq_in[None, :].expand(len(uniq_out), len(uniq_in))
+        low, high = self.ranges[r]
+        lo = torch.clamp(low - torch.log(bottom), max=0.0)
+        hi = torch.clamp(high - torch.log(top), min=0.0)
+        nonzero = top.reshape(-1) > 0
+        return outs.reshape(-1)[nonzero], ins.reshape(-1)[nonzero], lo.reshape(-1)[nonzero], hi.reshape(-1)[nonzero]
+
+
+def level_order(blocks: Blocks, classes: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The colour classes split by level and sorted front to back: a Gauss–Seidel sweep in topological
+    order carries a layer-wide "ramp" through the whole depth in one pass (MATH §6)."""
+    if blocks.levels is None:
+        return classes
+    levels = blocks.levels.to(classes[0].device) if classes else blocks.levels
+    parts = []
+    for colour in classes:
+        for level in torch.unique(levels[colour]).tolist():
+            parts.append((level, colour & (levels == level)))
+    parts.sort(key=lambda p: p[0])
+    return [mask for _, mask in parts]
+
+
+# --------------------------------------------------------------------------------------------------
 # Solving
 
 
@@ -422,6 +577,8 @@ class Solution:
     method: str
     history: list[float] = field(default_factory=list)
     degenerate: list[tuple[int, str]] = field(default_factory=list)  # (group, why) pinned by the solver
+    bounds_active: bool = False  # the unbounded optimum left a dtype's range: the solve was bounded
+    bounded_groups: int = 0  # groups whose exact coordinate step a bound cuts at the solution
 
     @property
     def max_abs_log_scale(self) -> float:
@@ -438,8 +595,14 @@ def solve(
     tol: float = 1e-3,
     max_sweeps: int = 2000,
     progress: Progress | None = None,
+    box: ParamBox | None = None,
 ) -> Solution:
-    """Minimise F over the free groups; stop when every coordinate is optimal within ``tol``."""
+    """Minimise F over the free groups; stop when every coordinate is optimal within ``tol``.
+
+    With ``box``, the rescaled parameters must stay finite and normal in their stored dtypes. The
+    unbounded solve runs first (the common case, at full speed); only when its optimum leaves the box
+    is the solve redone from its largest feasible shrink t·u with exact coordinate steps clipped to
+    each group's interval (a bounded optimum: every clipped step is within ``tol``)."""
     if method not in ("auto", "bcd", "sequential"):
         raise ValueError(f"unknown solver method {method!r}")
     state, degenerate = _prepare(blocks)
@@ -454,6 +617,13 @@ def solve(
             u = run.bcd(u, warmup=(method == "auto"))
             if method == "auto" and not run.converged:
                 u = run.quasi_newton(u)
+    limits = None
+    if box is not None and bool((~state.fixed).any()) and not box.surely_inside(u):
+        limits = box.constraints(blocks.device)
+        if limits.violation(u) > 0:
+            u = run.bounded(limits.shrink(u), limits)
+        else:
+            limits = None
     return Solution(
         u=u,
         objective_before=f0,
@@ -466,6 +636,8 @@ def solve(
         method=method,
         history=run.history,
         degenerate=degenerate,
+        bounds_active=limits is not None,
+        bounded_groups=0 if limits is None else run.bounded_groups(u),
     )
 
 
@@ -480,13 +652,28 @@ class _Run:
         self.state, self.tol, self.max_sweeps, self.progress = state, tol, max_sweeps, progress
         self.sweeps, self.history, self.converged, self.last_gap = 0, [], False, math.inf
         self.stopped = False  # the last record() said stop
+        self.last_f: float | None = None  # F at the last record() of the current phase
+        self.limits: DiffBounds | None = None  # set for the bounded solve: gaps are clipped steps
+
+    def steps(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(exact coordinate ln x, the same step clipped to each group's interval) at ``u``."""
+        log_x = self.state.coordinate_log_x(u)
+        if self.limits is None:
+            return log_x, log_x
+        free = ~self.state.fixed
+        return log_x, 2.0 * (self.limits.clip(u, u + 0.5 * log_x, free) - u)
+
+    def bounded_groups(self, u: torch.Tensor) -> int:
+        raw, clipped = self.steps(u)
+        return int(((raw - clipped).abs() > self.tol).sum())
 
     def record(self, u: torch.Tensor, passes: int = 1) -> bool:
         """Count ``passes`` sweeps' worth of work; True when the method should stop (optimal, stalled,
         or out of sweeps)."""
         f = self.state.objective(u)
-        gap = float(self.state.coordinate_log_x(u).abs().max())
-        stalled = bool(self.history) and self.history[-1] - f <= self.STALL * max(1.0, abs(f))
+        gap = float(self.steps(u)[1].abs().max())
+        stalled = self.last_f is not None and self.last_f - f <= self.STALL * max(1.0, abs(f))
+        self.last_f = f
         self.sweeps += passes
         self.history.append(f)
         self.last_gap = gap
@@ -505,6 +692,21 @@ class _Run:
             if self.record(u):
                 break
         return u
+
+    def bounded(self, u: torch.Tensor, limits: DiffBounds) -> torch.Tensor:
+        """Exact block coordinate descent with every step clipped to its group's interval, from a
+        feasible ``u``; colour classes in topological order, alternately forwards and backwards. F is
+        convex in each u_j, so the clipped closed-form step is the exact constrained coordinate step."""
+        self.limits, self.converged = limits, False
+        self.max_sweeps = self.sweeps + self.max_sweeps  # a budget of its own
+        self.last_f = None  # the stall test compares within this phase only
+        classes = level_order(self.state.blocks, colour_classes(self.state.blocks, self.state.fixed))
+        while True:
+            for colour in classes:
+                u = limits.clip(u, self.state.bcd_step(u, colour), colour)
+            classes.reverse()
+            if self.record(u):
+                return u
 
     def sequential(self, u: torch.Tensor) -> torch.Tensor:
         free = [int(j) for j in torch.nonzero(~self.state.fixed).reshape(-1)]
@@ -572,4 +774,7 @@ class _Run:
                     return uu, True
 
 
-__all__ = ["Blocks", "DenseBlocks", "Solution", "build_blocks", "colour_classes", "scatter_logsumexp", "solve"]
+__all__ = [
+    "Blocks", "DenseBlocks", "DiffBounds", "ParamBox", "Solution", "build_blocks", "colour_classes",
+    "dtype_log_range", "scatter_logsumexp", "solve",
+]

@@ -9,16 +9,26 @@ B. Scales beyond the storage dtype: the solve is bounded so that every rescaled 
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import numpy_helper
+from scipy.optimize import LinearConstraint, minimize
 
-from pathcond_cli.analysis import analyze
+from pathcond_cli.analysis import analyze, rescaled_params, role_log_factor
+from pathcond_cli.frontends.torch_frontend import module_to_graph
 from pathcond_cli.ir import Graph
+from pathcond_cli.solver import build_blocks, solve
+from pathcond_cli.stats import path_statistics
+from tests import nets
 from tests.reference import reference
-from tests.test_core_paths import Net, role_tag
+from tests.test_cli import invoke, ort_outputs
+from tests.test_core_paths import Net, mlp, role_tag
 from tests.test_core_solver import PerParamObjective
 
 # --------------------------------------------------------------------------------------------------
@@ -135,3 +145,191 @@ def test_dead_units_reach_the_brute_force_minimum(build, seed):
     # F = G₊·ln(AM/GM) + const: the score falls by exactly the fall of F over G₊
     drop = (sol.objective_before - sol.objective_after) / obj.G
     assert sol.log_score_before - sol.log_score_after == pytest.approx(drop, rel=1e-7, abs=1e-10)
+
+
+# --------------------------------------------------------------------------------------------------
+# B. Scales beyond the storage dtype
+
+
+def constrained_minimum(graph: Graph, groups, obj: PerParamObjective) -> float:
+    """scipy's minimum of the brute-force objective under one constraint per nonzero parameter:
+    ln|θ_i| + (Bu)_i within the normal range of its dtype, 2^4 inside (or no further out than θ_i is)."""
+    rows, lows, highs = [], [], []
+    for role in groups.roles:
+        stored = graph.params[role.key]
+        info = torch.finfo(stored.dtype)
+        low, high = math.log(info.tiny * 16), math.log(info.max / 16)
+        values = stored.double().numpy()
+        for idx in np.ndindex(*role.shape):
+            if values[idx] == 0:
+                continue
+            if role.in_idx is None:
+                i = 0
+            elif role.in_idx.dim() == 1:
+                i = int(role.in_idx[idx[1]])
+            else:
+                i = int(role.in_idx[idx[0], idx[1] if len(idx) > 1 else 0])
+            o = int(role.out_idx[idx[0]])
+            if o == i:
+                continue
+            row = np.zeros(obj.n)
+            row[o], row[i] = 1.0, -1.0
+            magnitude = math.log(abs(values[idx]))
+            rows.append(row)
+            lows.append(min(low - magnitude, 0.0))
+            highs.append(max(high - magnitude, 0.0))
+    free = np.arange(obj.n) > 0
+
+    def fun(x):
+        u = obj.full(x, free)
+        return obj.value(u) / obj.G, obj.grad(u)[free] / obj.G
+
+    constraint = LinearConstraint(np.array(rows)[:, free], np.array(lows), np.array(highs))
+    res = minimize(fun, np.zeros(int(free.sum())), jac=True, method="trust-constr", constraints=[constraint],
+                   options={"gtol": 1e-12, "xtol": 1e-14, "maxiter": 20000})
+    u = obj.full(res.x, free)
+    assert (np.array(rows) @ u >= np.array(lows) - 1e-9).all() and (np.array(rows) @ u <= np.array(highs) + 1e-9).all()
+    return obj.value(u)
+
+
+def half_mlp_with_scaled_layer(seed: int) -> Graph:
+    """A float16 MLP with one layer scaled by 3e-3 or 3e2: its optimum leaves float16's normal range."""
+    rng = np.random.default_rng(seed)
+    widths = tuple(int(w) for w in rng.integers(2, 6, size=6))
+    graph = mlp(seed, widths)
+    layers = [n for n in graph.nodes if n.op == "linear"]
+    key = layers[int(rng.integers(0, len(layers)))].params["weight"]
+    scale = float(rng.choice([3e-3, 3e2]))
+    return graph.with_params({**{k: v.half() for k, v in graph.params.items()}, key: (graph.params[key] * scale).half()})
+
+
+def leaves_range(graph: Graph, groups, u: torch.Tensor, margin: float = 1.0) -> bool:
+    """Whether θ·e^{Bu} puts a nonzero parameter outside its dtype's normal range brought ``margin``
+    inside on both ends (or further out than it was), computed per element in float64."""
+    for role in groups.roles:
+        stored = graph.params[role.key]
+        info = torch.finfo(stored.dtype)
+        theta = stored.double()
+        new = (theta * torch.exp(role_log_factor(role, u))).abs()
+        nonzero = theta != 0
+        too_big = (new > info.max / margin) & (new > theta.abs())
+        too_small = (new < info.tiny * margin) & (new < theta.abs())
+        if bool((nonzero & (too_big | too_small)).any()):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("seed", [0, 2, 4, 5])
+def test_bounded_solve_reaches_scipy_constrained_minimum(seed):
+    """When the unbounded optimum leaves float16's range, the bounded solve reaches scipy's minimum of the
+    brute-force objective under the per-parameter range constraints, and the result stays inside."""
+    graph = half_mlp_with_scaled_layer(seed)
+    analysis = analyze(graph, device="cpu", tol=1e-9, max_sweeps=50000)
+    sol = analysis.solution
+    unbounded = solve(analysis.blocks, tol=1e-9, max_sweeps=50000)
+    assert leaves_range(graph, analysis.groups, unbounded.u, margin=16)  # the bounds are really needed
+    assert sol.bounds_active and sol.bounded_groups >= 1
+    assert not leaves_range(graph, analysis.groups, sol.u, margin=16 * (1 - 1e-9))
+    obj = brute_force_objective(graph, analysis.groups)
+    f_star = constrained_minimum(graph, analysis.groups, obj)
+    assert sol.objective_after == pytest.approx(obj.value(sol.u.numpy()), rel=1e-10)
+    assert sol.objective_after <= f_star + 1e-7 * abs(f_star)
+    assert sol.objective_after == pytest.approx(f_star, rel=1e-7)
+    assert sol.log_score_after <= sol.log_score_before
+    new = rescaled_params(analysis)  # no longer refused
+    assert all(bool(torch.isfinite(v).all()) for v in new.values())
+
+
+def test_unbounded_case_is_unchanged():
+    """A model whose optimum fits its dtype: bounds inactive and the very same solution as without them."""
+    graph = module_to_graph(nets.mlp(widths=(8, 64, 4, 32, 3)), [(1, 8)])
+    analysis = analyze(graph, device="cpu")
+    sol = analysis.solution
+    plain = solve(analysis.blocks)
+    assert not sol.bounds_active and sol.bounded_groups == 0
+    assert torch.equal(sol.u, plain.u) and sol.sweeps == plain.sweeps
+    assert sol.log_score_after == plain.log_score_after < sol.log_score_before
+
+
+# --------------------------------------------------------------------------------------------------
+# B, end to end: ONNX exports through the CLI
+
+
+def chain(dtype: torch.dtype) -> tuple[torch.nn.Module, tuple[int, ...]]:
+    """300 linear layers of width 4, PyTorch's default init: the optimum's factors leave float32."""
+    return nets.mlp(0, widths=(4,) * 301).to(dtype), (1, 4)
+
+
+def scaled_layer(scale: float, dtype: torch.dtype, layer: int = 2) -> tuple[torch.nn.Module, tuple[int, ...]]:
+    """A 6-8-8-8-3 MLP whose ``layer``-th linear layer's weight is multiplied by ``scale``."""
+    model = nets.mlp(1, widths=(6, 8, 8, 8, 3))
+    with torch.no_grad():
+        model.net[2 * layer].weight.mul_(scale)
+    return model.to(dtype), (1, 6)
+
+
+MODELS = {
+    "chain300-f32": lambda: chain(torch.float32),
+    "chain300-f16": lambda: chain(torch.float16),
+    "layer1e-35-f32": lambda: scaled_layer(1e-35, torch.float32),
+    "layer3e-3-f16": lambda: scaled_layer(3e-3, torch.float16),
+    "layer1e3-f16": lambda: scaled_layer(1e3, torch.float16, layer=1),
+}
+
+
+def export(model: torch.nn.Module, shape, path: Path, dtype: torch.dtype) -> Path:
+    torch.onnx.export(model.eval(), (torch.randn(*shape, dtype=dtype),), str(path), dynamo=False,
+                      input_names=["input"], output_names=["output"], dynamic_axes={"input": {0: "batch"}},
+                      do_constant_folding=False)
+    return path
+
+
+def initializers(path: Path) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_rescale_beyond_dtype_range_is_bounded(name, tmp_path):
+    model, shape = MODELS[name]()
+    dtype = next(model.parameters()).dtype
+    graph = module_to_graph(model.float(), [shape])
+    graph = graph.with_params({k: v.to(dtype) for k, v in graph.params.items()})
+    model = model.to(dtype)
+    groups = analyze(graph, device="cpu").groups
+    # what the unbounded optimum would write leaves the dtype's normal range (2^4 inside)
+    plain = solve(build_blocks(groups.roles, path_statistics(graph, groups).log_g, groups.n_free))
+    assert leaves_range(graph, groups, plain.u, margin=16)
+
+    source = export(model, shape, tmp_path / "in.onnx", dtype)
+    out = tmp_path / "out.onnx"
+    result = invoke("rescale", source, out, "--json", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    cond = report["conditioning"]
+    assert report["verification"]["passed"]
+    assert cond["bounds_active"] is True and cond["bounded_groups"] >= 1
+    assert "Bounds were active" in report["verdict"]
+    assert cond["log10_score_after"] <= cond["log10_score_before"]
+    inspected = invoke("inspect", source, "--json", "--device", "cpu")
+    assert inspected.exit_code == 0, inspected.output
+    assert json.loads(inspected.stdout)["conditioning"]["log10_score_after"] == cond["log10_score_after"]
+    assert json.loads(inspected.stdout)["conditioning"]["bounds_active"] is True
+
+    # every written parameter finite, no nonzero one flushed to zero or newly subnormal
+    before, after = initializers(source), initializers(out)
+    info = np.finfo(next(iter(before.values())).dtype)
+    changed = 0
+    for key, old in before.items():
+        new = after[key]
+        assert np.isfinite(new).all(), key
+        assert ((new == 0) == (old == 0)).all(), key
+        fresh_subnormal = (np.abs(new) < info.tiny) & (new != 0) & (np.abs(old) >= info.tiny)
+        assert not fresh_subnormal.any(), key
+        changed += int(not np.array_equal(new, old))
+    assert changed > 0
+    # outputs checked here with onnxruntime on fresh inputs
+    x = np.random.default_rng(7).standard_normal((6, shape[1])).astype(info.dtype)
+    a, b = ort_outputs(source, x).astype(np.float64), ort_outputs(out, x).astype(np.float64)
+    assert np.isfinite(b).all()
+    tol = 1e-4 if info.dtype == np.float32 else 3e-2
+    assert np.max(np.abs(a - b)) <= tol * np.max(np.abs(a))
