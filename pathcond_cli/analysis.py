@@ -171,6 +171,8 @@ def rescaled_params(analysis: Analysis) -> dict[str, torch.Tensor]:
     """New values of every parameter the rescaling changes, each in its stored dtype and device.
 
     BatchNorm roles stand for a and b; their factor is applied to the stored γ and β (MATH §7).
+    The solve is bounded so that every value stays finite and normal in its dtype (``ParamBox``); the
+    finiteness check below is a safety net for a ``u`` set by other means.
     """
     u = analysis.u
     new: dict[str, torch.Tensor] = {}

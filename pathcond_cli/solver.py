@@ -18,6 +18,10 @@ Three methods reach the same minimum:
   "ramp" mode of deep chains), then BCD again if needed.
 * ``"sequential"``: the per-group exact update of MATH §6, one group at a time (the reference; slow).
 
+With a ``ParamBox`` (the stored tensors), the rescaled parameters must stay finite and normal in their
+storage dtypes: lo ≤ u_out − u_in ≤ hi per block. When the unbounded optimum breaks a bound, the solve
+is redone with exact coordinate steps clipped to each group's interval, and the solution says so.
+
 Every method stops on optimality: the largest |ln x| over free groups, x being the exact coordinate
 minimiser of F along u_j at the current point ((G+k)·C·x² + k·R·x + (k−G)·A = 0), must fall below
 ``tol``. Groups with no incoming or no outgoing mass (A = 0 or C = 0) have no finite optimum: they are
@@ -481,8 +485,11 @@ class ParamBox:
         for value in self.values:
             lo_hi = dtype_log_range(value.dtype) if value.dtype.is_floating_point else (-math.inf, math.inf)
             magnitude = value.detach().abs()
-            top = float(magnitude.max()) if magnitude.numel() else 0.0
-            bottom = float(magnitude.masked_fill_(magnitude == 0, math.inf).min()) if top > 0 else math.inf
+            bottom, top = (float(x) for x in torch.aminmax(magnitude)) if magnitude.numel() else (0.0, 0.0)
+            if bottom == 0 and top > 0:  # zeros stay zero: the smallest nonzero entry is what may underflow
+                bottom = float(magnitude.masked_fill_(magnitude == 0, math.inf).min())
+            elif top == 0:
+                bottom = math.inf
             self.log_min.append(math.log(bottom) if bottom < math.inf else math.inf)
             self.log_max.append(math.log(top) if top > 0 else -math.inf)
             self.ranges.append(lo_hi)
