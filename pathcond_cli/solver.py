@@ -412,13 +412,15 @@ def _greedy(edges: set[tuple[int, int]], vertices: list[int]) -> dict[int, int]:
 # --------------------------------------------------------------------------------------------------
 # Bounds: every rescaled parameter stays finite and normal in its stored dtype
 
-SAFETY = 4 * LOG2  # stay a factor 2^4 inside the dtype's normal range: exp and the cast round
+#: how far inside the dtype's normal range the bounds stay: 2^4 below the largest value (an overflow is an
+#: inf in the checkpoint), 2 above the smallest normal one (enough for the rounding of exp and the cast)
+TOP_MARGIN, BOTTOM_MARGIN = 4 * LOG2, LOG2
 
 
 def dtype_log_range(dtype: torch.dtype) -> tuple[float, float]:
-    """[ln tiny, ln max] of a floating dtype's normal numbers, brought 2^4 inside on both ends."""
+    """[ln tiny, ln max] of a floating dtype's normal numbers, brought inside by the margins."""
     info = torch.finfo(dtype)
-    return math.log(info.tiny) + SAFETY, math.log(info.max) - SAFETY
+    return math.log(info.tiny) + BOTTOM_MARGIN, math.log(info.max) - TOP_MARGIN
 
 
 @dataclass
@@ -470,13 +472,16 @@ class ParamBox:
     """The stored parameter tensors behind the roles, for the bounds of the rescaling.
 
     Parameter i of a tensor stored in dtype D becomes θ_i·e^{(Bu)_i}; it must stay within D's normal
-    range [L, U] (``dtype_log_range``): ln|θ_i| + (Bu)_i ∈ [L, U] for every nonzero θ_i. A value already
-    outside [L, U] may not be pushed further out (u = 0 stays feasible). Only the tensor-wide extremes
-    are computed up front; the per-block constraints are built only when a solution breaks them."""
+    range [L, U] (``dtype_log_range``): ln|θ_i| + (Bu)_i ∈ [L, U]. A value above U may not grow (u = 0
+    stays feasible). A value already below L (subnormal, or within the margin of it) is not held at the
+    low end: it is below the dtype's normal numbers already, and holding it would freeze most float16
+    checkpoints (a random float16 initialisation holds weights below 16·tiny ≈ 1e-3 in most layers).
+    Only the tensor-wide extremes are computed up front; the per-block constraints are built only when
+    a solution breaks them."""
 
     roles: Sequence[Role]
     values: Sequence[torch.Tensor]
-    log_min: list[float] = field(init=False)  # ln of the smallest nonzero |θ| per role (inf: all zero)
+    log_min: list[float] = field(init=False)  # ln of the smallest |θ| ≥ e^L per role (inf: none)
     log_max: list[float] = field(init=False)  # ln of the largest |θ| (−inf: all zero)
     ranges: list[tuple[float, float]] = field(init=False)  # the dtype's [L, U] per role
 
@@ -484,12 +489,11 @@ class ParamBox:
         self.log_min, self.log_max, self.ranges = [], [], []
         for value in self.values:
             lo_hi = dtype_log_range(value.dtype) if value.dtype.is_floating_point else (-math.inf, math.inf)
+            floor = math.exp(lo_hi[0])
             magnitude = value.detach().abs()
             bottom, top = (float(x) for x in torch.aminmax(magnitude)) if magnitude.numel() else (0.0, 0.0)
-            if bottom == 0 and top > 0:  # zeros stay zero: the smallest nonzero entry is what may underflow
-                bottom = float(magnitude.masked_fill_(magnitude == 0, math.inf).min())
-            elif top == 0:
-                bottom = math.inf
+            if bottom < floor:  # zeros stay zero and values below L are not held: the smallest held value
+                bottom = float(magnitude.masked_fill_(magnitude < floor, math.inf).min()) if top >= floor else math.inf
             self.log_min.append(math.log(bottom) if bottom < math.inf else math.inf)
             self.log_max.append(math.log(top) if top > 0 else -math.inf)
             self.ranges.append(lo_hi)
@@ -497,7 +501,7 @@ class ParamBox:
     def _limits(self, r: int) -> tuple[float, float]:
         """(lo, hi) on (Bu) for role r from its extremes: lo ≤ 0 ≤ hi."""
         low, high = self.ranges[r]
-        return min(low - self.log_min[r], 0.0), max(high - self.log_max[r], 0.0)
+        return low - self.log_min[r], max(high - self.log_max[r], 0.0)
 
     def surely_inside(self, u: torch.Tensor) -> bool:
         """A sufficient check per tensor: its extremes moved by the extremes of its (Bu) stay inside."""
@@ -528,8 +532,9 @@ class ParamBox:
         out_idx = role.out_idx.to(device)
         o = len(out_idx)
         n_in = 1 if role.in_idx is None else role.in_idx.shape[-1]
+        low, high = self.ranges[r]
         top = magnitude.reshape(o, n_in, -1).amax(-1).double()
-        bottom = magnitude.masked_fill_(magnitude == 0, math.inf).reshape(o, n_in, -1).amin(-1).double()
+        bottom = magnitude.masked_fill_(magnitude < math.exp(low), math.inf).reshape(o, n_in, -1).amin(-1).double()
         if role.in_idx is None or role.in_idx.dim() == 2:  # bias, BN, diag, grouped conv: per (o, i') entry
             ins = torch.zeros((o, 1), dtype=torch.int64, device=device) if role.in_idx is None else role.in_idx.to(device)
             outs = out_idx[:, None].expand_as(ins)
@@ -546,8 +551,7 @@ class ParamBox:
             top, bottom = reduce(top, "amax", 0.0), reduce(bottom, "amin", math.inf)
             outs = uniq_out[:, None].expand(len(uniq_out), len(uniq_in))
             ins = uniq_in[None, :].expand(len(uniq_out), len(uniq_in))
-        low, high = self.ranges[r]
-        lo = torch.clamp(low - torch.log(bottom), max=0.0)
+        lo = torch.clamp(low - torch.log(bottom), max=0.0)  # −inf where no value is held at the low end
         hi = torch.clamp(high - torch.log(top), min=0.0)
         nonzero = top.reshape(-1) > 0
         return outs.reshape(-1)[nonzero], ins.reshape(-1)[nonzero], lo.reshape(-1)[nonzero], hi.reshape(-1)[nonzero]
@@ -700,13 +704,30 @@ class _Run:
                 break
         return u
 
+    PENALTIES = (1e2, 1e4, 1e6, 1e8)  # weights of the squared constraint violations, in turn
+
     def bounded(self, u: torch.Tensor, limits: DiffBounds) -> torch.Tensor:
+        """The minimum of F under ``limits`` from a feasible ``u``.
+
+        Clipped coordinate steps alone can stop short: two groups held by a bound between them may only
+        improve F by moving together, which no single coordinate step does. So after clipped BCD, L-BFGS
+        minimises F plus growing penalties on the violations (its path may leave the box), the result is
+        shrunk back into the box, and clipped BCD finishes from there; the better feasible point wins.
+        Both runs only ever lower F, so the score never rises."""
+        self.limits = limits
+        self.max_sweeps = self.sweeps + self.max_sweeps  # a budget of its own
+        first = self.clipped_bcd(u, limits)
+        second = self.clipped_bcd(limits.shrink(self.penalised(first, limits)), limits)
+        best = first if self.state.objective(first) <= self.state.objective(second) else second
+        self.last_f = None
+        self.record(best, passes=0)  # the figures of the point returned
+        return best
+
+    def clipped_bcd(self, u: torch.Tensor, limits: DiffBounds) -> torch.Tensor:
         """Exact block coordinate descent with every step clipped to its group's interval, from a
         feasible ``u``; colour classes in topological order, alternately forwards and backwards. F is
         convex in each u_j, so the clipped closed-form step is the exact constrained coordinate step."""
-        self.limits, self.converged = limits, False
-        self.max_sweeps = self.sweeps + self.max_sweeps  # a budget of its own
-        self.last_f = None  # the stall test compares within this phase only
+        self.converged, self.last_f = False, None  # the stall test compares within this run only
         classes = level_order(self.state.blocks, colour_classes(self.state.blocks, self.state.fixed))
         while True:
             for colour in classes:
@@ -714,6 +735,33 @@ class _Run:
             classes.reverse()
             if self.record(u):
                 return u
+
+    def penalised(self, u: torch.Tensor, limits: DiffBounds) -> torch.Tensor:
+        """L-BFGS on F/G + ρ·Σ (violation)² for each ρ in ``PENALTIES`` (the result may sit just outside)."""
+        state, free = self.state, ~self.state.fixed
+        x = u[free].clone().requires_grad_(True)
+
+        def full(xv: torch.Tensor) -> torch.Tensor:
+            return torch.zeros_like(u).masked_scatter(free, xv)
+
+        for rho in self.PENALTIES:
+            opt = torch.optim.LBFGS([x], lr=1.0, max_iter=200, history_size=30, line_search_fn="strong_wolfe",
+                                    tolerance_grad=1e-12, tolerance_change=1e-15)
+            evaluations = [0]
+
+            def closure():
+                evaluations[0] += 1
+                opt.zero_grad()
+                uu = full(x)
+                d = uu[limits.out] - uu[limits.inn]
+                excess = torch.relu(d - limits.hi) + torch.relu(limits.lo - d)
+                f = state.f(uu) / state.G + rho * (excess * excess).sum()
+                f.backward()
+                return f
+
+            opt.step(closure)
+            self.sweeps += evaluations[0]
+        return full(x.detach())
 
     def sequential(self, u: torch.Tensor) -> torch.Tensor:
         free = [int(j) for j in torch.nonzero(~self.state.fixed).reshape(-1)]
