@@ -775,7 +775,7 @@ class _Run:
 
     def quasi_newton(self, u: torch.Tensor) -> torch.Tensor:
         """L-BFGS, handing over to a few exact BCD sweeps whenever its optimality gap stops falling,
-        then BCD to the end.
+        then BCD to the end (at least one sweep).
 
         L-BFGS removes the slow "ramp" of deep chains, but it crawls on a coordinate whose mass is tiny
         against S (its gradient is tiny while its ln x is not): a few exact coordinate steps fix that."""
@@ -786,7 +786,7 @@ class _Run:
             u = self.bcd(u, warmup=True)
             if self.stopped:
                 break
-        return u if self.converged else self.bcd(u, warmup=False)
+        return self.bcd(u, warmup=False)  # at least one exact sweep to finish, as before
 
     def lbfgs(self, u: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """Quasi-Newton steps on the smooth convex F over the free groups, until the stopping rule
