@@ -18,7 +18,7 @@ import torch
 from .errors import NumericalError, UsageError
 from .groups import Groups, Role, build_groups
 from .ir import WEIGHT_LAYER_OPS, Graph
-from .solver import Blocks, Solution, build_blocks, solve
+from .solver import Blocks, ParamBox, Solution, build_blocks, solve
 from .stats import PathStats, path_statistics, role_summary
 
 
@@ -121,8 +121,10 @@ def analyze(
     notify("solve", {"max_sweeps": max_sweeps})
     levels = None if groups.levels is None else torch.from_numpy(groups.levels).to(dev)
     blocks = build_blocks(groups.roles, stats.log_g, groups.n_free, levels)
+    # the values rescaled_params will scale, in their stored dtypes (BatchNorm: γ and β)
+    box = ParamBox(groups.roles, [graph.params[role.key] for role in groups.roles])
     solution = solve(
-        blocks, method=method, tol=tol, max_sweeps=max_sweeps,
+        blocks, method=method, tol=tol, max_sweeps=max_sweeps, box=box,
         progress=lambda sweep, f, gap: notify("sweep", {"sweep": sweep, "objective": f, "gap": gap}),
     )
     timings["solve"] = time.perf_counter() - start
@@ -169,6 +171,8 @@ def rescaled_params(analysis: Analysis) -> dict[str, torch.Tensor]:
     """New values of every parameter the rescaling changes, each in its stored dtype and device.
 
     BatchNorm roles stand for a and b; their factor is applied to the stored γ and β (MATH §7).
+    The solve is bounded so that every value stays finite and normal in its dtype (``ParamBox``); the
+    finiteness check below is a safety net for a ``u`` set by other means.
     """
     u = analysis.u
     new: dict[str, torch.Tensor] = {}

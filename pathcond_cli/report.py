@@ -28,18 +28,34 @@ def _score(log_score: float) -> float | None:
 def verdict(analysis: Analysis) -> str:
     """One line on whether rescaling is likely to matter for this model (MATH §8)."""
     sol = analysis.solution
-    gain = (sol.log_score_before - sol.log_score_after) / LN10
-    biggest = sol.max_abs_log_scale
     if analysis.groups.n_free - len(sol.degenerate) == 0:
         return "Nothing to rescale: every group is pinned."
+    line = _gain_line(sol.log_score_before, sol.log_score_after, sol.max_abs_log_scale)
+    if sol.bounds_active:
+        line += (
+            f" Bounds were active: the best rescaling would take parameters outside their storage dtype's range, so "
+            f"{sol.bounded_groups} group(s) stop at a bound that keeps every rescaled parameter finite and normal; "
+            "the score is the best reachable within these bounds."
+        )
+    return line
+
+
+def _gain_line(log_before: float, log_after: float, biggest: float) -> str:
+    gain = (log_before - log_after) / LN10
     if gain >= 0.1 or biggest >= math.log(2.0):
+        scale = f"{math.exp(biggest):.3g}x" if biggest < 700 else f"e^{biggest:.4g}"
         return (
-            f"PathCond is likely to matter: the conditioning score drops {10 ** gain:.3g}x and some units are "
-            f"rescaled by up to {math.exp(biggest):.3g}x."
+            f"PathCond is likely to matter: the conditioning score drops {_times(gain)} and some units are "
+            f"rescaled by up to {scale}."
         )
     if gain < 0.01 and biggest < 0.1:
         return "PathCond is unlikely to matter: the diagonal of the path kernel is already nearly constant."
-    return f"PathCond may matter a little: the conditioning score drops {10 ** gain:.3g}x."
+    return f"PathCond may matter a little: the conditioning score drops {_times(gain)}."
+
+
+def _times(log10_factor: float) -> str:
+    """10^x as "123x", or "10^456x" where the float would overflow."""
+    return f"{10 ** log10_factor:.3g}x" if log10_factor < 300 else f"10^{log10_factor:.4g}x"
 
 
 def build_report(
@@ -79,6 +95,8 @@ def build_report(
             "max_abs_log_x": _finite(sol.max_abs_log_x),
             "method": sol.method,
             "max_abs_log_scale": sol.max_abs_log_scale,
+            "bounds_active": sol.bounds_active,
+            "bounded_groups": sol.bounded_groups,
         },
         "verdict": verdict(analysis),
         "pinned": [asdict(p) for p in analysis.pinned],
@@ -123,6 +141,8 @@ def render(report: dict[str, Any], console: Console, *, layers: bool = False) ->
         ("largest |ln λ|", _fmt(cond["max_abs_log_scale"])),
         ("solver", f"{cond['method']}, {cond['sweeps']} sweeps, " + ("converged" if cond["converged"] else "NOT converged")),
     ]
+    if cond.get("bounds_active"):
+        rows.append(("bounds (storage dtype range)", f"active: {cond['bounded_groups']:,} group(s) at a bound"))
     ver = report.get("verification")
     if ver is not None:
         status = "[green]passed[/]" if ver["passed"] else "[red]FAILED[/]"

@@ -6,6 +6,9 @@ factor, so the objective only needs one number per *block*: ln Σ g over the blo
 
     F(u) = G · ln Σ_b g_b e^{−2(Bu)_b} + 2 Σ_j k_j u_j,     k_j = n_in(j) − n_out(j)
 
+where G, n_in and n_out count only parameters with g > 0 (MATH §5): then F = G·ln(AM/GM) + const
+exactly, so minimising F never raises the reported score.
+
 Three methods reach the same minimum:
 
 * ``"bcd"``: exact block coordinate descent. λ = G/S is optimal for the current u; then groups that
@@ -14,6 +17,10 @@ Three methods reach the same minimum:
 * ``"auto"`` (default): a few BCD sweeps, then L-BFGS on the smooth convex F (it removes the slow
   "ramp" mode of deep chains), then BCD again if needed.
 * ``"sequential"``: the per-group exact update of MATH §6, one group at a time (the reference; slow).
+
+With a ``ParamBox`` (the stored tensors), the rescaled parameters must stay finite and normal in their
+storage dtypes: lo ≤ u_out − u_in ≤ hi per block. When the unbounded optimum breaks a bound, the solve
+is redone with exact coordinate steps clipped to each group's interval, and the solution says so.
 
 Every method stops on optimality: the largest |ln x| over free groups, x being the exact coordinate
 minimiser of F along u_j at the current point ((G+k)·C·x² + k·R·x + (k−G)·A = 0), must fall below
@@ -226,13 +233,15 @@ TINY = 1e-300  # floor of a dense row/column sum before its log (reached only on
 
 @dataclass
 class _State:
-    """Precomputed per-problem tensors."""
+    """Precomputed per-problem tensors.
+
+    ``k`` and ``G`` count only parameters with g > 0 (MATH §5): a parameter with g = 0 adds −∞ to
+    ln det whatever u is, so counting it would optimise another function than the reported score."""
 
     blocks: Blocks
     fixed: torch.Tensor  # (H+1,) bool: pinned (index 0) or degenerate
-    k: torch.Tensor  # (H+1,) float64
-    k_pos: torch.Tensor  # (H+1,) float64, counting only g > 0 (for the score)
-    G: float
+    k: torch.Tensor  # (H+1,) float64, n_in − n_out over parameters with g > 0
+    G: float  # parameters with g > 0
     pos_mask: torch.Tensor  # blocks with g > 0
     cross: torch.Tensor  # blocks with out != in
     a_index: torch.Tensor = field(init=False)  # group of every incoming-mass term (cross blocks, dense rows)
@@ -269,7 +278,9 @@ class _State:
         return torch.logsumexp(torch.cat(terms), 0)
 
     def f(self, u: torch.Tensor) -> torch.Tensor:
-        return self.G * self.log_total(u) + 2.0 * (self.k * u).sum()
+        """F(u) = G₊·ln S + 2 Σ_j k_j u_j = G₊·ln(AM/GM of the positive g̃) + const (MATH §5)."""
+        linear = 2.0 * (self.k * u).sum()
+        return linear if self.G == 0 else self.G * self.log_total(u) + linear
 
     def objective(self, u: torch.Tensor) -> float:
         return float(self.f(u))
@@ -277,11 +288,11 @@ class _State:
     def log_score(self, u: torch.Tensor) -> float:
         """ln(AM/GM) of the rescaled diagonal over parameters with g > 0."""
         b = self.blocks
-        gp = float(b.n_params_pos)
+        gp = self.G
         if gp == 0:
             return 0.0
         log_s = float(self.log_total(u))
-        mean_log = (b.sum_log_g_pos - 2.0 * float((self.k_pos * u).sum())) / gp
+        mean_log = (b.sum_log_g_pos - 2.0 * float((self.k * u).sum())) / gp
         return max(0.0, log_s - math.log(gp) - mean_log)
 
     def group_sums(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -320,14 +331,12 @@ def _prepare(blocks: Blocks) -> tuple[_State, list[tuple[int, str]]]:
     n = blocks.n_groups + 1
     dev = blocks.device
     zeros = torch.zeros(n, dtype=torch.float64, device=dev)
-    k = zeros.scatter_add(0, blocks.out, blocks.count).scatter_add(0, blocks.inn, -blocks.count)
-    k_pos = zeros.scatter_add(0, blocks.out, blocks.count_pos).scatter_add(0, blocks.inn, -blocks.count_pos)
+    k = zeros.scatter_add(0, blocks.out, blocks.count_pos).scatter_add(0, blocks.inn, -blocks.count_pos)
     for d in blocks.dense:
-        k = k.scatter_add(0, d.out, d.count_out).scatter_add(0, d.inn, -d.count_in)
-        k_pos = k_pos.scatter_add(0, d.out, d.pos_out).scatter_add(0, d.inn, -d.pos_in)
+        k = k.scatter_add(0, d.out, d.pos_out).scatter_add(0, d.inn, -d.pos_in)
     cross = blocks.out != blocks.inn
     pos = torch.isfinite(blocks.log_g)
-    state = _State(blocks, torch.zeros(n, dtype=torch.bool, device=dev), k, k_pos, float(blocks.n_params), pos, cross)
+    state = _State(blocks, torch.zeros(n, dtype=torch.bool, device=dev), k, float(blocks.n_params_pos), pos, cross)
     log_a, log_c, _ = state.group_sums(torch.zeros(n, dtype=torch.float64, device=dev))
     no_in, no_out = ~torch.isfinite(log_a), ~torch.isfinite(log_c)
     fixed = no_in | no_out
@@ -401,6 +410,168 @@ def _greedy(edges: set[tuple[int, int]], vertices: list[int]) -> dict[int, int]:
 
 
 # --------------------------------------------------------------------------------------------------
+# Bounds: every rescaled parameter stays finite and normal in its stored dtype
+
+#: how far inside the dtype's normal range the bounds stay: 2^4 below the largest value (an overflow is an
+#: inf in the checkpoint), 2 above the smallest normal one (enough for the rounding of exp and the cast)
+TOP_MARGIN, BOTTOM_MARGIN = 4 * LOG2, LOG2
+
+
+def dtype_log_range(dtype: torch.dtype) -> tuple[float, float]:
+    """[ln tiny, ln max] of a floating dtype's normal numbers, brought inside by the margins."""
+    info = torch.finfo(dtype)
+    return math.log(info.tiny) + BOTTOM_MARGIN, math.log(info.max) - TOP_MARGIN
+
+
+@dataclass
+class DiffBounds:
+    """Constraints lo ≤ u[out] − u[in] ≤ hi, one per (out group, in group) block of a parameter tensor
+    with a nonzero entry; lo ≤ 0 ≤ hi, so u = 0 satisfies all of them."""
+
+    out: torch.Tensor  # (m,) int64
+    inn: torch.Tensor  # (m,) int64
+    lo: torch.Tensor  # (m,) float64
+    hi: torch.Tensor  # (m,) float64
+
+    def violation(self, u: torch.Tensor) -> float:
+        """The largest amount by which u breaks a constraint (0 when it keeps all of them)."""
+        if not len(self.out):
+            return 0.0
+        d = u[self.out] - u[self.inn]
+        return float(torch.maximum(self.lo - d, d - self.hi).clamp_min(0.0).max())
+
+    def shrink(self, u: torch.Tensor) -> torch.Tensor:
+        """t·u with the largest t ∈ [0, 1] that keeps every constraint. F is convex and u = 0 is
+        feasible, so F(t·u) ≤ max(F(0), F(u)): starting there never raises the score."""
+        if not bool(torch.isfinite(u).all()):
+            return torch.zeros_like(u)
+        d = u[self.out] - u[self.inn]
+        one = torch.ones_like(d)
+        ratio = torch.where(d > self.hi, self.hi / d, torch.where(d < self.lo, self.lo / d, one))
+        t = float(ratio.min()) if len(d) else 1.0
+        return u if t >= 1.0 else u * (t * (1.0 - 1e-9))  # a hair inside: rounding must not cross a bound
+
+    def intervals(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(low, high) per group: where u_j may go with every other coordinate held."""
+        n = len(u)
+        u_out, u_in = u[self.out], u[self.inn]
+        low = torch.full((n,), -math.inf, dtype=u.dtype, device=u.device)
+        low = low.scatter_reduce(0, self.out, self.lo + u_in, "amax").scatter_reduce(0, self.inn, u_out - self.hi, "amax")
+        high = torch.full((n,), math.inf, dtype=u.dtype, device=u.device)
+        high = high.scatter_reduce(0, self.out, self.hi + u_in, "amin").scatter_reduce(0, self.inn, u_out - self.lo, "amin")
+        return low, high
+
+    def clip(self, u: torch.Tensor, target: torch.Tensor, move: torch.Tensor) -> torch.Tensor:
+        """``target`` on the groups in ``move`` (mutually independent), each clipped to its interval."""
+        low, high = self.intervals(u)
+        return torch.where(move, torch.minimum(torch.maximum(target, low), high), u)
+
+
+@dataclass
+class ParamBox:
+    """The stored parameter tensors behind the roles, for the bounds of the rescaling.
+
+    Parameter i of a tensor stored in dtype D becomes θ_i·e^{(Bu)_i}; it must stay within D's normal
+    range [L, U] (``dtype_log_range``): ln|θ_i| + (Bu)_i ∈ [L, U]. A value above U may not grow (u = 0
+    stays feasible). A value already below L (subnormal, or within the margin of it) is not held at the
+    low end: it is below the dtype's normal numbers already, and holding it would freeze most float16
+    checkpoints (a random float16 initialisation holds weights below 16·tiny ≈ 1e-3 in most layers).
+    Only the tensor-wide extremes are computed up front; the per-block constraints are built only when
+    a solution breaks them."""
+
+    roles: Sequence[Role]
+    values: Sequence[torch.Tensor]
+    log_min: list[float] = field(init=False)  # ln of the smallest |θ| ≥ e^L per role (inf: none)
+    log_max: list[float] = field(init=False)  # ln of the largest |θ| (−inf: all zero)
+    ranges: list[tuple[float, float]] = field(init=False)  # the dtype's [L, U] per role
+
+    def __post_init__(self) -> None:
+        self.log_min, self.log_max, self.ranges = [], [], []
+        for value in self.values:
+            lo_hi = dtype_log_range(value.dtype) if value.dtype.is_floating_point else (-math.inf, math.inf)
+            floor = math.exp(lo_hi[0])
+            magnitude = value.detach().abs()
+            bottom, top = (float(x) for x in torch.aminmax(magnitude)) if magnitude.numel() else (0.0, 0.0)
+            if bottom < floor:  # zeros stay zero and values below L are not held: the smallest held value
+                bottom = float(magnitude.masked_fill_(magnitude < floor, math.inf).min()) if top >= floor else math.inf
+            self.log_min.append(math.log(bottom) if bottom < math.inf else math.inf)
+            self.log_max.append(math.log(top) if top > 0 else -math.inf)
+            self.ranges.append(lo_hi)
+
+    def _limits(self, r: int) -> tuple[float, float]:
+        """(lo, hi) on (Bu) for role r from its extremes: lo ≤ 0 ≤ hi."""
+        low, high = self.ranges[r]
+        return low - self.log_min[r], max(high - self.log_max[r], 0.0)
+
+    def surely_inside(self, u: torch.Tensor) -> bool:
+        """A sufficient check per tensor: its extremes moved by the extremes of its (Bu) stay inside."""
+        for r, role in enumerate(self.roles):
+            if self.log_max[r] == -math.inf:
+                continue
+            u_out = u[role.out_idx.to(u.device)]
+            u_in = u[role.in_idx.to(u.device)] if role.in_idx is not None else torch.zeros(1, dtype=u.dtype, device=u.device)
+            lo, hi = self._limits(r)
+            if float(u_out.max() - u_in.min()) > hi or float(u_out.min() - u_in.max()) < lo:
+                return False
+        return True
+
+    def constraints(self, device: torch.device) -> DiffBounds:
+        """One constraint per (out group, in group) block with a nonzero entry (exact: every entry of a
+        block shares its factor, so the block's smallest and largest |θ| decide)."""
+        parts = [self._role_constraints(r, role, device) for r, role in enumerate(self.roles)
+                 if self.log_max[r] > -math.inf]
+        if not parts:
+            empty = torch.zeros(0, dtype=torch.float64, device=device)
+            return DiffBounds(empty.long(), empty.long(), empty, empty)
+        out, inn, lo, hi = (torch.cat(x) for x in zip(*parts))
+        keep = out != inn
+        return DiffBounds(out[keep], inn[keep], lo[keep], hi[keep])
+
+    def _role_constraints(self, r: int, role: Role, device: torch.device) -> tuple[torch.Tensor, ...]:
+        magnitude = self.values[r].detach().to(device).abs()
+        out_idx = role.out_idx.to(device)
+        o = len(out_idx)
+        n_in = 1 if role.in_idx is None else role.in_idx.shape[-1]
+        low, high = self.ranges[r]
+        top = magnitude.reshape(o, n_in, -1).amax(-1).double()
+        bottom = magnitude.masked_fill_(magnitude < math.exp(low), math.inf).reshape(o, n_in, -1).amin(-1).double()
+        if role.in_idx is None or role.in_idx.dim() == 2:  # bias, BN, diag, grouped conv: per (o, i') entry
+            ins = torch.zeros((o, 1), dtype=torch.int64, device=device) if role.in_idx is None else role.in_idx.to(device)
+            outs = out_idx[:, None].expand_as(ins)
+        else:  # dense weight: reduce over the channels of each (out group, in group) block
+            uniq_in, inv_in = torch.unique(role.in_idx.to(device), return_inverse=True)
+            uniq_out, inv_out = torch.unique(out_idx, return_inverse=True)
+
+            def reduce(m: torch.Tensor, how: str, fill: float) -> torch.Tensor:
+                cols = torch.full((o, len(uniq_in)), fill, dtype=m.dtype, device=device)
+                m = cols.scatter_reduce(1, inv_in[None, :].expand_as(m), m, how)
+                rows = torch.full((len(uniq_out), len(uniq_in)), fill, dtype=m.dtype, device=device)
+                return rows.scatter_reduce(0, inv_out[:, None].expand_as(m), m, how)
+
+            top, bottom = reduce(top, "amax", 0.0), reduce(bottom, "amin", math.inf)
+            outs = uniq_out[:, None].expand(len(uniq_out), len(uniq_in))
+            ins = uniq_in[None, :].expand(len(uniq_out), len(uniq_in))
+        lo = torch.clamp(low - torch.log(bottom), max=0.0)  # −inf where no value is held at the low end
+        hi = torch.clamp(high - torch.log(top), min=0.0)
+        nonzero = top.reshape(-1) > 0
+        return outs.reshape(-1)[nonzero], ins.reshape(-1)[nonzero], lo.reshape(-1)[nonzero], hi.reshape(-1)[nonzero]
+
+
+def level_order(blocks: Blocks, classes: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The colour classes split by level and sorted front to back: a Gauss–Seidel sweep in topological
+    order carries a layer-wide "ramp" through the whole depth in one pass (MATH §6)."""
+    if blocks.levels is None:
+        return classes
+    levels = blocks.levels.to(classes[0].device) if classes else blocks.levels
+    parts = []
+    for colour in classes:
+        for level in torch.unique(levels[colour]).tolist():
+            parts.append((level, colour & (levels == level)))
+    parts.sort(key=lambda p: p[0])
+    return [mask for _, mask in parts]
+
+
+# --------------------------------------------------------------------------------------------------
 # Solving
 
 
@@ -417,6 +588,8 @@ class Solution:
     method: str
     history: list[float] = field(default_factory=list)
     degenerate: list[tuple[int, str]] = field(default_factory=list)  # (group, why) pinned by the solver
+    bounds_active: bool = False  # the unbounded optimum left a dtype's range: the solve was bounded
+    bounded_groups: int = 0  # groups whose exact coordinate step a bound cuts at the solution
 
     @property
     def max_abs_log_scale(self) -> float:
@@ -433,8 +606,14 @@ def solve(
     tol: float = 1e-3,
     max_sweeps: int = 2000,
     progress: Progress | None = None,
+    box: ParamBox | None = None,
 ) -> Solution:
-    """Minimise F over the free groups; stop when every coordinate is optimal within ``tol``."""
+    """Minimise F over the free groups; stop when every coordinate is optimal within ``tol``.
+
+    With ``box``, the rescaled parameters must stay finite and normal in their stored dtypes. The
+    unbounded solve runs first (the common case, at full speed); only when its optimum leaves the box
+    is the solve redone from its largest feasible shrink t·u with exact coordinate steps clipped to
+    each group's interval (a bounded optimum: every clipped step is within ``tol``)."""
     if method not in ("auto", "bcd", "sequential"):
         raise ValueError(f"unknown solver method {method!r}")
     state, degenerate = _prepare(blocks)
@@ -448,7 +627,14 @@ def solve(
         else:
             u = run.bcd(u, warmup=(method == "auto"))
             if method == "auto" and not run.converged:
-                u = run.bcd(run.lbfgs(u), warmup=False)
+                u = run.quasi_newton(u)
+    limits = None
+    if box is not None and bool((~state.fixed).any()) and not box.surely_inside(u):
+        limits = box.constraints(blocks.device)
+        if limits.violation(u) > 0:
+            u = run.bounded(limits.shrink(u), limits)
+        else:
+            limits = None
     return Solution(
         u=u,
         objective_before=f0,
@@ -461,6 +647,8 @@ def solve(
         method=method,
         history=run.history,
         degenerate=degenerate,
+        bounds_active=limits is not None,
+        bounded_groups=0 if limits is None else run.bounded_groups(u),
     )
 
 
@@ -469,24 +657,42 @@ class _Run:
 
     WARMUP_SWEEPS = 5
     STALL = 1e-15  # relative decrease of F below which a method has stalled
+    PLATEAU, PLATEAU_STEPS = 0.9, 3  # L-BFGS hands over to BCD after 3 steps without a 10% better gap
 
     def __init__(self, state: _State, tol: float, max_sweeps: int, progress: Progress | None):
         self.state, self.tol, self.max_sweeps, self.progress = state, tol, max_sweeps, progress
         self.sweeps, self.history, self.converged, self.last_gap = 0, [], False, math.inf
+        self.stopped = False  # the last record() said stop
+        self.last_f: float | None = None  # F at the last record() of the current phase
+        self.limits: DiffBounds | None = None  # set for the bounded solve: gaps are clipped steps
+
+    def steps(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(exact coordinate ln x, the same step clipped to each group's interval) at ``u``."""
+        log_x = self.state.coordinate_log_x(u)
+        if self.limits is None:
+            return log_x, log_x
+        free = ~self.state.fixed
+        return log_x, 2.0 * (self.limits.clip(u, u + 0.5 * log_x, free) - u)
+
+    def bounded_groups(self, u: torch.Tensor) -> int:
+        raw, clipped = self.steps(u)
+        return int(((raw - clipped).abs() > self.tol).sum())
 
     def record(self, u: torch.Tensor, passes: int = 1) -> bool:
         """Count ``passes`` sweeps' worth of work; True when the method should stop (optimal, stalled,
         or out of sweeps)."""
         f = self.state.objective(u)
-        gap = float(self.state.coordinate_log_x(u).abs().max())
-        stalled = bool(self.history) and self.history[-1] - f <= self.STALL * max(1.0, abs(f))
+        gap = float(self.steps(u)[1].abs().max())
+        stalled = self.last_f is not None and self.last_f - f <= self.STALL * max(1.0, abs(f))
+        self.last_f = f
         self.sweeps += passes
         self.history.append(f)
         self.last_gap = gap
         self.converged = gap <= self.tol
         if self.progress:
             self.progress(self.sweeps, f, gap)
-        return self.converged or stalled or self.sweeps >= self.max_sweeps
+        self.stopped = self.converged or stalled or self.sweeps >= self.max_sweeps
+        return self.stopped
 
     def bcd(self, u: torch.Tensor, warmup: bool) -> torch.Tensor:
         colours = colour_classes(self.state.blocks, self.state.fixed)
@@ -498,6 +704,65 @@ class _Run:
                 break
         return u
 
+    PENALTIES = (1e2, 1e4, 1e6, 1e8)  # weights of the squared constraint violations, in turn
+
+    def bounded(self, u: torch.Tensor, limits: DiffBounds) -> torch.Tensor:
+        """The minimum of F under ``limits`` from a feasible ``u``.
+
+        Clipped coordinate steps alone can stop short: two groups held by a bound between them may only
+        improve F by moving together, which no single coordinate step does. So after clipped BCD, L-BFGS
+        minimises F plus growing penalties on the violations (its path may leave the box), the result is
+        shrunk back into the box, and clipped BCD finishes from there; the better feasible point wins.
+        Both runs only ever lower F, so the score never rises."""
+        self.limits = limits
+        self.max_sweeps = self.sweeps + self.max_sweeps  # a budget of its own
+        first = self.clipped_bcd(u, limits)
+        second = self.clipped_bcd(limits.shrink(self.penalised(first, limits)), limits)
+        best = first if self.state.objective(first) <= self.state.objective(second) else second
+        self.last_f = None
+        self.record(best, passes=0)  # the figures of the point returned
+        return best
+
+    def clipped_bcd(self, u: torch.Tensor, limits: DiffBounds) -> torch.Tensor:
+        """Exact block coordinate descent with every step clipped to its group's interval, from a
+        feasible ``u``; colour classes in topological order, alternately forwards and backwards. F is
+        convex in each u_j, so the clipped closed-form step is the exact constrained coordinate step."""
+        self.converged, self.last_f = False, None  # the stall test compares within this run only
+        classes = level_order(self.state.blocks, colour_classes(self.state.blocks, self.state.fixed))
+        while True:
+            for colour in classes:
+                u = limits.clip(u, self.state.bcd_step(u, colour), colour)
+            classes.reverse()
+            if self.record(u):
+                return u
+
+    def penalised(self, u: torch.Tensor, limits: DiffBounds) -> torch.Tensor:
+        """L-BFGS on F/G + ρ·Σ (violation)² for each ρ in ``PENALTIES`` (the result may sit just outside)."""
+        state, free = self.state, ~self.state.fixed
+        x = u[free].clone().requires_grad_(True)
+
+        def full(xv: torch.Tensor) -> torch.Tensor:
+            return torch.zeros_like(u).masked_scatter(free, xv)
+
+        for rho in self.PENALTIES:
+            opt = torch.optim.LBFGS([x], lr=1.0, max_iter=200, history_size=30, line_search_fn="strong_wolfe",
+                                    tolerance_grad=1e-12, tolerance_change=1e-15)
+            evaluations = [0]
+
+            def closure():
+                evaluations[0] += 1
+                opt.zero_grad()
+                uu = full(x)
+                d = uu[limits.out] - uu[limits.inn]
+                excess = torch.relu(d - limits.hi) + torch.relu(limits.lo - d)
+                f = state.f(uu) / state.G + rho * (excess * excess).sum()
+                f.backward()
+                return f
+
+            opt.step(closure)
+            self.sweeps += evaluations[0]
+        return full(x.detach())
+
     def sequential(self, u: torch.Tensor) -> torch.Tensor:
         free = [int(j) for j in torch.nonzero(~self.state.fixed).reshape(-1)]
         while True:
@@ -508,8 +773,26 @@ class _Run:
             if self.record(u):
                 return u
 
-    def lbfgs(self, u: torch.Tensor) -> torch.Tensor:
-        """Quasi-Newton steps on the smooth convex F over the free groups."""
+    def quasi_newton(self, u: torch.Tensor) -> torch.Tensor:
+        """L-BFGS, handing over to a few exact BCD sweeps whenever its optimality gap stops falling,
+        then BCD to the end (at least one sweep).
+
+        L-BFGS removes the slow "ramp" of deep chains, but it crawls on a coordinate whose mass is tiny
+        against S (its gradient is tiny while its ln x is not): a few exact coordinate steps fix that."""
+        while True:
+            u, plateau = self.lbfgs(u)
+            if not plateau:
+                break
+            u = self.bcd(u, warmup=True)
+            if self.stopped:
+                break
+        return self.bcd(u, warmup=False)  # at least one exact sweep to finish, as before
+
+    def lbfgs(self, u: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Quasi-Newton steps on the smooth convex F over the free groups, until the stopping rule
+        holds or ``PLATEAU_STEPS`` L-BFGS steps in a row leave the optimality gap above ``PLATEAU`` times
+        its best value so far (then True). The gap is not monotone under L-BFGS: one bad step is not a
+        plateau."""
         state = self.state
         free = ~state.fixed
         x = u[free].clone().requires_grad_(True)
@@ -531,12 +814,22 @@ class _Run:
             [x], lr=1.0, max_iter=20, history_size=30, line_search_fn="strong_wolfe",
             tolerance_grad=0.0, tolerance_change=0.0,
         )
+        best, since_best = self.last_gap, 0
         while True:
             evaluations[0] = 0
             opt.step(closure)
             uu = full(x.detach())
             if self.record(uu, passes=evaluations[0]):
-                return uu
+                return uu, False
+            if self.last_gap < self.PLATEAU * best:
+                best, since_best = self.last_gap, 0
+            else:
+                since_best += 1
+                if since_best >= self.PLATEAU_STEPS:
+                    return uu, True
 
 
-__all__ = ["Blocks", "DenseBlocks", "Solution", "build_blocks", "colour_classes", "scatter_logsumexp", "solve"]
+__all__ = [
+    "Blocks", "DenseBlocks", "DiffBounds", "ParamBox", "Solution", "build_blocks", "colour_classes",
+    "dtype_log_range", "scatter_logsumexp", "solve",
+]

@@ -25,7 +25,8 @@ from tests.test_core_paths import DAGS, Net, case, mlp, random_inputs, rel_err
 
 
 class PerParamObjective:
-    """F(u) = G·ln Σ_i g_i e^{−2(Bu)_i} + 2 Σ_i (Bu)_i, (Bu)_i = u[out(i)] − u[in(i)], u[0] = 0."""
+    """F(u) = G₊·ln Σ_i g_i e^{−2(Bu)_i} + 2 Σ_i (Bu)_i, (Bu)_i = u[out(i)] − u[in(i)], u[0] = 0, every
+    sum over the parameters with g_i > 0 and G₊ their number (MATH §5)."""
 
     def __init__(self, groups, log_g):
         logs, outs, ins = [], [], []
@@ -42,8 +43,11 @@ class PerParamObjective:
                 logs.append(lg[idx])
                 outs.append(int(role.out_idx[o]))
                 ins.append(i)
-        self.log_g, self.out, self.inn = np.array(logs), np.array(outs), np.array(ins)
-        self.G = len(logs)
+        self.n_all = len(logs)
+        logs, outs, ins = np.array(logs), np.array(outs), np.array(ins)
+        pos = np.isfinite(logs)  # g = 0: −∞ in ln det whatever u is, no information on u
+        self.log_g, self.out, self.inn = logs[pos], outs[pos], ins[pos]
+        self.G = int(pos.sum())
         self.n = groups.n_free + 1
 
     def full(self, u_free: np.ndarray, free: np.ndarray) -> np.ndarray:
@@ -67,7 +71,7 @@ class PerParamObjective:
 
     def log_score(self, u: np.ndarray) -> float:
         """ln(AM/GM) of the rescaled diagonal over the parameters with g > 0."""
-        lg = (self.log_g - 2 * self.bu(u))[np.isfinite(self.log_g)]
+        lg = self.log_g - 2 * self.bu(u)
         return float(logsumexp(lg) - math.log(len(lg)) - lg.mean())
 
     def minimise(self, free: np.ndarray) -> tuple[float, np.ndarray]:
@@ -200,8 +204,8 @@ def test_blocks_aggregate_every_parameter_with_zero_entries(name, layout):
     log_g = [torch.where(torch.rand(lg.shape, generator=gen) < 0.2, -math.inf, lg) for lg in stats.log_g]
     obj = PerParamObjective(groups, log_g)
     blocks = build_blocks(groups.roles, log_g, groups.n_free, torch.from_numpy(groups.levels), LAYOUTS[layout])
-    assert blocks.n_params == obj.G
-    assert blocks.n_params_pos == int(np.isfinite(obj.log_g).sum())
+    assert blocks.n_params == obj.n_all
+    assert blocks.n_params_pos == obj.G
     state, _ = _prepare(blocks)
     u = np.random.default_rng(4).normal(size=obj.n)
     u[0] = 0.0
