@@ -25,7 +25,7 @@ REPORT_KEYS = {
 MODEL_KEYS = {"parameters", "hidden_units", "groups_free", "groups_pinned", "log10_paths", "log10_path1_norm",
               "log10_path2_norm", "width_ratio"}
 CONDITIONING_KEYS = {"objective_before", "objective_after", "score_before", "score_after", "sweeps",
-                     "max_abs_log_scale"}
+                     "max_abs_log_scale", "bounds_active", "bounded_groups"}
 
 
 def export_onnx(module: torch.nn.Module, shape, path: Path) -> Path:
