@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from pathcond_cli.cli import app
-from tests import nets
+from tests import conftest, nets
 
 runner = CliRunner()
 
@@ -29,15 +29,7 @@ CONDITIONING_KEYS = {"objective_before", "objective_after", "score_before", "sco
 
 
 def export_onnx(module: torch.nn.Module, shape, path: Path) -> Path:
-    torch.onnx.export(module.eval(), (torch.randn(*shape),), str(path), dynamo=False,
-                      input_names=["input"], output_names=["output"], dynamic_axes={"input": {0: "batch"}},
-                      do_constant_folding=False)
-    return path
-
-
-@pytest.fixture(scope="module")
-def mlp_onnx(tmp_path_factory) -> Path:
-    return export_onnx(nets.mlp(widths=(8, 64, 4, 32, 3)), (1, 8), tmp_path_factory.mktemp("m") / "mlp.onnx")
+    return conftest.export_onnx(module.eval(), shape, path, dynamic_batch=True)
 
 
 def invoke(*args: str):

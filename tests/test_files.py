@@ -49,11 +49,6 @@ def digests(*paths: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
 
 
-@pytest.fixture(scope="module")
-def mlp_onnx(tmp_path_factory) -> Path:
-    return export_onnx(nets.mlp(widths=(8, 64, 4, 32, 3)), (1, 8), tmp_path_factory.mktemp("m") / "mlp.onnx")
-
-
 def with_external_data(source: Path, path: Path, location: str) -> Path:
     """``source`` saved to ``path`` with every tensor in the file ``location`` beside it."""
     onnx.save_model(onnx.load(str(source)), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
