@@ -47,9 +47,9 @@ def slow_params(cases: Iterable[Any], is_slow: Callable[[Any], bool]) -> list:
 
 def zoo_cases() -> list:
     """(name, exporter) for every tests.nets.ZOO model and exporter. The dynamo exporters take seconds
-    per model: in `make test` they export resnet_like only (convolutions, BatchNorm, a residual)."""
+    per model: their matrix is slow (`make test` still exports with both in test_onnx_trust)."""
     return slow_params([(name, exporter) for name in sorted(nets.ZOO) for exporter in ZOO_EXPORTERS],
-                       lambda case: case[1] != "torchscript" and case[0] != "resnet_like")
+                       lambda case: case[1] != "torchscript")
 
 
 def export_onnx(module: torch.nn.Module, example: torch.Tensor | Sequence[int], path: Path, exporter: str = "torchscript",

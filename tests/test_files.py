@@ -340,6 +340,7 @@ def _start_slow_run(source: Path, out: Path) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow  # a subprocess that loads torch, then a signal: seconds each
 def test_sigint_prints_one_line_exits_130_and_leaves_nothing(slow_onnx, tmp_path):
     out = tmp_path / "out.onnx"
     proc = _start_slow_run(slow_onnx, out)
@@ -350,6 +351,7 @@ def test_sigint_prints_one_line_exits_130_and_leaves_nothing(slow_onnx, tmp_path
     assert listing(tmp_path) == []
 
 
+@pytest.mark.slow  # a subprocess that loads torch, then a signal: seconds each
 def test_sigkilled_run_leaves_a_staging_folder_that_the_next_run_removes(slow_onnx, tmp_path):
     out = tmp_path / "out.onnx"
     proc = _start_slow_run(slow_onnx, out)
