@@ -324,11 +324,17 @@ def slow_onnx(tmp_path_factory) -> Path:
     return export_onnx(nets.mlp(widths=(16, 256, 256, 256, 4)), (1, 16), tmp_path_factory.mktemp("slow") / "slow.onnx")
 
 
+def _default_sigint() -> None:
+    """In the child: SIGINT back to its default, which Python turns into KeyboardInterrupt. A test run
+    started in the background by a shell (`pytest &`, CI runners) ignores SIGINT, and children inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_slow_run(source: Path, out: Path) -> subprocess.Popen:
     """A `pathcond rescale` subprocess, returned once its staging folder is in place."""
     proc = subprocess.Popen([sys.executable, "-m", "pathcond_cli", "rescale", str(source), str(out), "--solver",
                              "sequential", "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=_env())
+                            text=True, env=_env(), preexec_fn=_default_sigint)
     deadline = time.monotonic() + 90
     while not list(out.parent.glob(f".{out.name}.pathcond-*/{out.name}.pathcond-owner")):
         if proc.poll() is not None or time.monotonic() > deadline:
