@@ -1,4 +1,4 @@
-# Set-up and checks. `make test` and `make demo` work from a fresh clone: they create .venv first.
+# Set-up and checks. `make test`, `make test-all` and `make demo` work from a fresh clone: they create .venv first.
 # TORCH picks the PyTorch build; the default is the CPU build (`make test TORCH=torch` on a CUDA machine).
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 DEMO_MODEL ?= sample_models/mlp_uneven.onnx
 DEMO_OUT ?= build/demo
 
-.PHONY: install test demo samples bench clean
+.PHONY: install test test-all demo samples bench clean
 
 install: $(VENV)/.installed
 
@@ -18,7 +18,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
+# test: the fast set, for the edit-test loop; test-all: every test, the slow ones too (what CI runs)
 test: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: install
 	$(BIN)/python -m pytest -q
 
 demo: install

@@ -5,16 +5,23 @@ Heavy modules (torch, onnx) are imported inside the commands so that ``pathcond 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import math
+import re
 import sys
 import traceback
+import typing
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+from inspect import Parameter, Signature, signature
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -24,6 +31,10 @@ from rich.table import Table
 from . import __version__
 from .errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, PathcondError, UnsupportedModelError, UsageError,
                      VerificationError)
+
+if TYPE_CHECKING:  # imported inside the commands: torch comes with them
+    from .frontends.base import LoadOptions
+    from .jobs import SolveOptions
 
 EXIT_CODES = """Exit codes: 0 ok · 1 verification failed (nothing written) · 2 usage error or unreadable input ·
 3 unsupported model (not a ReLU network, or an op pathcond does not know) · 4 internal error (a bug in
@@ -43,6 +54,26 @@ app = typer.Typer(
 )
 
 # -- reusable options ------------------------------------------------------------------------------
+class SolverMethod(str, Enum):
+    """--solver: an enum, so that the help lists the choices and the parser refuses others (exit 2)."""
+
+    auto = "auto"
+    bcd = "bcd"
+    sequential = "sequential"
+
+
+DEVICE_CHOICES = "<auto|cpu|cuda|cuda:N>"
+
+
+def parse_device(value: str) -> str:
+    """--device: auto, cpu, cuda or cuda:N (N a GPU index), checked by the parser (a usage error, exit 2)
+    so that no torch device string reaches the job malformed. Whether that GPU exists is the job's check
+    (:func:`pathcond_cli.analysis.resolve_device`): it needs torch, which --help must not import."""
+    if value in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", value):
+        return value
+    raise typer.BadParameter(f"{value!r} is not one of auto, cpu, cuda or cuda:N (N a GPU index, e.g. cuda:0).")
+
+
 InputShape = Annotated[
     Optional[list[str]],
     typer.Option("--input-shape", metavar="[NAME=]1x3x224x224",
@@ -58,13 +89,95 @@ Key = Annotated[Optional[str], typer.Option(help="PyTorch checkpoint dict: the e
 TrustPickle = Annotated[bool, typer.Option("--trust-pickle",
                                            help="Allow loading a pickled nn.Module, alone or inside a checkpoint dict "
                                                 "(runs code from the file).")]
-Device = Annotated[str, typer.Option(help="Where to compute the statistics and solve: auto, cpu or cuda.")]
+Device = Annotated[str, typer.Option(metavar=DEVICE_CHOICES, parser=parse_device,
+                                     help="Where to compute the statistics and solve: auto (CUDA when available), "
+                                          "cpu, cuda, or cuda:N for GPU N.")]
 MaxSweeps = Annotated[int, typer.Option(min=1, help="Cap on solver sweeps.")]
 Tol = Annotated[float, typer.Option(help="Optimality tolerance: largest |ln x| of a coordinate step (finite, > 0).")]
-Solver = Annotated[str, typer.Option(help="auto (BCD + L-BFGS), bcd, or sequential (the slow reference).")]
+Solver = Annotated[SolverMethod, typer.Option(help="auto (BCD + L-BFGS), bcd, or sequential (the slow reference).")]
 Layers = Annotated[bool, typer.Option("--layers", help="Also print the per-layer table.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout, nothing else.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display and no tables.")]
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How to load the model and solve: the options both commands share, each declared once here (its
+    field's type is its command-line option, its default the option's) and handed over as one object."""
+
+    input_shape: InputShape = None
+    arch: Arch = None
+    arch_kwargs: ArchKwargs = None
+    key: Key = None
+    trust_pickle: TrustPickle = False
+    device: Device = "auto"
+    max_sweeps: MaxSweeps = 2000
+    tol: Tol = 1e-3
+    solver: Solver = SolverMethod.auto
+
+    def checked(self) -> tuple[LoadOptions, SolveOptions]:
+        """The job's load and solve options; what the parser cannot check (tolerance, JSON, shapes) is a
+        :class:`UsageError` here."""
+        from .frontends.base import LoadOptions
+        from .jobs import SolveOptions
+
+        check_tolerances(self.tol)
+        try:
+            kwargs = json.loads(self.arch_kwargs) if self.arch_kwargs else {}
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--arch-kwargs is not valid JSON: {exc}") from None
+        if not isinstance(kwargs, dict):
+            raise UsageError("--arch-kwargs must be a JSON object, e.g. '{\"width\": 64}'")
+        load = LoadOptions(input_shapes=parse_input_shapes(self.input_shape), arch=self.arch, arch_kwargs=kwargs,
+                           key=self.key, trust_pickle=self.trust_pickle)
+        solve = SolveOptions(device=self.device, method=SolverMethod(self.solver).value, tol=self.tol,
+                             max_sweeps=self.max_sweeps)
+        return load, solve
+
+
+@dataclass(frozen=True)
+class DisplayOptions:
+    """What the commands print: the tables, JSON, or nothing."""
+
+    layers: Layers = False
+    as_json: Json = False
+    quiet: Quiet = False
+
+
+OPTION_GROUPS = (ModelOptions, DisplayOptions)
+
+
+def option_groups(command: Callable[..., None]) -> Callable[..., None]:
+    """Let a command take an option group (:data:`OPTION_GROUPS`) as one parameter.
+
+    Typer reads the options off the function's signature, so the wrapper shows Typer each group's fields
+    in the group's place (their annotated types and defaults), and calls the command with the group built
+    from them."""
+    hints = typing.get_type_hints(command, include_extras=True)
+    params: list[Parameter] = []
+    groups: dict[str, tuple[type, list[str]]] = {}
+    for param in signature(command).parameters.values():
+        kind = hints[param.name]
+        if kind in OPTION_GROUPS:
+            field_hints = typing.get_type_hints(kind, include_extras=True)
+            fields = dataclasses.fields(kind)
+            groups[param.name] = (kind, [f.name for f in fields])
+            params += [Parameter(f.name, Parameter.KEYWORD_ONLY, default=f.default, annotation=field_hints[f.name])
+                       for f in fields]
+        else:
+            params.append(param.replace(kind=Parameter.KEYWORD_ONLY, annotation=kind))
+    names = [p.name for p in params]
+    assert len(names) == len(set(names)), f"an option group repeats a parameter of {command.__name__}: {names}"
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> None:
+        for name, (kind, fields) in groups.items():
+            kwargs[name] = kind(**{f: kwargs.pop(f) for f in fields})
+        command(**kwargs)
+
+    wrapper.__signature__ = Signature(params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    return wrapper
 
 
 class Output:
@@ -205,96 +318,58 @@ def check_tolerances(tol: float, rtol: float | None = None) -> None:
         raise UsageError(f"--rtol {rtol}: give a finite number >= 0 (e.g. 1e-4)")
 
 
-def _options(input_shape, arch, arch_kwargs, key, trust_pickle, device, solver, tol, max_sweeps):
-    """The load and solve options shared by both commands, checked."""
-    from .frontends.base import LoadOptions
-    from .jobs import SolveOptions
-
-    check_tolerances(tol)
-    if solver not in ("auto", "bcd", "sequential"):
-        raise UsageError(f"--solver {solver!r}: use auto, bcd or sequential")
-    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
-        raise UsageError(f"--device {device!r}: use auto, cpu or cuda")
-
-    try:
-        kwargs = json.loads(arch_kwargs) if arch_kwargs else {}
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"--arch-kwargs is not valid JSON: {exc}") from None
-    if not isinstance(kwargs, dict):
-        raise UsageError("--arch-kwargs must be a JSON object, e.g. '{\"width\": 64}'")
-    load = LoadOptions(input_shapes=parse_input_shapes(input_shape), arch=arch, arch_kwargs=kwargs,
-                       key=key, trust_pickle=trust_pickle)
-    return load, SolveOptions(device=device, method=solver, tol=tol, max_sweeps=max_sweeps)
-
-
 @app.command(epilog=EXIT_CODES)
+@option_groups
 def inspect(
     model: Annotated[Path, typer.Argument(help="An ONNX model or a PyTorch checkpoint.", show_default=False)],
-    input_shape: InputShape = None,
-    arch: Arch = None,
-    arch_kwargs: ArchKwargs = None,
-    key: Key = None,
-    trust_pickle: TrustPickle = False,
-    device: Device = "auto",
-    max_sweeps: MaxSweeps = 2000,
-    tol: Tol = 1e-3,
-    solver: Solver = "auto",
-    layers: Layers = False,
-    as_json: Json = False,
-    quiet: Quiet = False,
+    *,
+    options: ModelOptions,
+    display: DisplayOptions,
 ) -> None:
     """Path and width diagnostics: groups, paths, path norms, diag(G) spread, and the conditioning score
     before and after the optimal rescaling. Writes nothing."""
-    output = Output(as_json=as_json, quiet=quiet)
+    output = Output(as_json=display.as_json, quiet=display.quiet)
 
     def job():
         from .jobs import inspect_model
 
-        load, solve = _options(input_shape, arch, arch_kwargs, key, trust_pickle, device, solver, tol, max_sweeps)
+        load, solve = options.checked()
         with output.progress() as notify:
             return inspect_model(model, load, solve, notify)
 
     result = _run(output, job)
-    output.report(result.report, layers=layers)
+    output.report(result.report, layers=display.layers)
 
 
 @app.command(epilog=EXIT_CODES)
+@option_groups
 def rescale(
     source: Annotated[Path, typer.Argument(metavar="IN", help="An ONNX model or a PyTorch checkpoint.", show_default=False)],
     target: Annotated[Path, typer.Argument(metavar="OUT", help="Where to write the rescaled model (same format).", show_default=False)],
-    input_shape: InputShape = None,
-    arch: Arch = None,
-    arch_kwargs: ArchKwargs = None,
-    key: Key = None,
-    trust_pickle: TrustPickle = False,
-    device: Device = "auto",
-    max_sweeps: MaxSweeps = 2000,
-    tol: Tol = 1e-3,
-    solver: Solver = "auto",
+    *,
+    options: ModelOptions,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT, its external-data file and its report if they exist.")] = False,
     report: Annotated[Optional[Path], typer.Option(help="Where to write the JSON report (default: OUT.pathcond.json beside OUT).")] = None,
     rtol: Annotated[Optional[float], typer.Option(help="Verification tolerance, relative to each output's scale (default: that of the least precise dtype stored or computed in: 1e-9 float64, 1e-4 float32, 2e-2 float16, 5e-2 bfloat16).")] = None,
     verify_inputs: Annotated[int, typer.Option(min=1, help="How many seeded random inputs to verify on.")] = 3,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the verification inputs (>= 0).")] = 0,
-    layers: Layers = False,
-    as_json: Json = False,
-    quiet: Quiet = False,
+    display: DisplayOptions,
 ) -> None:
     """Write a function-equivalent copy of IN with the PathCond rescaling applied, verified with the model's
     own runtime (onnxruntime / torch) before it is moved into place, and a JSON report beside it."""
-    output = Output(as_json=as_json, quiet=quiet)
+    output = Output(as_json=display.as_json, quiet=display.quiet)
 
     def job():
         from .jobs import RescaleOptions, rescale_model
 
-        load, solve = _options(input_shape, arch, arch_kwargs, key, trust_pickle, device, solver, tol, max_sweeps)
-        check_tolerances(tol, rtol)
-        options = RescaleOptions(force=force, report_path=report, rtol=rtol, verify_inputs=verify_inputs, seed=seed)
+        load, solve = options.checked()
+        check_tolerances(options.tol, rtol)
+        how = RescaleOptions(force=force, report_path=report, rtol=rtol, verify_inputs=verify_inputs, seed=seed)
         with output.progress() as notify:
-            return rescale_model(source, target, load, solve, options, notify)
+            return rescale_model(source, target, load, solve, how, notify)
 
     result = _run(output, job)
-    output.report(result.report, layers=layers)
+    output.report(result.report, layers=display.layers)
 
 
 def _version(value: bool) -> None:

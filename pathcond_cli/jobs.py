@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from .errors import UsageError, VerificationError
 from .frontends.base import LoadedModel, LoadOptions
 from .outputs import Role, StagedOutput, check_outputs, clear_stale_stages, commit_all, sha256
 from .report import build_report
+from .timing import timed
 from .verify import verify
 
 Notify = Callable[[str, dict], None]
@@ -76,18 +76,11 @@ def _input_info(model: LoadedModel) -> dict[str, Any]:
     return {"path": str(model.path), "sha256": sha256(model.path), "format": model.format}
 
 
-def _timed(timings: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
-    start = time.perf_counter()
-    try:
-        return fn()
-    finally:
-        timings[name] = time.perf_counter() - start
-
-
 def _load_and_analyze(path: Path, load: LoadOptions, solve: SolveOptions, notify: Notify,
                       timings: dict[str, float]) -> tuple[LoadedModel, Analysis]:
     notify("load", {"path": str(path)})
-    model = _timed(timings, "load", lambda: load_model(path, load))
+    with timed(timings, "load"):
+        model = load_model(path, load)
     analysis = analyze(model.graph, device=solve.device, method=solve.method, tol=solve.tol,
                        max_sweeps=solve.max_sweeps, progress=notify)
     timings.update(analysis.timings)
@@ -141,10 +134,11 @@ def rescale_model(
     with StagedOutput(target) as stage, StagedOutput(report_path) as report_stage:  # folders writable?
         model, analysis = _load_and_analyze(source, load, solve, notify, timings)
         notify("write", {"path": str(target)})
-        _timed(timings, "write", lambda: model.save(rescaled_params(analysis), stage.path))
+        with timed(timings, "write"):
+            model.save(rescaled_params(analysis), stage.path)
         notify("verify", {"inputs": options.verify_inputs})
-        result = _timed(timings, "verify", lambda: verify(model, stage.path, n_inputs=options.verify_inputs,
-                                                          rtol=options.rtol, seed=options.seed))
+        with timed(timings, "verify"):
+            result = verify(model, stage.path, n_inputs=options.verify_inputs, rtol=options.rtol, seed=options.seed)
         output_info = {"path": str(target), "sha256": sha256(stage.path)}
         report = build_report(analysis, input_info=_input_info(model), output_info=output_info,
                               verification=result, timings=timings, warnings=model.warnings + warnings)

@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from pathcond_cli.cli import app
-from tests import nets
+from tests import conftest, nets
 
 runner = CliRunner()
 
@@ -29,15 +29,7 @@ CONDITIONING_KEYS = {"objective_before", "objective_after", "score_before", "sco
 
 
 def export_onnx(module: torch.nn.Module, shape, path: Path) -> Path:
-    torch.onnx.export(module.eval(), (torch.randn(*shape),), str(path), dynamo=False,
-                      input_names=["input"], output_names=["output"], dynamic_axes={"input": {0: "batch"}},
-                      do_constant_folding=False)
-    return path
-
-
-@pytest.fixture(scope="module")
-def mlp_onnx(tmp_path_factory) -> Path:
-    return export_onnx(nets.mlp(widths=(8, 64, 4, 32, 3)), (1, 8), tmp_path_factory.mktemp("m") / "mlp.onnx")
+    return conftest.export_onnx(module.eval(), shape, path, dynamic_batch=True)
 
 
 def invoke(*args: str):
@@ -233,6 +225,75 @@ def test_cuda_without_gpu_is_a_usage_error(mlp_onnx):
 def test_bad_solver_option_is_a_usage_error(mlp_onnx):
     result = invoke("inspect", mlp_onnx, "--solver", "magic")
     assert result.exit_code == 2 and "--solver" in result.output
+
+
+def _record_jobs(monkeypatch) -> list[tuple]:
+    """Both jobs replaced by a recorder of what the CLI hands them (nothing is loaded or written)."""
+    from pathcond_cli import jobs
+
+    calls: list[tuple] = []
+
+    def inspect_model(path, load, solve, notify=None):
+        calls.append(("inspect", load, solve, None))
+        return jobs.JobResult({"recorded": True})
+
+    def rescale_model(source, target, load, solve, options, notify=None):
+        calls.append(("rescale", load, solve, options))
+        return jobs.JobResult({"recorded": True})
+
+    monkeypatch.setattr(jobs, "inspect_model", inspect_model)
+    monkeypatch.setattr(jobs, "rescale_model", rescale_model)
+    return calls
+
+
+def test_shared_options_reach_the_jobs(monkeypatch, tmp_path):
+    """Each shared option lands in the job's load / solve options, with the same defaults, in both commands."""
+    from pathcond_cli.frontends.base import LoadOptions
+    from pathcond_cli.jobs import RescaleOptions, SolveOptions
+
+    calls = _record_jobs(monkeypatch)
+    paths = {"inspect": ["m.onnx"], "rescale": ["m.onnx", "o.onnx"]}
+    given = ["--input-shape", "x=1x8", "--arch", "pkg.mod:build", "--arch-kwargs", '{"width": 2}', "--key", "model",
+             "--trust-pickle", "--device", "cuda:1", "--max-sweeps", "7", "--tol", "0.01", "--solver", "bcd"]
+    for command in ("inspect", "rescale"):
+        for args in ([], given):
+            result = invoke(command, *paths[command], *args, "--json")
+            assert result.exit_code == 0, result.output
+            assert json.loads(result.stdout) == {"recorded": True}
+    want_load = LoadOptions(input_shapes={"x": (1, 8)}, arch="pkg.mod:build", arch_kwargs={"width": 2}, key="model",
+                            trust_pickle=True)
+    want_solve = SolveOptions(device="cuda:1", method="bcd", tol=0.01, max_sweeps=7)
+    assert calls == [("inspect", LoadOptions(), SolveOptions(), None), ("inspect", want_load, want_solve, None),
+                     ("rescale", LoadOptions(), SolveOptions(), RescaleOptions()),
+                     ("rescale", want_load, want_solve, RescaleOptions())]
+    assert all(type(solve.method) is str and type(solve.device) is str for _, _, solve, _ in calls)
+
+    calls.clear()
+    result = invoke("rescale", "m.onnx", "o.onnx", "--force", "--report", tmp_path / "r.json", "--rtol", "0.001",
+                    "--verify-inputs", "2", "--seed", "5", "--json")
+    assert result.exit_code == 0, result.output
+    assert calls == [("rescale", LoadOptions(), SolveOptions(),
+                      RescaleOptions(force=True, report_path=tmp_path / "r.json", rtol=0.001, verify_inputs=2, seed=5))]
+
+
+@pytest.mark.parametrize("option,value", [("--device", "gpu"), ("--device", "CPU"), ("--device", "cuda:"),
+                                          ("--device", "cuda:x"), ("--device", "cuda:0:1"), ("--solver", "magic"),
+                                          ("--solver", "BCD")])
+def test_bad_choices_are_refused_by_the_parser(monkeypatch, option, value):
+    """--device and --solver are checked once, when the command line is read: exit 2, and no job starts."""
+    calls = _record_jobs(monkeypatch)
+    for command, paths in (("inspect", ["m.onnx"]), ("rescale", ["m.onnx", "o.onnx"])):
+        result = invoke(command, *paths, option, value)
+        assert result.exit_code == 2, result.output
+        assert option in result.output and "Traceback" not in result.output
+    assert calls == []
+
+
+def test_help_lists_the_choices():
+    for command in ("inspect", "rescale"):
+        result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "250"})
+        assert result.exit_code == 0
+        assert "auto|bcd|sequential" in result.output and "auto|cpu|cuda|cuda:N" in result.output
 
 
 def test_command_help_shows_defaults_and_exit_codes():

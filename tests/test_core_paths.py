@@ -20,6 +20,7 @@ from pathcond_cli.errors import NumericalError
 from pathcond_cli.groups import build_groups
 from pathcond_cli.ir import Graph, Node, evaluate
 from pathcond_cli.stats import LOG10, path_statistics, role_summary
+from tests import conftest
 from tests.reference import pool_windows, reference
 
 # --------------------------------------------------------------------------------------------------
@@ -280,8 +281,7 @@ def rel_err(a, b) -> float:
 
 
 def random_inputs(graph: Graph, batch: int = 5, seed: int = 0) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return {k: torch.randn((batch, *s[1:]), generator=gen, dtype=torch.float64) for k, s in graph.inputs.items()}
+    return {k: torch.from_numpy(v) for k, v in conftest.random_inputs(graph, seed, batch).items()}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from pathcond_cli.groups import build_groups
 from pathcond_cli.ir import Graph, evaluate
 from pathcond_cli.solver import _prepare, build_blocks, colour_classes, solve
 from pathcond_cli.stats import path_statistics
+from tests.conftest import slow_params
 from tests.reference import reference
 from tests.test_core_paths import DAGS, Net, case, mlp, random_inputs, rel_err
 
@@ -134,11 +135,16 @@ def run_cases():
                     yield name, method, layout
 
 
+def slow_problem(case) -> bool:
+    """uneven_chain (41 layers) takes seconds per case: `make test-all` only."""
+    return (case[0] if isinstance(case, tuple) else case) == "uneven_chain"
+
+
 # --------------------------------------------------------------------------------------------------
 # 3. Solver against scipy
 
 
-@pytest.mark.parametrize("name,method,layout", list(run_cases()))
+@pytest.mark.parametrize("name,method,layout", slow_params(run_cases(), slow_problem))
 def test_solver_reaches_scipy_minimum(name, method, layout):
     _, _, obj, (f_star, _) = problem(name)
     blocks = blocks_of(name, layout)
@@ -156,7 +162,7 @@ def test_solver_reaches_scipy_minimum(name, method, layout):
 
 
 @pytest.mark.parametrize("layout", ["pairs", "dense"])
-@pytest.mark.parametrize("name", PROBLEMS)
+@pytest.mark.parametrize("name", slow_params(PROBLEMS, slow_problem))
 def test_solution_figures_match_independent_objective(name, layout):
     _, _, obj, (f_star, u_star) = problem(name)
     blocks = blocks_of(name, layout)
@@ -177,7 +183,7 @@ def test_solution_figures_match_independent_objective(name, layout):
 
 
 @pytest.mark.parametrize("layout", ["pairs", "dense"])
-@pytest.mark.parametrize("name", PROBLEMS)
+@pytest.mark.parametrize("name", slow_params(PROBLEMS, slow_problem))
 def test_colour_classes_are_independent_sets(name, layout):
     """BCD moves a colour class at once: no two of its groups may share a block (checked against every
     (out, in) pair, dense weights expanded), and the classes cover each free group exactly once."""

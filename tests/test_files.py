@@ -49,11 +49,6 @@ def digests(*paths: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
 
 
-@pytest.fixture(scope="module")
-def mlp_onnx(tmp_path_factory) -> Path:
-    return export_onnx(nets.mlp(widths=(8, 64, 4, 32, 3)), (1, 8), tmp_path_factory.mktemp("m") / "mlp.onnx")
-
-
 def with_external_data(source: Path, path: Path, location: str) -> Path:
     """``source`` saved to ``path`` with every tensor in the file ``location`` beside it."""
     onnx.save_model(onnx.load(str(source)), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -329,11 +324,17 @@ def slow_onnx(tmp_path_factory) -> Path:
     return export_onnx(nets.mlp(widths=(16, 256, 256, 256, 4)), (1, 16), tmp_path_factory.mktemp("slow") / "slow.onnx")
 
 
+def _default_sigint() -> None:
+    """In the child: SIGINT back to its default, which Python turns into KeyboardInterrupt. A test run
+    started in the background by a shell (`pytest &`, CI runners) ignores SIGINT, and children inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_slow_run(source: Path, out: Path) -> subprocess.Popen:
     """A `pathcond rescale` subprocess, returned once its staging folder is in place."""
     proc = subprocess.Popen([sys.executable, "-m", "pathcond_cli", "rescale", str(source), str(out), "--solver",
                              "sequential", "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=_env())
+                            text=True, env=_env(), preexec_fn=_default_sigint)
     deadline = time.monotonic() + 90
     while not list(out.parent.glob(f".{out.name}.pathcond-*/{out.name}.pathcond-owner")):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -345,6 +346,7 @@ def _start_slow_run(source: Path, out: Path) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow  # a subprocess that loads torch, then a signal: seconds each
 def test_sigint_prints_one_line_exits_130_and_leaves_nothing(slow_onnx, tmp_path):
     out = tmp_path / "out.onnx"
     proc = _start_slow_run(slow_onnx, out)
@@ -355,6 +357,7 @@ def test_sigint_prints_one_line_exits_130_and_leaves_nothing(slow_onnx, tmp_path
     assert listing(tmp_path) == []
 
 
+@pytest.mark.slow  # a subprocess that loads torch, then a signal: seconds each
 def test_sigkilled_run_leaves_a_staging_folder_that_the_next_run_removes(slow_onnx, tmp_path):
     out = tmp_path / "out.onnx"
     proc = _start_slow_run(slow_onnx, out)

@@ -143,3 +143,14 @@ def test_detect_format(tmp_path):
     assert jobs.detect_format(tmp_path / "ckpt.bin") == "torch"
     (tmp_path / "m.onnx").write_bytes(b"\x08\x07")
     assert jobs.detect_format(tmp_path / "m.onnx") == "onnx"
+
+
+def test_timed_records_a_stage_also_when_it_raises():
+    from pathcond_cli.timing import timed
+
+    timings: dict[str, float] = {}
+    with timed(timings, "ok"):
+        pass
+    with pytest.raises(KeyError), timed(timings, "failed"):
+        raise KeyError("x")
+    assert list(timings) == ["ok", "failed"] and all(t >= 0 for t in timings.values())

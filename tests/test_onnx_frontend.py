@@ -15,9 +15,10 @@ from pathcond_cli.errors import UnsupportedModelError, UsageError
 from pathcond_cli.frontends.base import LoadOptions
 from pathcond_cli.frontends.onnx_frontend import load_onnx
 from tests import nets
+from tests.conftest import ZOO_EXPORTERS, export_zoo, random_inputs, zoo_cases
 
 ROOT = Path(__file__).resolve().parent.parent
-EXPORTERS = ["torchscript", "dynamo", "dynamo_noopt"]
+EXPORTERS = ZOO_EXPORTERS
 CHAIN_OPS = {"relu", "maxpool", "avgpool", "global_avgpool", "identity", "flatten", "upsample", "resize_linear"}
 
 
@@ -26,23 +27,7 @@ CHAIN_OPS = {"relu", "maxpool", "avgpool", "global_avgpool", "identity", "flatte
 
 
 def _export(name: str, exporter: str, folder: Path) -> Path:
-    factory, shape = nets.ZOO[name]
-    model, x = factory(), torch.randn(shape)
-    path = folder / f"{name}-{exporter}.onnx"
-    try:
-        if exporter == "torchscript":
-            torch.onnx.export(model, (x,), str(path), dynamo=False, do_constant_folding=False,
-                              input_names=["input"], output_names=["output"],
-                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
-        else:
-            torch.onnx.export(model, (x,), str(path), dynamo=True, external_data=False,
-                              optimize=exporter == "dynamo", dynamic_shapes=({0: torch.export.Dim("batch")},))
-    except Exception as exc:  # pragma: no cover - depends on the installed exporter
-        pytest.skip(f"{exporter} export of {name} failed here: {type(exc).__name__}: {exc}")
-    proto = onnx.load(str(path))
-    helper.set_model_props(proto, {"origin": "pathcond-test"})
-    onnx.save(proto, str(path))
-    return path
+    return export_zoo(name, exporter, folder)
 
 
 def _ort(model, path: Path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -50,8 +35,7 @@ def _ort(model, path: Path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
 
 
 def _random_inputs(model, seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in model.input_specs()}
+    return random_inputs(model, seed)
 
 
 def _assert_ir_matches_ort(model, path: Path, seeds=(0, 1, 2)) -> None:
@@ -147,10 +131,9 @@ def _gemm_model(trans_b: int = 0, alpha: float = 0.5, beta: float = 2.0) -> onnx
 # Torch-exported models
 
 
-@pytest.mark.parametrize("exporter", EXPORTERS)
-@pytest.mark.parametrize("name", sorted(nets.ZOO))
-def test_exported_model_matches_onnxruntime(name, exporter, tmp_path):
-    path = _export(name, exporter, tmp_path)
+@pytest.mark.parametrize("name,exporter", zoo_cases())
+def test_exported_model_matches_onnxruntime(name, exporter, zoo_onnx):
+    path = zoo_onnx(name, exporter)
     model = load_onnx(path, LoadOptions())
     assert model.format == "onnx" and model.has_batchnorm is False
     if exporter in ("torchscript", "dynamo_noopt") and name in ("small_cnn", "resnet_like"):
@@ -158,10 +141,9 @@ def test_exported_model_matches_onnxruntime(name, exporter, tmp_path):
     _assert_ir_matches_ort(model, path)
 
 
-@pytest.mark.parametrize("exporter", EXPORTERS)
-@pytest.mark.parametrize("name", sorted(nets.ZOO))
-def test_exported_model_save_round_trip(name, exporter, tmp_path):
-    path = _export(name, exporter, tmp_path)
+@pytest.mark.parametrize("name,exporter", zoo_cases())
+def test_exported_model_save_round_trip(name, exporter, tmp_path, zoo_onnx):
+    path = zoo_onnx(name, exporter)
     model = load_onnx(path, LoadOptions())
     same = tmp_path / "same.onnx"
     model.save(dict(model.graph.params), same)

@@ -23,6 +23,7 @@ from pathcond_cli import jobs
 from pathcond_cli.cli import app
 from pathcond_cli.frontends.base import LoadOptions
 from tests import nets
+from tests.conftest import export_onnx
 from tests.torchvision_like import resnet18
 
 runner = CliRunner()
@@ -73,17 +74,7 @@ def _vi(name: str, shape) -> onnx.ValueInfoProto:
 
 
 def _export(module: nn.Module, x: torch.Tensor, path: Path, variant: str) -> Path:
-    kwargs = {
-        # BatchNorm kept (no folding into the convolutions): equal γ/β/statistics shared through Identity
-        "torchscript": dict(dynamo=False, do_constant_folding=False),
-        "torchscript_preserve": dict(dynamo=False, training=torch.onnx.TrainingMode.PRESERVE),
-        "torchscript_inputs": dict(dynamo=False, do_constant_folding=False, keep_initializers_as_inputs=True),
-        "dynamo_noopt": dict(dynamo=True, optimize=False, external_data=False),
-        # the optimiser folds BatchNorm into the convolutions under the convolutions' names
-        "dynamo": dict(dynamo=True, optimize=True, external_data=False),
-    }[variant]
-    torch.onnx.export(module, (x,), str(path), **kwargs)
-    return path
+    return export_onnx(module, x, path, variant)
 
 
 def _state_dict_from_onnx(module: nn.Module, path: Path) -> tuple[dict[str, torch.Tensor], set[str]]:
@@ -100,7 +91,7 @@ def _state_dict_from_onnx(module: nn.Module, path: Path) -> tuple[dict[str, torc
     (nets.resnet_like_default_init, (1, 3, 8, 8), "torchscript_inputs"),
     (nets.resnet_like_default_init, (1, 3, 8, 8), "dynamo_noopt"),
     (nets.resnet_like_default_init, (1, 3, 8, 8), "dynamo"),
-    (resnet18, (1, 3, 32, 32), "torchscript_preserve"),
+    pytest.param(resnet18, (1, 3, 32, 32), "torchscript_preserve", marks=pytest.mark.slow),
 ])
 def test_every_name_holds_the_value_of_its_role(factory, shape, variant, tmp_path):
     torch.manual_seed(0)

@@ -21,9 +21,10 @@ from pathcond_cli.frontends.torch_frontend import (
     module_translation,
     stored_layout,
 )
-from pathcond_cli.verify import random_inputs, verify
+from pathcond_cli.verify import verify
 from tests import nets
 from tests.arch_factories import TwoNamesTied
+from tests.conftest import random_inputs
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=UserWarning)
