@@ -9,7 +9,6 @@ This is the format-free engine the CLI and the Python API call:
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,6 +19,7 @@ from .groups import Groups, Role, build_groups
 from .ir import WEIGHT_LAYER_OPS, Graph
 from .solver import Blocks, ParamBox, Solution, build_blocks, solve
 from .stats import PathStats, path_statistics, role_summary
+from .timing import timed
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -30,7 +30,14 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise UsageError("--device cuda was asked for but no CUDA device is available: use --device cpu or auto")
     if device not in ("cpu",) and not device.startswith("cuda"):
         raise UsageError(f"unknown device {device!r}: use auto, cpu or cuda")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"numbered from 0")
+    return dev
 
 
 @dataclass
@@ -107,33 +114,29 @@ def analyze(
     notify = progress or (lambda stage, info: None)
     timings: dict[str, float] = {}
 
-    start = time.perf_counter()
     notify("groups", {})
-    groups = build_groups(graph)
-    timings["groups"] = time.perf_counter() - start
+    with timed(timings, "groups"):
+        groups = build_groups(graph)
 
-    start = time.perf_counter()
     notify("statistics", {})
-    stats = path_statistics(graph, groups, dev)
-    timings["statistics"] = time.perf_counter() - start
+    with timed(timings, "statistics"):
+        stats = path_statistics(graph, groups, dev)
 
-    start = time.perf_counter()
     notify("solve", {"max_sweeps": max_sweeps})
-    levels = None if groups.levels is None else torch.from_numpy(groups.levels).to(dev)
-    blocks = build_blocks(groups.roles, stats.log_g, groups.n_free, levels)
-    # the values rescaled_params will scale, in their stored dtypes (BatchNorm: γ and β)
-    box = ParamBox(groups.roles, [graph.params[role.key] for role in groups.roles])
-    solution = solve(
-        blocks, method=method, tol=tol, max_sweeps=max_sweeps, box=box,
-        progress=lambda sweep, f, gap: notify("sweep", {"sweep": sweep, "objective": f, "gap": gap}),
-    )
-    timings["solve"] = time.perf_counter() - start
+    with timed(timings, "solve"):
+        levels = None if groups.levels is None else torch.from_numpy(groups.levels).to(dev)
+        blocks = build_blocks(groups.roles, stats.log_g, groups.n_free, levels)
+        # the values rescaled_params will scale, in their stored dtypes (BatchNorm: γ and β)
+        box = ParamBox(groups.roles, [graph.params[role.key] for role in groups.roles])
+        solution = solve(
+            blocks, method=method, tol=tol, max_sweeps=max_sweeps, box=box,
+            progress=lambda sweep, f, gap: notify("sweep", {"sweep": sweep, "objective": f, "gap": gap}),
+        )
 
-    start = time.perf_counter()
     notify("layers", {})
-    analysis = Analysis(graph, groups, stats, blocks, solution, dev, timings)
-    analysis.layers = layer_rows(analysis)
-    timings["layers"] = time.perf_counter() - start
+    with timed(timings, "layers"):
+        analysis = Analysis(graph, groups, stats, blocks, solution, dev, timings)
+        analysis.layers = layer_rows(analysis)
     return analysis
 
 

@@ -154,3 +154,16 @@ def test_timed_records_a_stage_also_when_it_raises():
     with pytest.raises(KeyError), timed(timings, "failed"):
         raise KeyError("x")
     assert list(timings) == ["ok", "failed"] and all(t >= 0 for t in timings.values())
+
+
+def test_cuda_index_beyond_the_machine_is_a_usage_error(monkeypatch):
+    """`--device cuda:7` on a one-GPU machine is well-formed: the parser takes it, and the first transfer
+    would raise inside torch (an internal error). It is a usage error naming how many devices there are."""
+    from pathcond_cli.analysis import resolve_device
+    from pathcond_cli.errors import UsageError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(UsageError, match="1 CUDA device"):
+        resolve_device("cuda:7")
