@@ -160,19 +160,31 @@ def test_scalar_prelu_in_core_aten_export_is_rescaled(tmp_path):
     _check_rescaled(_init(module, 3), (1, 2, 6, 6), "pt2_core", tmp_path)
 
 
-class _ChannelMax(nn.Module):
-    def __init__(self):
+class _AMax(nn.Module):
+    """relu(conv(x)).amax(dim) -> linear: a hand-written max pool over ``dim`` (ReduceMax in ONNX)."""
+
+    def __init__(self, dim, keepdim: bool, features: int):
         super().__init__()
+        self.dim, self.keepdim = dim, keepdim
         self.conv = nn.Conv2d(2, 4, 3)
+        self.linear = nn.Linear(features, 2)
 
     def forward(self, x):
-        return torch.amax(torch.relu(self.conv(x)), dim=1)
+        return self.linear(torch.flatten(torch.amax(torch.relu(self.conv(x)), dim=self.dim, keepdim=self.keepdim), 1))
 
 
-def test_reduce_max_over_channels_is_refused_with_its_reason(tmp_path):
+@pytest.mark.parametrize("exporter", ["dynamo_noopt", "pt2"])
+@pytest.mark.parametrize("dim,keepdim,features", [((2, 3), False, 4), ((2, 3), True, 4), ((3,), False, 16),
+                                                  ((-2,), True, 20)])
+def test_max_over_spatial_axes_is_a_max_pool(dim, keepdim, features, exporter, tmp_path):
+    _check_rescaled(_init(_AMax(dim, keepdim, features), 4), (1, 2, 6, 7), exporter, tmp_path)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo_noopt", "pt2"])
+def test_max_over_channels_is_refused_with_its_reason(exporter, tmp_path):
     """A max across channels is not a per-channel pooling: exit 3, saying which axis."""
-    source = _export(_init(_ChannelMax(), 0), (1, 2, 6, 6), tmp_path / "in.onnx", "dynamo_noopt")
-    assert any(n.op_type == "ReduceMax" for n in onnx.load(str(source)).graph.node)
+    suffix = ".pt2" if exporter == "pt2" else ".onnx"
+    source = _export(_init(_AMax(1, False, 20), 0), (1, 2, 6, 7), tmp_path / f"in{suffix}", exporter)
     result = runner.invoke(app, ["inspect", str(source)])
     assert result.exit_code == 3, result.output
     assert "channel axis" in " ".join(result.output.split())

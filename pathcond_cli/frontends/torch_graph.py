@@ -97,6 +97,7 @@ AVGPOOL_OPS = _ops("avg_pool1d", "avg_pool2d")
 ADAPTIVE_AVG_OPS = _ops("adaptive_avg_pool1d", "adaptive_avg_pool2d", "_adaptive_avg_pool2d")
 ADAPTIVE_MAX_OPS = _ops("adaptive_max_pool1d", "adaptive_max_pool2d")
 MEAN_OPS = _ops("mean.dim")
+AMAX_OPS = _ops("amax")
 ADD_OPS = _ops("add.Tensor", "add_.Tensor", "add.Scalar")
 SUB_OPS = _ops("sub.Tensor", "sub.Scalar", "rsub.Scalar", "rsub.Tensor")
 MUL_OPS = _ops("mul.Tensor", "mul.Scalar", "mul_.Tensor", "mul_.Scalar")
@@ -557,6 +558,9 @@ class _Translator:
     def _op_mean(self, node, a, first, x):
         return self._mean(node, a, x)
 
+    def _op_amax(self, node, a, first, x):
+        return self._amax(node, a, x)
+
     def _op_add(self, node, a, first, x):
         return self._add(node, a, x)
 
@@ -755,6 +759,34 @@ class _Translator:
             raise _Unsupported("mean over axes other than all the spatial ones")
         return self._emit(node, "global_avgpool", [x], attrs={"keepdim": bool(a.get("keepdim"))})
 
+    def _amax(self, node, a, x):
+        """A max over spatial axes (``x.amax(dim=(2, 3))``, a hand-written global max pool) is a max pool
+        whose window spans them; over the batch or channel axis it mixes channels."""
+        x = self._tensor(x)
+        shape = self._in_shape(node)
+        if shape is None or any(s is None for s in shape[1:]):
+            raise _Unsupported("max over a tensor of unknown shape")
+        r = len(shape)
+        dims = sorted({int(d) % r for d in (a.get("dim") or range(r))})
+        if r < 3 or dims[0] < 2:
+            axis = "batch" if dims[0] == 0 else "channel"
+            raise _Unsupported(f"max over axes {dims}, the {axis} axis included: not a per-channel pooling")
+        if r - 2 not in (1, 2):
+            raise _Unsupported(f"max over a {r - 2}-D map (1-D and 2-D are supported)")
+        d = r - 2
+        attrs = {"kernel": [shape[i] if i in dims else 1 for i in range(2, r)], "stride": [1] * d,
+                 "dilation": [1] * d, "pads": [0] * (2 * d), "ceil_mode": False}
+        if a.get("keepdim"):
+            return self._emit(node, "maxpool", [x], attrs=attrs)
+        pooled = TVal(f"{node.name}:max", x.poisoned)
+        if not x.poisoned:
+            self.nodes.append(Node(name=f"{self._node_name(node, {})}:max", op="maxpool", inputs=(x.name,),
+                                   output=pooled.name, attrs=attrs, source_op=_name(node.target)))
+        kept = [int(shape[i]) for i in range(2, r) if i not in dims]
+        if not kept:
+            return self._emit(node, "flatten", [pooled])
+        return self._emit(node, "reshape", [pooled], attrs={"spatial": kept})
+
     def _per_channel(self, p_node, p: PVal, x_shape) -> bool:
         """Whether the parameter (as the graph sees it at ``p_node``) broadcasts along channels only."""
         t = self._tensor_of(p.key)
@@ -877,6 +909,7 @@ _HANDLERS = [
     (INTERPOLATE_OPS, _refuse("only nearest-neighbour upsampling by whole factors and (bi)linear resizing are "
                               "supported (bicubic, antialiased and 3-D resizing are not)")),
     (MEAN_OPS, _Translator._op_mean),
+    (AMAX_OPS, _Translator._op_amax),
     (ADD_OPS, _Translator._op_add),
     (SUB_OPS, _refuse("subtraction is not supported (only residual additions)")),
     (MUL_OPS | DIV_OPS, _Translator._op_mul),
