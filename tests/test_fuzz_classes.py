@@ -243,3 +243,18 @@ def test_chained_ceil_mode_pools_are_sized_from_the_corrected_sizes(op, tmp_path
     size would give 3."""
     model, x = _pools_then_matmul(op, (5,), [((2,), (2,), (1, 1)), ((2,), (2,), (1, 1))])
     _ir_matches_onnxruntime(model, x, tmp_path)
+
+
+def test_torchscript_export_onnxruntime_cannot_load_says_why(tmp_path):
+    """The TorchScript exporter writes AvgPool(ceil_mode) -> Flatten -> Gemm with PyTorch's sizes;
+    onnxruntime's load-time shape inference sizes the pool one window larger and refuses the file (fuzz
+    seed 187). pathcond cannot verify against it: exit 3, with the likely cause."""
+    module, shape = _conv1d_avgpool_ceil_flatten()
+    source = _export(_init(module, 0), shape, tmp_path / "in.onnx", "ts")
+    with pytest.raises(Exception, match="ShapeInferenceError"):
+        ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+    result = runner.invoke(app, ["rescale", str(source), str(tmp_path / "out.onnx")])
+    assert result.exit_code == 3, result.output
+    text = " ".join(result.output.split())
+    assert "onnxruntime cannot run" in text and "ceil_mode pool" in text
+    assert not (tmp_path / "out.onnx").exists()

@@ -1635,6 +1635,12 @@ def _unrunnable(path: Path, model: onnx.ModelProto, exc: Exception) -> Unsupport
     reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     opset = _opset(model)
     hint = f" (the model uses opset {opset}; onnxruntime runs opset 7 or later)" if opset < 7 else ""
+    if "ShapeInferenceError" in reason and any(
+            n.op_type in POOL_OPS and _attr(n, "ceil_mode", 0) for n in model.graph.node):
+        hint = (" (likely ONNX's shape inference, which onnxruntime runs when it loads a model: it gives a "
+                "ceil_mode pool one window more than onnxruntime and PyTorch compute when the last window "
+                "would start in the padding, so a Flatten -> Gemm after it no longer fits the weight; "
+                "exporting with the dynamo exporter, or without ceil_mode, avoids it)")
     return UnsupportedModelError(
         f"onnxruntime cannot run {path}{hint}, and pathcond verifies the rescaled copy against it: {reason}")
 
