@@ -258,3 +258,48 @@ def test_torchscript_export_onnxruntime_cannot_load_says_why(tmp_path):
     text = " ".join(result.output.split())
     assert "onnxruntime cannot run" in text and "ceil_mode pool" in text
     assert not (tmp_path / "out.onnx").exists()
+
+
+def _pool_1d_as_2d(via_1d: bool):
+    """conv -> relu -> max pool (ceil, pads) -> conv -> relu -> flatten -> linear on (1, C, L, 1) maps, the
+    pool either 2-D with a unit axis or 1-D between two channel-preserving reshapes (the layout of the
+    dynamo exporter's 1-D pooling, the other way round: the brute-force reference expands 2-D maps)."""
+    from pathcond_cli.ir import Graph, Node
+
+    rng = np.random.default_rng(5)
+    params = {k: torch.tensor(rng.standard_normal(s)) for k, s in {
+        "c1.w": (3, 2, 3, 1), "c1.b": (3,), "c2.w": (4, 3, 2, 1), "c2.b": (4,), "fc.w": (2, 16), "fc.b": (2,)}.items()}
+    conv = dict(stride=[1, 1], dilation=[1, 1], groups=1)
+    nodes = [Node("c1", "conv", ("x",), "a", {"weight": "c1.w", "bias": "c1.b"}, dict(conv, pads=[1, 0, 1, 0])),
+             Node("r1", "relu", ("a",), "b")]
+    if via_1d:
+        nodes += [Node("down", "reshape", ("b",), "b1", attrs={"spatial": [9]}),
+                  Node("mp", "maxpool", ("b1",), "c1", attrs=dict(kernel=[3], stride=[2], dilation=[1], pads=[1, 1],
+                                                                   ceil_mode=True)),
+                  Node("up", "reshape", ("c1",), "c", attrs={"spatial": [5, 1]})]
+    else:
+        nodes += [Node("mp", "maxpool", ("b",), "c", attrs=dict(kernel=[3, 1], stride=[2, 1], dilation=[1, 1],
+                                                                 pads=[1, 0, 1, 0], ceil_mode=True))]
+    nodes += [Node("c2", "conv", ("c",), "d", {"weight": "c2.w", "bias": "c2.b"}, dict(conv, pads=[0, 0, 0, 0])),
+              Node("r2", "relu", ("d",), "e"), Node("fl", "flatten", ("e",), "f"),
+              Node("fc", "linear", ("f",), "y", {"weight": "fc.w", "bias": "fc.b"})]
+    return Graph({"x": (1, 2, 9, 1)}, nodes, ["y"], params)
+
+
+def test_reshape_op_path_statistics_match_brute_force():
+    """The IR's channel-preserving reshape: same function, same groups and the same diag(G) as the
+    brute-force path enumeration of the equivalent network with a 1-D pool."""
+    from pathcond_cli.groups import build_groups
+    from pathcond_cli.ir import evaluate
+    from pathcond_cli.stats import path_statistics
+    from tests.reference import reference
+
+    graph, plain = _pool_1d_as_2d(True), _pool_1d_as_2d(False)
+    x = {"x": torch.randn(4, 2, 9, 1, dtype=torch.float64)}
+    torch.testing.assert_close(evaluate(graph, x)["y"], evaluate(plain, x)["y"])
+    groups = build_groups(graph)
+    stats = path_statistics(graph, groups)
+    ref = reference(plain)
+    assert [r.key for r in groups.roles] == [r.key for r in build_groups(plain).roles]
+    for role, log_g in zip(groups.roles, stats.log_g):
+        np.testing.assert_allclose(torch.exp(log_g).numpy(), ref.g_of(role.key, role.shape), rtol=1e-9)
