@@ -23,7 +23,7 @@ from .ir import LAYER_OPS, WEIGHT_LAYER_OPS, Graph, Node
 #: ops whose output channels are their input's channels (scaling commutes with them channel-wise)
 SAME_CHANNEL_OPS = frozenset(
     {"relu", "leaky_relu", "prelu", "identity", "scale", "maxpool", "avgpool", "global_avgpool", "bias", "upsample",
-     "resize_linear"}
+     "resize_linear", "reshape"}
 )
 
 #: objective roles of each op: role -> whether it is an edge (reads an input channel) or a bias

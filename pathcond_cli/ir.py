@@ -66,6 +66,9 @@ OPS: dict[str, OpSpec] = {
     "add": OpSpec(min_inputs=2, max_inputs=None),  # residual add of same-shape values
     "concat": OpSpec(min_inputs=1, max_inputs=None),  # along channels (axis 1)
     "flatten": OpSpec(),  # (1, C, *S) -> (1, C * prod(S)), channel-major
+    # (1, C, *S) -> (1, C, *spatial) with prod(spatial) = prod(S): every value stays in its channel (a unit
+    # spatial axis added or removed, 1-D pooling lowered to 2-D); attrs spatial
+    "reshape": OpSpec(),
 }
 
 #: ops whose output channels are new neurons (each output channel starts its own group)
@@ -321,6 +324,14 @@ def resize_linear(x: torch.Tensor, size: Sequence[int], coords: str, q: float = 
     return x
 
 
+def channel_reshape(x: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
+    """(N, C, *S) -> (N, C, *spatial): the values of each channel, in order, laid out on other spatial axes."""
+    spatial = tuple(int(s) for s in spatial)
+    if math.prod(spatial) != math.prod(x.shape[2:]) or len(spatial) > 2:
+        raise GraphError(f"cannot lay out {tuple(x.shape[1:])} as {(x.shape[1], *spatial)} within each channel")
+    return x.reshape(x.shape[0], x.shape[1], *spatial)
+
+
 def channel_view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Reshape a per-channel vector to broadcast over ``like`` (channels on axis 1)."""
     return t.reshape((1, -1) + (1,) * (like.dim() - 2))
@@ -375,6 +386,8 @@ def _forward_node(graph: Graph, node: Node, xs: list[torch.Tensor], p) -> torch.
         return torch.cat(xs, dim=1)
     if op == "flatten":
         return x.reshape(x.shape[0], -1)
+    if op == "reshape":
+        return channel_reshape(x, a["spatial"])
     raise GraphError(f"no forward rule for op {op!r}")  # pragma: no cover - OPS is closed
 
 

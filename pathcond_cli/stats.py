@@ -28,6 +28,7 @@ from .groups import Groups, Role
 from .ir import (
     Graph,
     Node,
+    channel_reshape,
     channel_view,
     conv_apply,
     conv_transpose_apply,
@@ -289,6 +290,9 @@ class PathForward:
     def flatten(self, node, xs):
         return Scaled(xs[0].t.reshape(1, -1), xs[0].s)
 
+    def reshape(self, node, xs):  # values keep their channel and their weight 1
+        return Scaled(channel_reshape(xs[0].t, node.attrs["spatial"]), xs[0].s)
+
 
 _RULES = {
     "linear": PathForward.linear,
@@ -310,6 +314,7 @@ _RULES = {
     "add": PathForward.add,
     "concat": PathForward.concat,
     "flatten": PathForward.flatten,
+    "reshape": PathForward.reshape,
 }
 
 
