@@ -43,8 +43,8 @@ Modules
     parts: :mod:`.onnx_read` (the file, input shapes, shape inference, folding, the name table,
     parameter transforms), :mod:`.onnx_translate` (ONNX nodes -> IR: the converters and
     :data:`CONVERTERS`), :mod:`.onnx_upgrade` (models before opset 11) and :mod:`.onnx_write` (the
-    name plan, writing tensors, the external data layout). Each part imports only the ones before it
-    in read <- translate <- upgrade, read <- write <- upgrade.
+    name plan, writing tensors, the external data layout). The imports go one way: translate and write
+    import read, upgrade imports read, translate and write, and no part imports this module.
 """
 
 from __future__ import annotations

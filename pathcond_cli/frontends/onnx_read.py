@@ -20,7 +20,6 @@ from ..errors import UnsupportedModelError, UsageError
 from ..ir import Node, pool_geometry, swap_group_axes
 from .base import LoadOptions, name_lone_shape
 
-
 MIN_OPSET = 11
 SHAPE_READERS = frozenset({"Shape", "Size"})
 #: ops whose output holds the elements of their first input, reshaped or transposed: a static value

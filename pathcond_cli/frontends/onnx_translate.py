@@ -19,7 +19,6 @@ from ..ir import Graph, GraphError, Node
 from .onnx_read import (MIN_OPSET, _attr, _Folder, _fold_graph, _Names, _names, _opset, _ParamRef, _Refuse,
                         _text_attr, _Transform)
 
-
 HEAD_OPS = frozenset({"Softmax", "LogSoftmax", "Sigmoid"})
 #: ops known not to be positively homogeneous (f(a x) != a f(x) for some a > 0)
 NOT_HOMOGENEOUS = frozenset(
