@@ -693,6 +693,26 @@ def _path_resize_linear(ctx: PathContext, node: Node, xs: list[Scaled]) -> Scale
     return normalize(Scaled(resize_linear(xs[0].t, node.attrs["size"], node.attrs["coords"], ctx.q), xs[0].s))
 
 
+# -- pad (constant zeros on spatial axes) -----------------------------------------------------------
+
+
+def _shape_pad(node: Node, shapes: list[Shape], param_shape) -> Shape:
+    x, pads = shapes[0], [int(v) for v in node.attrs["pads"]]
+    d = len(x) - 2
+    if d < 1 or len(pads) != 2 * d or any(v < 0 for v in pads):
+        raise _unfit(node, f"pads {pads} (begin..., end..., non-negative) on a rank-{len(x)} value")
+    return (*x[:2], *(n + pads[i] + pads[d + i] for i, n in enumerate(x[2:])))
+
+
+def _forward_pad(node: Node, xs: list[torch.Tensor], p) -> torch.Tensor:
+    return _pad(xs[0], node.attrs["pads"])
+
+
+def _path_pad(ctx: PathContext, node: Node, xs: list[Scaled]) -> Scaled:
+    # the padded positions are constant zeros: no edge reaches them, no path starts there
+    return Scaled(_pad(xs[0].t, node.attrs["pads"]), xs[0].s)
+
+
 # -- structure ------------------------------------------------------------------------------------
 
 
@@ -789,6 +809,8 @@ OPS: dict[str, OpSpec] = {
     "upsample": OpSpec(Channels.SAME, _shape_upsample, _forward_upsample, _path_upsample),
     # (bi)linear resizing: attrs size (output spatial sizes), coords (LINEAR_RESIZE_COORDS)
     "resize_linear": OpSpec(Channels.SAME, _shape_resize_linear, _forward_resize_linear, _path_resize_linear),
+    # zero padding of the spatial axes: attrs pads (begin..., end...), all >= 0
+    "pad": OpSpec(Channels.SAME, _shape_pad, _forward_pad, _path_pad),
     # structure
     "add": OpSpec(Channels.UNION, _shape_add, _forward_add, _path_add, min_inputs=2, max_inputs=None),  # residual add
     "concat": OpSpec(Channels.CONCAT, _shape_concat, _forward_concat, _path_concat, max_inputs=None),  # along axis 1

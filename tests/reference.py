@@ -188,6 +188,17 @@ def _resize_linear(net, node, x):
     return y
 
 
+def _pad_zeros(net, node, x):
+    """Constant-0 padding: every input neuron copied (weight 1) into the interior of a larger map; the
+    border neurons have no incoming edge (a zero starts no path)."""
+    pads = [int(v) for v in node.attrs["pads"]]
+    d = x.ndim - 2
+    y = net.new((*x.shape[:2], *(n + pads[i] + pads[d + i] for i, n in enumerate(x.shape[2:]))))
+    for idx in np.ndindex(*x.shape):
+        net.edge(x[idx], y[(*idx[:2], *(i + pads[k] for k, i in enumerate(idx[2:])))], 1.0)
+    return y
+
+
 def _add(net, xs):
     y = net.new(xs[0].shape)
     for x in xs:
@@ -248,6 +259,8 @@ def expand(graph) -> NeuronNet:
             vals[node.output] = y
         elif op == "resize_linear":
             vals[node.output] = _resize_linear(net, node, x)
+        elif op == "pad":
+            vals[node.output] = _pad_zeros(net, node, x)
         elif op == "add":
             vals[node.output] = _add(net, xs)
         elif op == "concat":

@@ -810,6 +810,18 @@ def _refuse(why: str):
     return handler
 
 
+def _op_pad(self, node, a, first, x):
+    """F.pad with zeros on spatial axes (aten.pad / constant_pad_nd: pads last axis first)."""
+    shape, given = _meta_shape(first), [int(v) for v in (a.get("pad") or [])]
+    if a.get("mode", "constant") != "constant" or float(a.get("value") or 0.0) != 0.0:
+        raise _Unsupported(f"padding in mode {a.get('mode', 'constant')!r} with value {a.get('value')}: only zeros")
+    d = 0 if shape is None else len(shape) - 2
+    if d < 1 or len(given) % 2 or len(given) > 2 * d or any(v < 0 for v in given):
+        raise _Unsupported(f"padding {given} of a {shape} value: only non-negative padding of spatial axes")
+    pairs = [(0, 0)] * (d - len(given) // 2) + [(given[2 * k], given[2 * k + 1]) for k in reversed(range(len(given) // 2))]
+    return self._emit(node, "pad", [self._tensor(x)], attrs={"pads": [b for b, _ in pairs] + [e for _, e in pairs]})
+
+
 #: aten op families and their handlers, in priority order (the first family that lists an op wins:
 #: sigmoid is a head before it is a non-homogeneous activation)
 _HANDLERS = [
@@ -845,6 +857,7 @@ _HANDLERS = [
     (NON_HOMOGENEOUS, _refuse("activation is not positively homogeneous (only ReLU, LeakyReLU, PReLU are)")),
     (NORM_OPS, _refuse("LayerNorm/GroupNorm/InstanceNorm/RMSNorm normalise with statistics of the input itself: "
                        "not positively homogeneous per unit (only BatchNorm in eval mode is supported)")),
+    (_ops("constant_pad_nd", "pad"), _op_pad),
 ]
 _DISPATCH: dict = {}
 for _ops_family, _handler in _HANDLERS:
