@@ -384,3 +384,10 @@ def test_onnx_translation_and_statistics_import_no_dynamo():
     proc = subprocess.run([sys.executable, "-c", code, str(source)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "DYNAMO False" in proc.stdout
+
+
+def test_both_front_ends_refuse_with_the_one_refusal_type():
+    from pathcond_cli.errors import Refusal
+    from pathcond_cli.frontends import onnx_frontend, torch_graph
+
+    assert onnx_frontend._Refuse is Refusal and torch_graph._Unsupported is Refusal

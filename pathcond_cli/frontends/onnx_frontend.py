@@ -51,7 +51,7 @@ import onnx
 import torch
 from onnx import TensorProto, numpy_helper
 
-from ..errors import Offender, UnsupportedModelError, UsageError
+from ..errors import Offender, Refusal, UnsupportedModelError, UsageError
 from ..ir import Graph, GraphError, Node, swap_group_axes
 from .base import InputSpec, LoadOptions, name_lone_shape
 
@@ -77,8 +77,7 @@ PREPROCESSING_OPS = frozenset({"Transpose", "Cast", "CastLike", "Reshape", "Unsq
                                "Identity", "Sub", "Div", "Mul", "Add", "Slice", "Pad", "Resize", "Upsample"})
 
 
-class _Refuse(Exception):
-    """Raised by a converter: this node cannot be translated (the message says why)."""
+_Refuse = Refusal  # raised by a converter: this node cannot be translated (the message says why)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..errors import Offender, UnsupportedModelError
+from ..errors import Offender, Refusal, UnsupportedModelError
 from ..ir import Graph, GraphError, Node, swap_group_axes
 
 aten = torch.ops.aten
@@ -865,8 +865,7 @@ for _ops_family, _handler in _HANDLERS:
         _DISPATCH.setdefault(_op, _handler)
 
 
-class _Unsupported(Exception):
-    pass
+_Unsupported = Refusal  # raised by a handler: this node is not supported (the message says why)
 
 
 @dataclass(frozen=True)
