@@ -798,9 +798,10 @@ OPS: dict[str, OpSpec] = {
     "prelu": OpSpec(Channels.SAME, _per_channel_shape("slope", scalar_ok=True), _forward_prelu, _path_identity,
                     ("slope",)),
     "identity": OpSpec(forward=_forward_identity, **_ELEMENTWISE),  # dropout, no-op reshapes, ...
-    "scale": OpSpec(Channels.SAME, _same_shape, _forward_scale, _path_scale),  # times a fixed scalar: attrs value
-    # pooling
-    "maxpool": OpSpec(Channels.SAME, _shape_pool, _forward_maxpool, _path_maxpool),  # attrs kernel, stride, pads, dilation, ceil_mode
+    # multiplication by a fixed scalar: attrs value
+    "scale": OpSpec(Channels.SAME, _same_shape, _forward_scale, _path_scale),
+    # pooling; attrs kernel, stride, pads, dilation, ceil_mode
+    "maxpool": OpSpec(Channels.SAME, _shape_pool, _forward_maxpool, _path_maxpool),
     # attrs kernel, stride, pads, ceil_mode, count_include_pad
     "avgpool": OpSpec(Channels.SAME, _shape_pool, _forward_avgpool, _path_avgpool),
     # mean over all spatial axes; attrs keepdim
@@ -870,5 +871,6 @@ def infer_shapes(graph: Graph) -> dict[str, Shape]:
             key = node.params.get(role)
             return None if key is None else tuple(graph.params[key].shape)
 
-        shapes[node.output] = tuple(int(n) for n in OPS[node.op].shape(node, [shapes[v] for v in node.inputs], param_shape))
+        shape = OPS[node.op].shape(node, [shapes[v] for v in node.inputs], param_shape)
+        shapes[node.output] = tuple(int(n) for n in shape)
     return shapes

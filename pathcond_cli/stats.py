@@ -13,6 +13,10 @@ by its (detached) maximum and adds the log to ``s``, and sums bring their terms 
 neither deep nets nor tiny initialisations overflow or underflow. The reverse pass for g runs node by
 node and keeps a log-scale on every adjoint too, so ln g is exact even where g itself is far outside
 float64's range.
+
+Each op's image in the path forward is the ``path`` rule of its row in ``ir.OPS`` (written in the
+log-scaled algebra of ``ir.Scaled``); :class:`PathForward` supplies |θ|^q for its parameters, keeps them
+as leaves and runs the reverse pass, and knows no op by name.
 """
 
 from __future__ import annotations
@@ -205,4 +209,5 @@ def role_summary(log_g: torch.Tensor) -> tuple[float | None, float | None, float
     return float(flat.min()) / LOG10, median / LOG10, float(flat.max()) / LOG10
 
 
-__all__ = ["PathForward", "Scaled", "bn_affine", "PathStats", "Role", "diag_g", "path_log_sum", "path_statistics", "role_summary"]
+__all__ = ["PathForward", "PathStats", "Role", "Scaled", "bn_affine", "diag_g", "path_log_sum", "path_statistics",
+           "role_summary"]
