@@ -693,24 +693,40 @@ def _path_resize_linear(ctx: PathContext, node: Node, xs: list[Scaled]) -> Scale
     return normalize(Scaled(resize_linear(xs[0].t, node.attrs["size"], node.attrs["coords"], ctx.q), xs[0].s))
 
 
-# -- pad (constant zeros on spatial axes) -----------------------------------------------------------
+# -- pad (spatial axes: zeros, or copies of values of the same channel) ----------------------------
+
+#: padding modes, by their ONNX names, and torch's name of each: zeros start no path, and every other
+#: mode copies a value of the same channel (weight 1), so all are positively homogeneous channel-wise
+PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}
 
 
 def _shape_pad(node: Node, shapes: list[Shape], param_shape) -> Shape:
-    x, pads = shapes[0], [int(v) for v in node.attrs["pads"]]
+    x, pads, mode = shapes[0], [int(v) for v in node.attrs["pads"]], node.attrs.get("mode", "constant")
     d = len(x) - 2
-    if d < 1 or len(pads) != 2 * d or any(v < 0 for v in pads):
-        raise _unfit(node, f"pads {pads} (begin..., end..., non-negative) on a rank-{len(x)} value")
+    if d not in (1, 2) or len(pads) != 2 * d or any(v < 0 for v in pads) or mode not in PAD_MODES:
+        raise _unfit(node, f"{mode!r} pads {pads} (begin..., end..., non-negative) on a rank-{len(x)} value")
+    # reflect mirrors without repeating the edge, wrap copies at most one period
+    limit = {"reflect": -1, "wrap": 0}.get(mode)
+    if limit is not None and any(max(pads[i], pads[d + i]) > n + limit for i, n in enumerate(x[2:])):
+        raise _unfit(node, f"{mode!r} pads {pads} are too large for spatial size {tuple(x[2:])}")
     return (*x[:2], *(n + pads[i] + pads[d + i] for i, n in enumerate(x[2:])))
 
 
+def _padded(node: Node, x: torch.Tensor) -> torch.Tensor:
+    pads, mode = node.attrs["pads"], PAD_MODES[node.attrs.get("mode", "constant")]
+    if mode == "constant" or not any(pads):
+        return _pad(x, pads)
+    d = len(pads) // 2
+    return F.pad(x, [p for i in reversed(range(d)) for p in (pads[i], pads[d + i])], mode=mode)
+
+
 def _forward_pad(node: Node, xs: list[torch.Tensor], p) -> torch.Tensor:
-    return _pad(xs[0], node.attrs["pads"])
+    return _padded(node, xs[0])
 
 
 def _path_pad(ctx: PathContext, node: Node, xs: list[Scaled]) -> Scaled:
-    # the padded positions are constant zeros: no edge reaches them, no path starts there
-    return Scaled(_pad(xs[0].t, node.attrs["pads"]), xs[0].s)
+    # zeros: no edge reaches them, no path starts there; copies: one edge of weight 1 (1^q) each
+    return Scaled(_padded(node, xs[0].t), xs[0].s)
 
 
 # -- structure ------------------------------------------------------------------------------------
@@ -810,7 +826,7 @@ OPS: dict[str, OpSpec] = {
     "upsample": OpSpec(Channels.SAME, _shape_upsample, _forward_upsample, _path_upsample),
     # (bi)linear resizing: attrs size (output spatial sizes), coords (LINEAR_RESIZE_COORDS)
     "resize_linear": OpSpec(Channels.SAME, _shape_resize_linear, _forward_resize_linear, _path_resize_linear),
-    # zero padding of the spatial axes: attrs pads (begin..., end...), all >= 0
+    # padding of the spatial axes: attrs pads (begin..., end...), all >= 0, mode (PAD_MODES, default zeros)
     "pad": OpSpec(Channels.SAME, _shape_pad, _forward_pad, _path_pad),
     # structure
     "add": OpSpec(Channels.UNION, _shape_add, _forward_add, _path_add, min_inputs=2, max_inputs=None),  # residual add

@@ -157,10 +157,8 @@ def _uses(graph: Graph, op: str) -> bool:
     return any(node.op == op for node in graph.nodes)
 
 
-@pytest.mark.parametrize("op", sorted(SAMPLES))
-def test_op_matches_the_oracle(op):
-    graph = SAMPLES[op](Net(sorted(OPS).index(op) if op in OPS else 99, (1, 1)))
-    assert _uses(graph, op)
+def _assert_matches_oracle(graph: Graph) -> None:
+    """diag(G) per parameter element and the path count of the engine equal the enumeration's."""
     ref = reference(graph)  # raises NotImplementedError for an op the oracle does not know
     groups = build_groups(graph)
     stats = path_statistics(graph, groups)
@@ -173,6 +171,39 @@ def test_op_matches_the_oracle(op):
         checked += want.size
     assert checked == groups.n_params > 0
     assert stats.log10_paths == pytest.approx(math.log10(ref.n_paths), rel=1e-12)
+
+
+@pytest.mark.parametrize("op", sorted(SAMPLES))
+def test_op_matches_the_oracle(op):
+    graph = SAMPLES[op](Net(sorted(OPS).index(op), (1, 1)))
+    assert _uses(graph, op)
+    _assert_matches_oracle(graph)
+
+
+def _padded_graph(mode: str, relu: bool = True, pads=(2, 0, 1, 3)) -> Graph:
+    n = Net(11, (1, 2, 4, 5))
+    act = (lambda v: n.op("relu", v)) if relu else (lambda v: v)
+    y = act(n.conv("x", 3, 2))
+    y = n.op("pad", y, pads=list(pads), mode=mode)  # (3, 4) -> (6, 7)
+    y = act(n.conv(y, 2, 2, stride=2))
+    return _head(n, y)
+
+
+@pytest.mark.parametrize("mode", ["constant", "reflect", "edge", "wrap"])
+def test_pad_modes_match_the_oracle(mode):
+    """Every padding mode against the enumeration, and the IR's forward (F.pad) against the oracle's
+    neuron-level network (np.pad of the neuron ids) on a net without ReLUs."""
+    _assert_matches_oracle(_padded_graph(mode))
+    linear = _padded_graph(mode, relu=False)
+    x = {"x": torch.randn(1, 2, 4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))}
+    want = evaluate(linear, x)[linear.outputs[0]].reshape(-1).numpy()
+    np.testing.assert_allclose(reference(linear).linear_forward({"x": x["x"].numpy()}), want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("mode, pads", [("reflect", (3, 0, 0, 0)), ("wrap", (0, 5, 0, 0)), ("constant", (0, -1, 0, 0))])
+def test_pad_too_large_for_its_mode_is_a_graph_error(mode, pads):
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        _padded_graph(mode, pads=pads)
 
 
 @pytest.mark.parametrize("op", sorted(SAMPLES))
@@ -253,17 +284,18 @@ class _Padded(torch.nn.Module):
     """conv -> relu -> F.pad (asymmetric) -> conv -> relu -> F.pad -> max-pool -> linear: zeros join the
     maps between hidden layers, as in users' models that pad explicitly."""
 
-    def __init__(self):
+    def __init__(self, mode: str = "constant"):
         super().__init__()
         torch.manual_seed(0)
+        self.mode = mode
         self.c1, self.c2 = torch.nn.Conv2d(2, 4, 3), torch.nn.Conv2d(4, 3, 3)
         self.fc = torch.nn.Linear(3 * 3 * 4, 2)
         with torch.no_grad():  # uneven units, so that the rescaling has something to do
             self.c1.weight.mul_(torch.linspace(0.1, 5.0, 4).reshape(4, 1, 1, 1))
 
     def forward(self, x):
-        x = torch.nn.functional.pad(torch.relu(self.c1(x)), (1, 2, 0, 1))
-        x = torch.nn.functional.pad(torch.relu(self.c2(x)), (1, 1, 1, 1))
+        x = torch.nn.functional.pad(torch.relu(self.c1(x)), (1, 2, 0, 1), mode=self.mode)
+        x = torch.nn.functional.pad(torch.relu(self.c2(x)), (1, 1, 1, 1), mode=self.mode)
         return self.fc(torch.nn.functional.max_pool2d(x, 2).flatten(1))
 
 
@@ -291,18 +323,21 @@ def _export_onnx(module, exporter: str, path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
-def test_onnx_pad_is_rescaled_and_verified(exporter, tmp_path):
+@pytest.mark.parametrize("mode, exporter", [(m, e) for m in ("constant", "reflect", "replicate")
+                                            for e in ("torchscript", "dynamo")] + [("circular", "dynamo")])
+def test_onnx_pad_is_rescaled_and_verified(mode, exporter, tmp_path):
+    """F.pad in every mode, exported to ONNX Pad (the TorchScript exporter writes circular padding as
+    Slice + Concat, which stay offenders), translated, rescaled and verified by onnxruntime."""
     import onnxruntime as ort
 
     from pathcond_cli.frontends.base import LoadOptions
     from pathcond_cli.frontends.onnx_frontend import load_onnx
 
-    module = _Padded().eval()
+    module = _Padded(mode).eval()
     source = _export_onnx(module, exporter, tmp_path / "padded.onnx")
     graph = load_onnx(source, LoadOptions()).graph
-    # the dynamo exporter's optimiser folds the pad before a convolution into the convolution's pads
-    assert sum(node.op == "pad" for node in graph.nodes) == (2 if exporter == "torchscript" else 1)
+    # the dynamo exporter's optimiser folds a zero pad before a convolution into the convolution's pads
+    assert sum(node.op == "pad" for node in graph.nodes) == (1 if (mode, exporter) == ("constant", "dynamo") else 2)
     x = torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():  # the IR (its pad rule included) computes what the module does
         torch.testing.assert_close(evaluate(graph, {graph_input: x for graph_input in graph.inputs})[graph.outputs[0]],
@@ -325,8 +360,9 @@ def onnx_initializers(path: Path) -> np.ndarray:
                            if t.data_type == 1])
 
 
-def test_exported_program_pad_is_rescaled_and_verified(tmp_path):
-    module = _Padded().eval()
+@pytest.mark.parametrize("mode", ["constant", "reflect", "replicate", "circular"])
+def test_exported_program_pad_is_rescaled_and_verified(mode, tmp_path):
+    module = _Padded(mode).eval()
     source = tmp_path / "padded.pt2"
     torch.export.save(torch.export.export(module, (torch.randn(1, 2, 8, 8),)), str(source))
     code, report, output = _cli("rescale", source, tmp_path / "out.pt2", "--device", "cpu")
@@ -349,11 +385,11 @@ class _BadPad(torch.nn.Module):
 
 
 @pytest.mark.parametrize("pad, kwargs", [((1, 1), {"value": 1.0}), ((0, 0, 0, 0, 1, 0), {}),
-                                         ((1, 1, 1, 1), {"mode": "reflect"})])
+                                         ((0, 0, 0, 0, 0, 1), {"mode": "replicate"})])
 @pytest.mark.parametrize("container", ["torchscript", "pt2"])
 def test_padding_that_is_not_homogeneous_or_moves_channels_is_refused(pad, kwargs, container, tmp_path):
-    """A non-zero constant is not positively homogeneous, channel padding adds units from nothing, other
-    modes are not supported yet: each is an offender (exit 3), never a wrong rescaling or exit 4."""
+    """A non-zero constant is not positively homogeneous, channel padding adds units from nothing (or
+    copies of them): each is an offender (exit 3), never a wrong rescaling or exit 4."""
     module = _BadPad(pad, **kwargs).eval()
     if container == "pt2":
         source = tmp_path / "bad.pt2"

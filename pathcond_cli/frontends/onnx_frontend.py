@@ -1032,12 +1032,12 @@ def _clip(ctx: _Context) -> None:
 
 
 def _pad(ctx: _Context) -> None:
-    """Zero padding of spatial axes (opset 11+: pads, constant_value and, from opset 18, axes as inputs)."""
-    node, rank = ctx.node, len(ctx.shape(0))
-    if _text_attr(node, "mode", "constant") != "constant":
-        raise _Refuse(f"Pad mode {_text_attr(node, 'mode', 'constant')!r}: only constant zero padding is supported")
+    """Padding of spatial axes with zeros or copies (opset 11+: pads, constant_value, axes as inputs)."""
+    node, rank, mode = ctx.node, len(ctx.shape(0)), _text_attr(ctx.node, "mode", "constant")
+    if mode not in ("constant", "reflect", "edge", "wrap"):
+        raise _Refuse(f"Pad mode {mode!r} is not supported")
     given = ctx.static(1, "pads").reshape(-1).astype(np.int64).tolist()
-    value = ctx.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    value = ctx.const(node.input[2]) if mode == "constant" and len(node.input) > 2 and node.input[2] else None
     if value is not None and value.size and float(value.reshape(-1)[0]) != 0.0:
         raise _Refuse(f"it pads with the constant {float(value.reshape(-1)[0])}, not 0 (not positively homogeneous)")
     axes = list(range(rank))
@@ -1048,7 +1048,7 @@ def _pad(ctx: _Context) -> None:
         pads[axis], pads[rank + axis] = given[i], given[len(axes) + i]
     if any(pads[a] or pads[rank + a] for a in (0, 1)) or any(p < 0 for p in pads):
         raise _Refuse(f"pads {pads}: only non-negative padding of spatial axes is supported")
-    ctx.emit("pad", [ctx.x(0)], attrs={"pads": pads[2:rank] + pads[rank + 2:]})
+    ctx.emit("pad", [ctx.x(0)], attrs={"pads": pads[2:rank] + pads[rank + 2:], "mode": mode})
 
 
 CONVERTERS: dict[str, Callable[[_Context], None]] = {
