@@ -333,6 +333,14 @@ def resize_linear(x: torch.Tensor, size: Sequence[int], coords: str, q: float = 
     return x
 
 
+def channel_reshape(x: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
+    """(N, C, *S) -> (N, C, *spatial): the values of each channel, in order, laid out on other spatial axes."""
+    spatial = tuple(int(s) for s in spatial)
+    if math.prod(spatial) != math.prod(x.shape[2:]) or len(spatial) > 2:
+        raise GraphError(f"cannot lay out {tuple(x.shape[1:])} as {(x.shape[1], *spatial)} within each channel")
+    return x.reshape(x.shape[0], x.shape[1], *spatial)
+
+
 def channel_view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Reshape a per-channel vector to broadcast over ``like`` (channels on axis 1)."""
     return t.reshape((1, -1) + (1,) * (like.dim() - 2))
@@ -766,6 +774,21 @@ def _path_concat(ctx: PathContext, node: Node, xs: list[Scaled]) -> Scaled:
     return normalize(Scaled(torch.cat([x.t * scale_factor(x.s, top) for x in xs], dim=1), top))
 
 
+def _shape_reshape(node: Node, shapes: list[Shape], param_shape) -> Shape:
+    x, spatial = shapes[0], tuple(int(n) for n in node.attrs["spatial"])
+    if math.prod(spatial) != math.prod(x[2:]) or len(spatial) > 2:
+        raise _unfit(node, f"cannot lay out {tuple(x[1:])} as {(x[1], *spatial)} within each channel")
+    return (*x[:2], *spatial)
+
+
+def _forward_reshape(node: Node, xs: list[torch.Tensor], p) -> torch.Tensor:
+    return channel_reshape(xs[0], node.attrs["spatial"])
+
+
+def _path_reshape(ctx: PathContext, node: Node, xs: list[Scaled]) -> Scaled:  # values keep channel and weight 1
+    return Scaled(channel_reshape(xs[0].t, node.attrs["spatial"]), xs[0].s)
+
+
 def _shape_flatten(node: Node, shapes: list[Shape], param_shape) -> Shape:
     return (shapes[0][0], math.prod(shapes[0][1:]))
 
@@ -832,6 +855,9 @@ OPS: dict[str, OpSpec] = {
     "add": OpSpec(Channels.UNION, _shape_add, _forward_add, _path_add, min_inputs=2, max_inputs=None),  # residual add
     "concat": OpSpec(Channels.CONCAT, _shape_concat, _forward_concat, _path_concat, max_inputs=None),  # along axis 1
     "flatten": OpSpec(Channels.FLATTEN, _shape_flatten, _forward_flatten, _path_flatten),  # channel-major
+    # (1, C, *S) -> (1, C, *spatial) with prod(spatial) = prod(S): every value stays in its channel (a unit
+    # spatial axis added or removed, 1-D pooling lowered to 2-D); attrs spatial
+    "reshape": OpSpec(Channels.SAME, _shape_reshape, _forward_reshape, _path_reshape),
 }
 
 #: ops whose output channels are new neurons (each output channel starts its own group)

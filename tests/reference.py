@@ -274,6 +274,8 @@ def expand(graph) -> NeuronNet:
             vals[node.output] = np.concatenate(xs, axis=1)
         elif op == "flatten":
             vals[node.output] = x.reshape(1, -1)
+        elif op == "reshape":  # the same neurons, laid out on other spatial axes within each channel
+            vals[node.output] = x.reshape(x.shape[0], x.shape[1], *node.attrs["spatial"])
         else:
             raise NotImplementedError(f"reference: op {op!r}")
     net.outputs = [int(n) for v in graph.outputs for n in vals[v].reshape(-1)]

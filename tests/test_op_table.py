@@ -146,6 +146,8 @@ SAMPLES = {
     "add": _on_map(_add),
     "concat": _on_map(_concat),
     "flatten": _on_map(lambda n, y: n.op("flatten", y)),
+    # (1, 3, 5, 4) -> (1, 3, 4, 5) within each channel, then a conv sees the new layout
+    "reshape": _on_map(lambda n, y: n.op("relu", n.conv(n.op("reshape", y, spatial=[4, 5]), 2, 2))),
 }
 
 

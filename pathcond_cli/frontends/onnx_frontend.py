@@ -52,7 +52,7 @@ import torch
 from onnx import TensorProto, numpy_helper
 
 from ..errors import Offender, Refusal, UnsupportedModelError, UsageError
-from ..ir import Graph, GraphError, Node, swap_group_axes
+from ..ir import Graph, GraphError, Node, pool_geometry, swap_group_axes
 from .base import InputSpec, LoadOptions, name_lone_shape
 
 MIN_OPSET = 11
@@ -410,11 +410,61 @@ def _infer(probe: onnx.ModelProto) -> dict:
     return info
 
 
+POOL_OPS = frozenset({"MaxPool", "AveragePool"})
+
+
+def _floor_next_ceil_pools(probe: onnx.ModelProto, info: Mapping) -> bool:
+    """Rewrite the probe's ceil-mode pools, in graph order, as floor-mode pools of the same output size
+    (the ceil-mode overhang added to the end pads, ir.pool_geometry's rule); stop after the first whose
+    size ONNX's inference got wrong, since what follows it was inferred from that wrong size. Returns
+    whether a pool was rewritten.
+
+    ONNX's shape inference gives ceil mode one window too many when the last window would start in the
+    end padding; onnxruntime and PyTorch drop that window (a (1, 11, 7) AvgPool k=2 s=2 p=1 ceil is
+    (1, 11, 4), not (1, 11, 5)), so every shape after such a pool would be wrong."""
+    changed = False
+    for node in probe.graph.node:
+        if node.op_type not in POOL_OPS or not _attr(node, "ceil_mode", 0):
+            continue
+        if _text_attr(node, "auto_pad", "NOTSET") not in ("NOTSET", ""):
+            continue  # ceil_mode does not apply to automatic padding
+        before = info.get(node.input[0], (None, 0))[0]
+        if before is None:
+            return changed
+        kernel = list(_attr(node, "kernel_shape"))
+        d = len(kernel)
+        if len(before) != d + 2:
+            return changed
+        ir_node = Node(node.name, "maxpool", ("x",), "y", attrs={
+            "kernel": kernel, "stride": list(_attr(node, "strides", [1] * d)),
+            "dilation": list(_attr(node, "dilations", [1] * d)),
+            "pads": list(_attr(node, "pads", [0] * (2 * d))), "ceil_mode": True})
+        kernel, stride, dilation, pads = pool_geometry(ir_node, before[2:])
+        out = tuple(before[:2]) + tuple((n + pads[i] + pads[d + i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
+                                        for i, n in enumerate(before[2:]))
+        keep = [a for a in node.attribute if a.name not in ("ceil_mode", "pads")]
+        del node.attribute[:]
+        node.attribute.extend(keep + [onnx.helper.make_attribute("pads", pads)])
+        changed = True
+        if info.get(node.output[0], (None, 0))[0] != out:
+            return changed
+    return changed
+
+
+def _infer_probe(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]], folder: "_Folder") -> dict:
+    """Shape inference on the probe, with ceil-mode pooling sizes as onnxruntime computes them."""
+    probe = _probe(model, shapes, folder)
+    info = _infer(probe)
+    while _floor_next_ceil_pools(probe, info):
+        info = _infer(probe)
+    return info
+
+
 def _fold_graph(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]], opset: int):
     """Alternate folding and shape inference until no more value becomes static."""
     folder = _Folder(model, {}, opset)
     for _ in range(8):
-        info = _infer(_probe(model, shapes, folder))
+        info = _infer_probe(model, shapes, folder)
         before = len(folder.static_nodes)
         folder = _Folder(model, info, opset)
         if len(folder.static_nodes) == before:
@@ -609,10 +659,17 @@ class _Context:
         self.params[key] = torch.from_numpy(np.ascontiguousarray(value)).to(_torch_dtype(stored.dtype))
         return key
 
-    def emit(self, op: str, inputs: Sequence[str], params=None, attrs=None) -> None:
+    def emit(self, op: str, inputs: Sequence[str], params=None, attrs=None, step: str = "") -> str:
+        """Append an IR node for the ONNX node being converted; returns the IR value it computes.
+
+        A converter that needs two IR nodes names the first one's ``step``: its value is private to the
+        IR (``OUTPUT:step``) and its node is called ``NAME:step``."""
         node = self.node
-        self.nodes.append(Node(self.node_names[self.index], op, tuple(inputs), node.output[0],
-                               dict(params or {}), dict(attrs or {}), node.op_type))
+        name, output = self.node_names[self.index], node.output[0]
+        if step:
+            name, output = f"{name}:{step}", f"{output}:{step}"
+        self.nodes.append(Node(name, op, tuple(inputs), output, dict(params or {}), dict(attrs or {}), node.op_type))
+        return output
 
 
 def _torch_dtype(dtype: np.dtype) -> torch.dtype:
@@ -818,6 +875,28 @@ def _reduce_axes(ctx: _Context, rank: int) -> list[int]:
     return sorted(a % rank for a in axes)
 
 
+def _reduce_max(ctx: _Context) -> None:
+    """ReduceMax over spatial axes is a max pool whose window spans them (AdaptiveMaxPool to 1, as the
+    dynamo exporter writes it); over the batch or channel axis it mixes channels and is refused."""
+    shape = ctx.shape(0)
+    rank = len(shape)
+    axes = _reduce_axes(ctx, rank)
+    if rank < 3 or axes[0] < 2:
+        axis = "batch" if axes[0] == 0 else "channel"
+        raise _Refuse(f"it takes the max over axes {axes}, the {axis} axis included: not a per-channel pooling")
+    d = rank - 2
+    if d not in (1, 2):
+        raise _Refuse(f"a max over a {d}-D map is not supported (1-D and 2-D are)")
+    kernel = [shape[i] if i in axes else 1 for i in range(2, rank)]
+    attrs = {"kernel": kernel, "stride": [1] * d, "dilation": [1] * d, "pads": [0] * (2 * d), "ceil_mode": False}
+    if _attr(ctx.node, "keepdims", 1):
+        ctx.emit("maxpool", [ctx.x(0)], attrs=attrs)
+        return
+    pooled = ctx.emit("maxpool", [ctx.x(0)], attrs=attrs, step="max")
+    after = tuple(n for i, n in enumerate(shape) if i not in axes)
+    _emit_reshape(ctx, tuple(1 if i in axes else n for i, n in enumerate(shape)), after, pooled)
+
+
 def _reduce_mean(ctx: _Context) -> None:
     rank = len(ctx.shape(0))
     axes = _reduce_axes(ctx, rank)
@@ -826,12 +905,21 @@ def _reduce_mean(ctx: _Context) -> None:
     ctx.emit("global_avgpool", [ctx.x(0)], attrs={"keepdim": bool(_attr(ctx.node, "keepdims", 1))})
 
 
-def _reshape_kind(before: tuple[int, ...], after: tuple[int, ...]) -> str:
-    if tuple(after[1:]) == tuple(before[1:]):
-        return "identity"
-    if len(after) == 2 and len(before) > 2 and after[1] == math.prod(before[1:]):
-        return "flatten"
-    raise _Refuse(f"it reshapes {before} to {after}, which moves values across channels")
+def _emit_reshape(ctx: _Context, before: tuple[int, ...], after: tuple[int, ...], value: str | None = None) -> None:
+    """A reshape of ``value`` (default: the node's activation input) that keeps every value in its channel:
+    the same shape, a channel-major flatten to (1, C·S), or the channel's values on other spatial axes (a
+    unit spatial axis added or removed). Anything else moves values across channels (or batch items)."""
+    value = ctx.x(0) if value is None else value
+    after = tuple(after)
+    if after[1:] == tuple(before[1:]):
+        ctx.emit("identity", [value])
+    elif len(after) == 2 and len(before) > 2 and after[1] == math.prod(before[1:]):
+        ctx.emit("flatten", [value])
+    elif (len(before) >= 2 and len(after) in (3, 4) and after[:2] == tuple(before[:2])
+          and math.prod(after[2:]) == math.prod(before[2:])):
+        ctx.emit("reshape", [value], attrs={"spatial": list(after[2:])})
+    else:
+        raise _Refuse(f"it reshapes {before} to {after}, which moves values across channels")
 
 
 def _reshape_target(ctx: _Context, before: tuple[int, ...]) -> tuple[int, ...]:
@@ -846,7 +934,7 @@ def _reshape_target(ctx: _Context, before: tuple[int, ...]) -> tuple[int, ...]:
 
 def _reshape(ctx: _Context) -> None:
     before = ctx.shape(0)
-    ctx.emit(_reshape_kind(before, _reshape_target(ctx, before)), [ctx.x(0)])
+    _emit_reshape(ctx, before, _reshape_target(ctx, before))
 
 
 def _flatten(ctx: _Context) -> None:
@@ -861,10 +949,25 @@ def _squeeze(ctx: _Context) -> None:
     axes = _reduce_axes(ctx, len(before))
     if axes[0] < 2 or any(before[a] != 1 for a in axes):
         raise _Refuse(f"it squeezes axes {axes}, not unit spatial axes")
-    after = tuple(d for i, d in enumerate(before) if i not in axes)
-    if len(after) != 2:
-        raise _Refuse(f"it squeezes {before} to {after}, keeping spatial axes")
-    ctx.emit(_reshape_kind(before, after), [ctx.x(0)])
+    _emit_reshape(ctx, before, tuple(d for i, d in enumerate(before) if i not in axes))
+
+
+def _unsqueeze(ctx: _Context) -> None:
+    """A unit spatial axis added (the dynamo exporter runs 1-D pooling as 2-D pooling between an Unsqueeze
+    and a Squeeze): the values stay in their channels. A new batch or channel axis is refused."""
+    before = ctx.shape(0)
+    axes = _attr(ctx.node, "axes")
+    if axes is None:
+        axes = ctx.static(1, "axes").reshape(-1).tolist()
+    rank = len(before) + len(axes)
+    axes = sorted(int(a) % rank for a in axes)
+    if not axes or axes[0] < 2:
+        raise _Refuse(f"it inserts axes {axes}: only new axes after the channel axis (2 or later) keep "
+                      "batch and channels apart")
+    after = list(before)
+    for axis in axes:
+        after.insert(axis, 1)
+    _emit_reshape(ctx, before, tuple(after))
 
 
 def _is_read(model: onnx.ModelProto, name: str) -> bool:
@@ -1065,9 +1168,11 @@ CONVERTERS: dict[str, Callable[[_Context], None]] = {
     "GlobalAveragePool": _global_avgpool,
     "GlobalMaxPool": _global_maxpool,
     "ReduceMean": _reduce_mean,
+    "ReduceMax": _reduce_max,
     "Reshape": _reshape,
     "Flatten": _flatten,
     "Squeeze": _squeeze,
+    "Unsqueeze": _unsqueeze,
     "Identity": _identity,
     "Dropout": _identity,
     "Add": _add,
@@ -1550,6 +1655,12 @@ def _unrunnable(path: Path, model: onnx.ModelProto, exc: Exception) -> Unsupport
     reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     opset = _opset(model)
     hint = f" (the model uses opset {opset}; onnxruntime runs opset 7 or later)" if opset < 7 else ""
+    if "ShapeInferenceError" in reason and any(
+            n.op_type in POOL_OPS and _attr(n, "ceil_mode", 0) for n in model.graph.node):
+        hint = (" (likely ONNX's shape inference, which onnxruntime runs when it loads a model: it gives a "
+                "ceil_mode pool one window more than onnxruntime and PyTorch compute when the last window "
+                "would start in the padding, so a Flatten -> Gemm after it no longer fits the weight; "
+                "exporting with the dynamo exporter, or without ceil_mode, avoids it)")
     return UnsupportedModelError(
         f"onnxruntime cannot run {path}{hint}, and pathcond verifies the rescaled copy against it: {reason}")
 

@@ -97,6 +97,7 @@ AVGPOOL_OPS = _ops("avg_pool1d", "avg_pool2d")
 ADAPTIVE_AVG_OPS = _ops("adaptive_avg_pool1d", "adaptive_avg_pool2d", "_adaptive_avg_pool2d")
 ADAPTIVE_MAX_OPS = _ops("adaptive_max_pool1d", "adaptive_max_pool2d")
 MEAN_OPS = _ops("mean.dim")
+AMAX_OPS = _ops("amax")
 ADD_OPS = _ops("add.Tensor", "add_.Tensor", "add.Scalar")
 SUB_OPS = _ops("sub.Tensor", "sub.Scalar", "rsub.Scalar", "rsub.Tensor")
 MUL_OPS = _ops("mul.Tensor", "mul.Scalar", "mul_.Tensor", "mul_.Scalar")
@@ -107,10 +108,17 @@ FLATTEN_OPS = _ops("flatten.using_ints")
 VIEW_OPS = _ops("view", "reshape", "_unsafe_view", "_reshape_alias", "squeeze", "squeeze_copy", "view_copy",
                 "reshape_as", "view_as")
 PARAM_VIEW_OPS = _ops("unsqueeze", "unsqueeze_copy", "expand", "expand_as", "unflatten")
+# ... of which those that only lay an activation out differently: checked by shape in _reshape (the core
+# ATen decomposition runs 1-D pooling as 2-D pooling between an unsqueeze and a squeeze)
+ACTIVATION_VIEW_OPS = _ops("unsqueeze", "unsqueeze_copy", "unflatten")
 IDENTITY_OPS = _ops("dropout", "dropout_", "feature_dropout", "alpha_dropout", "feature_alpha_dropout",
                     "clone", "alias", "alias_copy", "contiguous", "detach", "detach_", "detach_copy",
                     "_to_copy", "to", "lift_fresh_copy", "type_as", "lift_fresh")
 NATIVE_DROPOUT_OPS = _ops("native_dropout")
+# PReLU as the core ATen decomposition writes it: where(x > 0, x, w * x)
+WHERE_OPS = _ops("where.self")
+POSITIVE_TEST_OPS = _ops("gt.Scalar", "ge.Scalar")
+MUL_TENSOR_OPS = _ops("mul.Tensor")
 THRESHOLD_OPS = _ops("threshold", "threshold_")
 CLAMP_MIN_OPS = _ops("clamp_min", "clamp_min_")
 CLAMP_OPS = _ops("clamp", "clamp_")
@@ -134,6 +142,26 @@ SHAPE_QUERY_OPS = _ops("dim")
 IGNORED_OPS = _ops("_assert_tensor_metadata", "_assert_async", "sym_constrain_range", "sym_constrain_range_for_size",
                    "_assert_scalar", "sym_size", "sym_numel", "sym_stride", "size", "_functional_sym_constrain_range",
                    "_functional_sym_constrain_range_for_size")
+
+
+def _decomposed_prelus(graph: torch.fx.Graph) -> dict[Any, tuple[Any, Any, Any, Any]]:
+    """``where(x > 0, x, w * x)`` nodes (PReLU after ``run_decompositions``) -> (x, w, test, product); the
+    test and the product are parts of the PReLU when nothing else reads them."""
+    found = {}
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in WHERE_OPS or len(node.args) != 3:
+            continue
+        test, x, product = node.args
+        if not all(isinstance(n, torch.fx.Node) for n in (test, x, product)):
+            continue
+        if test.target not in POSITIVE_TEST_OPS or test.args[0] is not x or test.args[1] != 0:
+            continue
+        if product.target not in MUL_TENSOR_OPS or x not in product.args[:2]:
+            continue
+        slope = product.args[1] if product.args[0] is x else product.args[0]
+        if isinstance(slope, torch.fx.Node) and len(test.users) == 1 and len(product.users) == 1:
+            found[node] = (x, slope, test, product)
+    return found
 
 
 def _arguments(node) -> dict[str, Any]:
@@ -287,6 +315,8 @@ class _Translator:
         const_of = dict(getattr(sig, "inputs_to_lifted_tensor_constants", {}) or {})
         user_inputs = list(sig.user_inputs)
         output_node = None
+        prelus = _decomposed_prelus(self.gm.graph)
+        absorbed = {part for parts in prelus.values() for part in parts[2:]}
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
                 if node.name in param_of:
@@ -299,7 +329,12 @@ class _Translator:
                     self.env[node] = CVal(None)
             elif node.op == "call_function":
                 try:
-                    self.env[node] = self._call(node)
+                    if node in absorbed:  # the test or product of a decomposed PReLU
+                        self.env[node] = CVal(None)
+                    elif node in prelus:
+                        self.env[node] = self._decomposed_prelu(node, *prelus[node][:2])
+                    else:
+                        self.env[node] = self._call(node)
                 except _Unsupported as exc:
                     self.env[node] = self._offend(node, str(exc))
             elif node.op == "get_attr":
@@ -472,6 +507,15 @@ class _Translator:
             raise _Unsupported("PReLU slope is not a parameter")
         return self._emit(node, "prelu", [self._tensor(x)], {"slope": w.key})
 
+    def _decomposed_prelu(self, node, x_node, slope_node):
+        x = self._tensor(self._val(x_node))
+        w = self._val(slope_node)
+        if not isinstance(w, PVal) or w.transposed:
+            raise _Unsupported("where(x > 0, x, w * x) with a slope w that is not a parameter")
+        if self._tensor_of(w.key).numel() != 1 and not self._per_channel(slope_node, w, _static(_meta_shape(x_node) or ())):
+            raise _Unsupported("where(x > 0, x, w * x) with a slope w that is not per channel")
+        return self._emit(node, "prelu", [x], {"slope": w.key})
+
     def _op_maxpool(self, node, a, first, x):
         return self._maxpool(node, a, x)
 
@@ -514,6 +558,9 @@ class _Translator:
     def _op_mean(self, node, a, first, x):
         return self._mean(node, a, x)
 
+    def _op_amax(self, node, a, first, x):
+        return self._amax(node, a, x)
+
     def _op_add(self, node, a, first, x):
         return self._add(node, a, x)
 
@@ -529,9 +576,9 @@ class _Translator:
     def _op_view(self, node, a, first, x):
         if isinstance(x, PVal) and not x.transposed:
             return x  # a reshaped parameter (a bias viewed as (1, C, 1, 1), ...): checked where it is used
-        if node.target in PARAM_VIEW_OPS:
-            raise _Unsupported("this reshape moves the channel axis (only flattening to (N, features) "
-                               "and squeezing unit spatial axes are supported)")
+        if node.target in PARAM_VIEW_OPS and node.target not in ACTIVATION_VIEW_OPS:
+            raise _Unsupported("expanding an activation copies its values (only flattening to (N, features) "
+                               "and adding or removing unit spatial axes are supported)")
         return self._reshape(node, x)
 
     def _op_identity(self, node, a, first, x):
@@ -712,6 +759,34 @@ class _Translator:
             raise _Unsupported("mean over axes other than all the spatial ones")
         return self._emit(node, "global_avgpool", [x], attrs={"keepdim": bool(a.get("keepdim"))})
 
+    def _amax(self, node, a, x):
+        """A max over spatial axes (``x.amax(dim=(2, 3))``, a hand-written global max pool) is a max pool
+        whose window spans them; over the batch or channel axis it mixes channels."""
+        x = self._tensor(x)
+        shape = self._in_shape(node)
+        if shape is None or any(s is None for s in shape[1:]):
+            raise _Unsupported("max over a tensor of unknown shape")
+        r = len(shape)
+        dims = sorted({int(d) % r for d in (a.get("dim") or range(r))})
+        if r < 3 or dims[0] < 2:
+            axis = "batch" if dims[0] == 0 else "channel"
+            raise _Unsupported(f"max over axes {dims}, the {axis} axis included: not a per-channel pooling")
+        if r - 2 not in (1, 2):
+            raise _Unsupported(f"max over a {r - 2}-D map (1-D and 2-D are supported)")
+        d = r - 2
+        attrs = {"kernel": [shape[i] if i in dims else 1 for i in range(2, r)], "stride": [1] * d,
+                 "dilation": [1] * d, "pads": [0] * (2 * d), "ceil_mode": False}
+        if a.get("keepdim"):
+            return self._emit(node, "maxpool", [x], attrs=attrs)
+        pooled = TVal(f"{node.name}:max", x.poisoned)
+        if not x.poisoned:
+            self.nodes.append(Node(name=f"{self._node_name(node, {})}:max", op="maxpool", inputs=(x.name,),
+                                   output=pooled.name, attrs=attrs, source_op=_name(node.target)))
+        kept = [int(shape[i]) for i in range(2, r) if i not in dims]
+        if not kept:
+            return self._emit(node, "flatten", [pooled])
+        return self._emit(node, "reshape", [pooled], attrs={"spatial": kept})
+
     def _per_channel(self, p_node, p: PVal, x_shape) -> bool:
         """Whether the parameter (as the graph sees it at ``p_node``) broadcasts along channels only."""
         t = self._tensor_of(p.key)
@@ -796,11 +871,11 @@ class _Translator:
             same_batch = src[0] == dst[0] or None in (src[0], dst[0])
             if same_batch and len(dst) == 2 and dst[1] == math.prod(src[1:]):
                 return self._emit(node, "flatten", [x])
-            if same_batch and src[1] == dst[1] and all(s == 1 for s in src[2:] + dst[2:]) and len(dst) < len(src):
-                # dropping unit spatial axes ((N, C, 1, 1) -> (N, C, 1)): the IR keeps (N, C) and the
-                # shape check of the graph catches any op that would see the difference
-                return self._emit(node, "flatten", [x])
-        raise _Unsupported(f"reshape from {tuple(src)} to {tuple(dst)} (only flattening to (N, features))")
+            if same_batch and src[1] == dst[1] and len(dst) in (3, 4) and math.prod(src[2:]) == math.prod(dst[2:]):
+                # each channel's values laid out on other spatial axes (a unit axis added or removed)
+                return self._emit(node, "reshape", [x], attrs={"spatial": [int(n) for n in dst[2:]]})
+        raise _Unsupported(f"reshape from {tuple(src)} to {tuple(dst)} moves values across channels (only "
+                           "flattening to (N, features) and reshapes within each channel are supported)")
 
 
 def _refuse(why: str):
@@ -850,6 +925,7 @@ _HANDLERS = [
     (INTERPOLATE_OPS, _refuse("only nearest-neighbour upsampling by whole factors and (bi)linear resizing are "
                               "supported (bicubic, antialiased and 3-D resizing are not)")),
     (MEAN_OPS, _Translator._op_mean),
+    (AMAX_OPS, _Translator._op_amax),
     (ADD_OPS, _Translator._op_add),
     (SUB_OPS, _refuse("subtraction is not supported (only residual additions)")),
     (MUL_OPS | DIV_OPS, _Translator._op_mul),
