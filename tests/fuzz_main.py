@@ -210,10 +210,13 @@ def baseline(model: torch.nn.Module, shape, exporter: str, src: Path, seed: int,
 def check_equivalent(base: Baseline, exporter: str, out: Path) -> dict[str, float]:
     """OUT against IN on the baseline's inputs: within RTOL of the output's scale, or NOISE_FACTOR times IN's
     own float32 error (when the export is faithful, so that the error is meaningful)."""
-    run_out = Runner(exporter, out)
     worst = 0.0
-    for x, a, scale, noise in zip(base.inputs, base.outputs, base.scales, base.noise):
-        b = run_out(x)
+    try:
+        run_out = Runner(exporter, out)
+        outs = [run_out(x) for x in base.inputs]
+    except Exception as exc:  # noqa: BLE001 - pathcond wrote a file its runtime cannot run
+        raise CheckFailed("equivalence", f"our own runtime cannot run OUT: {type(exc).__name__}: {exc}"[:600]) from None
+    for x, a, b, scale, noise in zip(base.inputs, base.outputs, outs, base.scales, base.noise):
         if b.shape != a.shape:
             raise CheckFailed("equivalence", f"output shape {b.shape} != {a.shape}")
         if not np.isfinite(b).all() and np.isfinite(a).all():

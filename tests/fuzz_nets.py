@@ -303,7 +303,9 @@ def _draw(seed: int) -> tuple[nn.Module, tuple[int, ...], dict[str, Any]]:
         x = torch.zeros(shape)
         for _ in range(rng.randint(1, 5)):
             kind = rng.choices(["plain", "residual", "concat"], [0.5, 0.3, 0.2])[0]
+            kept_tags = set(b.tags)
             for _attempt in range(4):  # redraw when a stride or pool leaves no spatial extent
+                b.tags = set(kept_tags)  # features of a discarded draw are not the net's
                 block, _c = getattr(b, kind)(x.shape[1])
                 try:
                     with torch.no_grad():
@@ -313,6 +315,7 @@ def _draw(seed: int) -> tuple[nn.Module, tuple[int, ...], dict[str, Any]]:
                 if y.numel() > 0 and y.shape[1] <= 64:
                     break
             else:
+                b.tags = kept_tags
                 continue
             blocks.append(block)
             x = y
