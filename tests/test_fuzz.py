@@ -21,8 +21,20 @@ def _xfail(reason: str):
     return pytest.mark.xfail(strict=True, reason=reason)
 
 
-PASSING = [0, 1, 2, 3, 4, 5]
-KNOWN_FAILURES: dict[int, str] = {}
+# every exporter x family, and every feature under every exporter (greedy cover of seeds 0..399), plus long
+# chain (336: 300 layers through TorchScript ONNX; torch.export chains take minutes: `make fuzz` only)
+PASSING = [1, 7, 10, 12, 13, 25, 36, 58, 111, 124, 170, 186, 194, 205, 211, 251, 252, 255, 293, 307, 336]
+
+# seed -> class of the pathcond bug it shows today (see the fuzz report for the analysis)
+KNOWN_FAILURES: dict[int, str] = {
+    69: "score rises: the solver's objective counts parameters with g = 0 (conv taps that only see padding)",
+    390: "solver diverges (|ln lambda| > 709) with g = 0 parameters: rescale exit 3 NumericalError, inspect exit 4",
+    187: "input onnxruntime cannot load (exporter's ceil-mode pool shape): exit 4 at verification, not a user error",
+    141: "AveragePool ceil_mode: onnx shape inference's output length disagrees with onnxruntime/torch: false exit 3",
+    26: "TorchScript opset 11 PReLU slope Unsqueeze(axes attribute) not folded (onnx.reference has no Unsqueeze-11)",
+    116: "dynamo exports adaptive_max_pool2d(1) as ReduceMax, which pathcond refuses (exit 3)",
+    61: "dynamo exports 1-D adaptive pooling as Unsqueeze + 2-D pool + Squeeze, which pathcond refuses (exit 3)",
+}
 
 CASES = [pytest.param(s, id=f"seed{s}") for s in PASSING] + [
     pytest.param(s, id=f"seed{s}", marks=_xfail(why)) for s, why in sorted(KNOWN_FAILURES.items())
