@@ -305,6 +305,14 @@ def check_score(cond: dict[str, Any], command: str) -> None:
             raise CheckFailed("score", f"{command}: score {cond['score_before']!r} -> {cond['score_after']!r}")
 
 
+def expected_hidden_units(model: torch.nn.Module) -> int:
+    """README: the output channels of every linear/conv layer except those feeding graph outputs (in these
+    nets, only the last layer)."""
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d))]
+    widths = [m.weight.shape[0] for m in layers]
+    return sum(widths) - widths[-1]
+
+
 def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(a), abs(b), 1e-300)
 
@@ -365,6 +373,14 @@ def _run_checks(model, shape, exporter: str, seed: int, folder: Path) -> dict[st
     if not report["verification"]["passed"]:
         raise CheckFailed("verification", "exit 0 but verification.passed is false")
     check_score(report["conditioning"], "rescale")
+    if not report["conditioning"]["converged"]:
+        cond = report["conditioning"]
+        raise CheckFailed("converged", f"solver did not converge: {cond['sweeps']} sweeps, max |ln x| "
+                                       f"{cond['max_abs_log_x']!r} ({cond['method']})")
+    hidden = expected_hidden_units(model)
+    if report["model"]["hidden_units"] != hidden:
+        raise CheckFailed("report-values", f"hidden_units {report['model']['hidden_units']} != {hidden} (output "
+                                           "channels of every linear/conv layer but the head)")
 
     info = check_equivalent(base, exporter, out)
 
