@@ -36,7 +36,10 @@ CAUGHT: dict[int, str] = {
     187: "an input onnxruntime cannot load ended in exit 4 at verification (now: a refusal; the case is a skip)",
     390: "the solver diverged with g = 0 parameters: rescale exit 3 NumericalError, inspect exit 4 (OverflowError)",
 }
-KNOWN_FAILURES: dict[int, str] = {}
+KNOWN_FAILURES: dict[int, str] = {
+    687: "ceil-mode MaxPool (TorchScript, opset 13): onnxruntime runs a length-6 output, pathcond sizes it 5, so "
+         "the next MaxPool's kernel 6 does not fit: false exit 3",
+}
 
 CASES = [pytest.param(s, id=f"seed{s}") for s in PASSING + sorted(CAUGHT)] + [
     pytest.param(s, id=f"seed{s}", marks=_xfail(why)) for s, why in sorted(KNOWN_FAILURES.items())
