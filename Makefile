@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 DEMO_MODEL ?= sample_models/mlp_uneven.onnx
 DEMO_OUT ?= build/demo
 
-.PHONY: install test test-all demo samples bench clean
+.PHONY: install test test-all demo samples bench fuzz clean
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,13 @@ samples: install
 bench: install
 	$(BIN)/python benchmarks/bench_solver.py
 	$(BIN)/python benchmarks/bench_models.py
+
+# Random ReLU DAGs through every exporter, checked end to end: `make fuzz N=500 SEED0=0 WORKERS=2`.
+N ?= 100
+SEED0 ?= 0
+WORKERS ?= 2
+fuzz: install
+	OMP_NUM_THREADS=1 $(BIN)/python -m tests.fuzz_main --n $(N) --seed0 $(SEED0) --workers $(WORKERS)
 
 clean:
 	rm -rf $(VENV) build .pytest_cache

@@ -38,6 +38,14 @@ class Offender:
     why: str
 
 
+class Refusal(Exception):
+    """Raised by a front end's translation of one node: this node is not supported, because <message>.
+
+    Front ends catch it node by node and collect each as an :class:`Offender` (the node, its op, the
+    message) into the offenders table of one :class:`UnsupportedModelError`, so that a run names every
+    unsupported node at once. It is not a :class:`PathcondError`: one that escapes a front end is a bug."""
+
+
 class UnsupportedModelError(PathcondError):
     """The model is not a positively homogeneous (ReLU) network, or uses ops pathcond does not know."""
 

@@ -1,10 +1,11 @@
 """Rescaling groups (MATH §4, §7): which channels must share one factor, and which are pinned.
 
-Channels are tracked per value: every value gets one raw id per channel. A layer (linear, conv,
-BatchNorm, per-channel affine) gives its output channels fresh ids; elementwise homogeneous ops keep
-the ids of their input; a residual add unites the ids of all its inputs channel by channel; concat and
-flatten rearrange them by index. A union-find over raw ids yields the groups. A group is pinned (factor
-1) when it touches a graph input or output, feeds a BatchNorm, or holds a parameter shared in
+Channels are tracked per value: every value gets one raw id per channel, by the channel behaviour of
+the op's row in ``ir.OPS`` (never by its name): a layer (``Channels.NEW``: linear, conv, BatchNorm,
+per-channel affine) gives its output channels fresh ids; elementwise homogeneous ops (``SAME``) keep
+the ids of their input; a residual add (``UNION``) unites the ids of all its inputs channel by channel;
+``CONCAT`` and ``FLATTEN`` rearrange them by index. A union-find over raw ids yields the groups. A group is pinned (factor
+1) when it touches a graph input or output, is pinned by its op's row (it feeds a BatchNorm), or holds a parameter shared in
 incompatible roles; each pin names the node and the rule.
 
 The result indexes groups as ``0`` = pinned and ``1..n_free`` = free, so that a parameter's factor is
@@ -18,23 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .ir import LAYER_OPS, WEIGHT_LAYER_OPS, Graph, Node
-
-#: ops whose output channels are their input's channels (scaling commutes with them channel-wise)
-SAME_CHANNEL_OPS = frozenset(
-    {"relu", "leaky_relu", "prelu", "identity", "scale", "maxpool", "avgpool", "global_avgpool", "bias", "upsample",
-     "resize_linear", "reshape"}
-)
-
-#: objective roles of each op: role -> whether it is an edge (reads an input channel) or a bias
-OBJECTIVE_ROLES: dict[str, dict[str, str]] = {
-    "linear": {"weight": "edge", "bias": "bias"},
-    "conv": {"weight": "edge", "bias": "bias"},
-    "conv_transpose": {"weight": "edge", "bias": "bias"},
-    "batchnorm": {"weight": "bn_scale", "bias": "bn_shift"},
-    "affine": {"weight": "diag", "bias": "bias"},
-    "bias": {"bias": "bias"},
-}
+from .ir import OPS, Channels, Graph, Node
 
 
 @dataclass
@@ -134,30 +119,33 @@ class _Builder:
         return self.graph.shapes[value][1]
 
     def visit(self, node: Node) -> None:
-        g = self.graph
+        """Give the node's output its raw channel ids, by the op's channel behaviour (see ir.Channels)."""
+        spec = OPS[node.op]
         first = node.inputs[0]
-        if node.op in LAYER_OPS:
+        if spec.channels is Channels.NEW:
             self.raw[node.output] = self.uf.fresh(self.channels(node.output))
-            if node.op == "batchnorm":
-                self.pin(self.raw[first], node.name, "feeds BatchNorm: rescaling its input is not exact", first)
-                if node.param("weight") is None or node.param("bias") is None:
-                    self.pin(self.raw[node.output], node.name, "BatchNorm without affine parameters", node.output)
-        elif node.op in SAME_CHANNEL_OPS:
+        elif spec.channels is Channels.SAME:
             self.raw[node.output] = self.raw[first]
-        elif node.op == "add":
+        elif spec.channels is Channels.UNION:
             ids = self.raw[first]
             for other in node.inputs[1:]:
                 if len(self.raw[other]) != len(ids):
-                    raise ValueError(f"add {node.name!r}: inputs have different channel counts")
+                    raise ValueError(f"{node.op} {node.name!r}: inputs have different channel counts")
                 self.uf.union(ids, self.raw[other])
             self.raw[node.output] = ids
-        elif node.op == "concat":
+        elif spec.channels is Channels.CONCAT:
             self.raw[node.output] = np.concatenate([self.raw[v] for v in node.inputs])
-        elif node.op == "flatten":
-            spatial = int(np.prod(g.shapes[first][2:], dtype=np.int64))
+        elif spec.channels is Channels.FLATTEN:
+            spatial = int(np.prod(self.graph.shapes[first][2:], dtype=np.int64))
             self.raw[node.output] = np.repeat(self.raw[first], spatial)
-        else:  # pragma: no cover - OPS is closed
-            raise ValueError(f"no channel rule for op {node.op!r}")
+        else:  # pragma: no cover - Channels is closed
+            raise ValueError(f"no channel rule for {spec.channels}")
+        if spec.pins_input is not None:
+            self.pin(self.raw[first], node.name, spec.pins_input, first)
+        if spec.pins_output_without is not None:
+            roles, reason = spec.pins_output_without
+            if any(node.param(role) is None for role in roles):
+                self.pin(self.raw[node.output], node.name, reason, node.output)
 
     def role_raw(self, node: Node, role: str, kind: str) -> tuple[np.ndarray, np.ndarray | None]:
         """Raw out ids (per output channel) and raw in ids of one objective role."""
@@ -213,7 +201,7 @@ def build_groups(graph: Graph) -> Groups:
     uses: dict[str, list[tuple[Node, str, str | None]]] = {}
     for node in graph.nodes:
         b.visit(node)
-        objective = OBJECTIVE_ROLES.get(node.op, {})
+        objective = OPS[node.op].objective
         for role, key in node.params.items():
             uses.setdefault(key, []).append((node, role, objective.get(role)))
     for value in graph.outputs:
@@ -239,10 +227,11 @@ def _resolve(graph: Graph, b: _Builder) -> Groups:
     roles: list[Role] = []
     seen: set[str] = set()
     for node in graph.nodes:
-        for role, kind in OBJECTIVE_ROLES.get(node.op, {}).items():
+        spec = OPS[node.op]
+        for role, kind in spec.objective.items():
             key = node.param(role)
-            # a tied tensor is one parameter; BatchNorm roles stand for derived values, one per node
-            if key is None or (key in seen and node.op != "batchnorm"):
+            # a tied tensor is one parameter; derived roles (BatchNorm's) stand for values of one node
+            if key is None or (key in seen and not spec.derived_roles):
                 continue
             seen.add(key)
             out, inp = b.role_raw(node, role, kind)
@@ -265,7 +254,7 @@ def _resolve(graph: Graph, b: _Builder) -> Groups:
     layer_outputs = {
         node.name: int(np.sum(~np.isin(roots[b.raw[node.output]], list(output_roots))))
         for node in graph.nodes
-        if node.op in WEIGHT_LAYER_OPS
+        if OPS[node.op].hidden
     }
     return Groups(
         n_free=len(free_roots),

@@ -13,6 +13,10 @@ by its (detached) maximum and adds the log to ``s``, and sums bring their terms 
 neither deep nets nor tiny initialisations overflow or underflow. The reverse pass for g runs node by
 node and keeps a log-scale on every adjoint too, so ln g is exact even where g itself is far outside
 float64's range.
+
+Each op's image in the path forward is the ``path`` rule of its row in ``ir.OPS`` (written in the
+log-scaled algebra of ``ir.Scaled``); :class:`PathForward` supplies |θ|^q for its parameters, keeps them
+as leaves and runs the reverse pass, and knows no op by name.
 """
 
 from __future__ import annotations
@@ -25,72 +29,20 @@ import torch
 
 from .errors import NumericalError
 from .groups import Groups, Role
-from .ir import (
-    Graph,
-    Node,
-    channel_reshape,
-    channel_view,
-    conv_apply,
-    conv_transpose_apply,
-    resize_linear,
-    upsample_nearest,
-    window_count,
-    window_sum,
-)
+from .ir import OPS, Graph, Node, Scaled, bn_affine, log_max, normalize
 
 LOG10 = math.log(10.0)
-
-
-@dataclass
-class Scaled:
-    """A non-negative tensor ``t`` standing for ``t · exp(s)``."""
-
-    t: torch.Tensor
-    s: float
-
-
-def _log_max(x: Scaled) -> float:
-    m = float(x.t.detach().max()) if x.t.numel() else 0.0
-    return x.s + math.log(m) if m > 0 else -math.inf
-
-
-def _normalize(x: Scaled) -> Scaled:
-    m = float(x.t.detach().max()) if x.t.numel() else 0.0
-    if not math.isfinite(m):
-        raise NumericalError("path statistics overflowed despite log-scaling")
-    if m <= 0:  # all zero: keep the scale, gradients through this value still need it
-        return x
-    return Scaled(x.t / m, x.s + math.log(m))
-
-
-#: cap on a term's relative scale: an all-zero term still carries its (possibly huge) gradient factor
-_MAX_EXP = 700.0
-
-
-def _factor(s: float, top: float) -> float:
-    return math.exp(min(s - top, _MAX_EXP))
-
-
-def _combine(terms: list[Scaled]) -> Scaled:
-    """Sum of scaled terms (broadcasting), brought to a common log-scale. Terms that are all zero stay
-    in the sum: their values add nothing, but their parameters' gradients must flow."""
-    top = max(_log_max(t) for t in terms)
-    if top == -math.inf:
-        top = max(t.s for t in terms)
-    total = sum(t.t * _factor(t.s, top) for t in terms)
-    shape = torch.broadcast_shapes(*(t.t.shape for t in terms))
-    return _normalize(Scaled(total.expand(shape), top))
 
 
 def _sum_scaled(terms: list[Scaled]) -> Scaled:
     """Plain sum of scaled tensors (no gradient needed): common scale, then renormalise."""
     if len(terms) == 1:
         return terms[0]
-    top = max(_log_max(t) for t in terms)
+    top = max(log_max(t) for t in terms)
     if top == -math.inf:
         return terms[0]
-    total = sum(t.t * math.exp(t.s - top) for t in terms if _log_max(t) > -math.inf)
-    return _normalize(Scaled(total, top))
+    total = sum(t.t * math.exp(t.s - top) for t in terms if log_max(t) > -math.inf)
+    return normalize(Scaled(total, top))
 
 
 def _log_sum(logs: list[float]) -> float:
@@ -98,18 +50,6 @@ def _log_sum(logs: list[float]) -> float:
         return -math.inf
     top = max(logs)
     return top + math.log(sum(math.exp(v - top) for v in logs))
-
-
-def bn_affine(graph: Graph, node: Node) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inference BatchNorm as y = a·x + b per channel (float64)."""
-    f64 = lambda role: None if node.param(role) is None else graph.tensor(node, role).double()  # noqa: E731
-    a = 1.0 / torch.sqrt(f64("running_var") + node.attrs["eps"])
-    if f64("weight") is not None:
-        a = a * f64("weight")
-    b = -a * f64("running_mean")
-    if f64("bias") is not None:
-        b = b + f64("bias")
-    return a, b
 
 
 class PathForward:
@@ -128,7 +68,8 @@ class PathForward:
         self.outputs: list[Scaled] = []
 
     def _leaf_key(self, node: Node, role: str) -> str:
-        return f"{node.name}::{role}" if node.op == "batchnorm" else node.params[role]
+        # a derived role (BatchNorm's a, b) is a parameter of its node; any other is its tensor's
+        return f"{node.name}::{role}" if OPS[node.op].derived_roles else node.params[role]
 
     def _power(self, value: torch.Tensor) -> torch.Tensor:
         if self.q == 0.0:  # 0^0 = 1: every connection counts as a path
@@ -190,7 +131,7 @@ class PathForward:
             grads = torch.autograd.grad(out.t, targets, grad_outputs=adj.t, allow_unused=True)
             for value, grad in zip(node.inputs, grads[: len(xs)]):
                 if grad is not None and value not in self.graph.inputs:
-                    adjoints.setdefault(value, []).append(_normalize(Scaled(grad, adj.s)))
+                    adjoints.setdefault(value, []).append(normalize(Scaled(grad, adj.s)))
             for key, grad in zip(keys, grads[len(xs):]):
                 if grad is not None:
                     parts.setdefault(key, []).append(Scaled(grad, adj.s))
@@ -207,115 +148,8 @@ class PathForward:
         return result
 
     def node(self, node: Node, xs: list[Scaled]) -> Scaled:
-        rule = _RULES[node.op]
-        return rule(self, node, xs)
-
-    # -- per-op rules ---------------------------------------------------------------------------
-    def _with_bias(self, node: Node, main: Scaled, bias: torch.Tensor | None) -> Scaled:
-        if bias is None:
-            return _normalize(main)
-        return _combine([main, Scaled(channel_view(bias, main.t), 0.0)])
-
-    def linear(self, node, xs):
-        x = xs[0]
-        y = torch.nn.functional.linear(x.t, self.param(node, "weight"))
-        return self._with_bias(node, Scaled(y, x.s), self.param(node, "bias"))
-
-    def conv(self, node, xs):
-        x = xs[0]
-        y = conv_apply(node, x.t, self.param(node, "weight"), None)
-        return self._with_bias(node, Scaled(y, x.s), self.param(node, "bias"))
-
-    def conv_transpose(self, node, xs):
-        x = xs[0]
-        y = conv_transpose_apply(node, x.t, self.param(node, "weight"), None)
-        return self._with_bias(node, Scaled(y, x.s), self.param(node, "bias"))
-
-    def batchnorm(self, node, xs):
-        a, b = bn_affine(self.graph, node)
-        x = xs[0]
-        y = x.t * channel_view(self.param(node, "weight", a), x.t)
-        return self._with_bias(node, Scaled(y, x.s), self.param(node, "bias", b))
-
-    def affine(self, node, xs):
-        x = xs[0]
-        y = x.t * channel_view(self.param(node, "weight"), x.t)
-        return self._with_bias(node, Scaled(y, x.s), self.param(node, "bias"))
-
-    def bias(self, node, xs):
-        return self._with_bias(node, xs[0], self.param(node, "bias"))
-
-    def passthrough(self, node, xs):
-        return xs[0]
-
-    def scale(self, node, xs):
-        c = abs(float(node.attrs["value"]))
-        if self.q == 0:
-            return xs[0]
-        if c == 0:
-            return Scaled(torch.zeros_like(xs[0].t), 0.0)
-        return Scaled(xs[0].t, xs[0].s + self.q * math.log(c))
-
-    def maxpool(self, node, xs):
-        return _normalize(Scaled(window_sum(node, xs[0].t), xs[0].s))
-
-    def avgpool(self, node, xs):
-        x = xs[0]
-        counts = window_count(node, x.t)
-        return _normalize(Scaled(window_sum(node, x.t) / counts.pow(self.q), x.s))
-
-    def global_avgpool(self, node, xs):
-        x = xs[0]
-        dims = tuple(range(2, x.t.dim()))
-        n = math.prod(x.t.shape[2:])
-        y = x.t.sum(dim=dims, keepdim=bool(node.attrs.get("keepdim", False)))
-        return _normalize(Scaled(y, x.s - self.q * math.log(n)))
-
-    def upsample(self, node, xs):  # every output is a copy (weight 1) of one input
-        return Scaled(upsample_nearest(xs[0].t, node.attrs["scale"]), xs[0].s)
-
-    def resize_linear(self, node, xs):  # fixed weights w >= 0 on every edge: w^q in the path forward
-        y = resize_linear(xs[0].t, node.attrs["size"], node.attrs["coords"], self.q)
-        return _normalize(Scaled(y, xs[0].s))
-
-    def add(self, node, xs):
-        return _combine(list(xs))
-
-    def concat(self, node, xs):
-        top = max(_log_max(x) for x in xs)
-        if top == -math.inf:
-            top = max(x.s for x in xs)
-        return _normalize(Scaled(torch.cat([x.t * _factor(x.s, top) for x in xs], dim=1), top))
-
-    def flatten(self, node, xs):
-        return Scaled(xs[0].t.reshape(1, -1), xs[0].s)
-
-    def reshape(self, node, xs):  # values keep their channel and their weight 1
-        return Scaled(channel_reshape(xs[0].t, node.attrs["spatial"]), xs[0].s)
-
-
-_RULES = {
-    "linear": PathForward.linear,
-    "conv": PathForward.conv,
-    "conv_transpose": PathForward.conv_transpose,
-    "batchnorm": PathForward.batchnorm,
-    "affine": PathForward.affine,
-    "bias": PathForward.bias,
-    "relu": PathForward.passthrough,
-    "leaky_relu": PathForward.passthrough,
-    "prelu": PathForward.passthrough,
-    "identity": PathForward.passthrough,
-    "scale": PathForward.scale,
-    "maxpool": PathForward.maxpool,
-    "avgpool": PathForward.avgpool,
-    "global_avgpool": PathForward.global_avgpool,
-    "upsample": PathForward.upsample,
-    "resize_linear": PathForward.resize_linear,
-    "add": PathForward.add,
-    "concat": PathForward.concat,
-    "flatten": PathForward.flatten,
-    "reshape": PathForward.reshape,
-}
+        """The node's image in the path forward: the ``path`` rule of its op's row (ir.OPS)."""
+        return OPS[node.op].path(self, node, xs)
 
 
 @dataclass
@@ -375,4 +209,5 @@ def role_summary(log_g: torch.Tensor) -> tuple[float | None, float | None, float
     return float(flat.min()) / LOG10, median / LOG10, float(flat.max()) / LOG10
 
 
-__all__ = ["PathForward", "PathStats", "Role", "diag_g", "path_log_sum", "path_statistics", "role_summary"]
+__all__ = ["PathForward", "PathStats", "Role", "Scaled", "bn_affine", "diag_g", "path_log_sum", "path_statistics",
+           "role_summary"]

@@ -188,6 +188,24 @@ def _resize_linear(net, node, x):
     return y
 
 
+def _pad(net, node, x):
+    """Constant-0 padding: every input neuron copied (weight 1) into the interior of a larger map; the
+    border neurons have no incoming edge (a zero starts no path). Other modes: each output neuron copies
+    the input neuron numpy's np.pad of the neuron ids picks (reflect, edge, wrap)."""
+    pads = [int(v) for v in node.attrs["pads"]]
+    mode = node.attrs.get("mode", "constant")
+    d = x.ndim - 2
+    y = net.new((*x.shape[:2], *(n + pads[i] + pads[d + i] for i, n in enumerate(x.shape[2:]))))
+    if mode != "constant":
+        src = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[d + i]) for i in range(d)], mode=mode)
+        for idx in np.ndindex(*y.shape):
+            net.edge(src[idx], y[idx], 1.0)
+        return y
+    for idx in np.ndindex(*x.shape):
+        net.edge(x[idx], y[(*idx[:2], *(i + pads[k] for k, i in enumerate(idx[2:])))], 1.0)
+    return y
+
+
 def _add(net, xs):
     y = net.new(xs[0].shape)
     for x in xs:
@@ -248,12 +266,16 @@ def expand(graph) -> NeuronNet:
             vals[node.output] = y
         elif op == "resize_linear":
             vals[node.output] = _resize_linear(net, node, x)
+        elif op == "pad":
+            vals[node.output] = _pad(net, node, x)
         elif op == "add":
             vals[node.output] = _add(net, xs)
         elif op == "concat":
             vals[node.output] = np.concatenate(xs, axis=1)
         elif op == "flatten":
             vals[node.output] = x.reshape(1, -1)
+        elif op == "reshape":  # the same neurons, laid out on other spatial axes within each channel
+            vals[node.output] = x.reshape(x.shape[0], x.shape[1], *node.attrs["spatial"])
         else:
             raise NotImplementedError(f"reference: op {op!r}")
     net.outputs = [int(n) for v in graph.outputs for n in vals[v].reshape(-1)]

@@ -16,7 +16,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from ..errors import UnsupportedModelError, UsageError
+from ..errors import Refusal, UnsupportedModelError, UsageError
 from ..ir import Node, pool_geometry, swap_group_axes
 from .base import LoadOptions, name_lone_shape
 
@@ -27,8 +27,7 @@ SHAPE_READERS = frozenset({"Shape", "Size"})
 VIEW_OPS = frozenset({"Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Transpose"})
 
 
-class _Refuse(Exception):
-    """Raised by a converter: this node cannot be translated (the message says why)."""
+_Refuse = Refusal  # raised by a converter: this node cannot be translated (the message says why)
 
 
 # --------------------------------------------------------------------------------------------------

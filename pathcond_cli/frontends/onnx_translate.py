@@ -574,6 +574,26 @@ def _clip(ctx: _Context) -> None:
     ctx.emit("relu", [ctx.x(0)])
 
 
+def _pad(ctx: _Context) -> None:
+    """Padding of spatial axes with zeros or copies (opset 11+: pads, constant_value, axes as inputs)."""
+    node, rank, mode = ctx.node, len(ctx.shape(0)), _text_attr(ctx.node, "mode", "constant")
+    if mode not in ("constant", "reflect", "edge", "wrap"):
+        raise _Refuse(f"Pad mode {mode!r} is not supported")
+    given = ctx.static(1, "pads").reshape(-1).astype(np.int64).tolist()
+    value = ctx.const(node.input[2]) if mode == "constant" and len(node.input) > 2 and node.input[2] else None
+    if value is not None and value.size and float(value.reshape(-1)[0]) != 0.0:
+        raise _Refuse(f"it pads with the constant {float(value.reshape(-1)[0])}, not 0 (not positively homogeneous)")
+    axes = list(range(rank))
+    if len(node.input) > 3 and node.input[3]:
+        axes = [int(a) % rank for a in ctx.static(3, "axes").reshape(-1)]
+    pads = [0] * (2 * rank)
+    for i, axis in enumerate(axes):
+        pads[axis], pads[rank + axis] = given[i], given[len(axes) + i]
+    if any(pads[a] or pads[rank + a] for a in (0, 1)) or any(p < 0 for p in pads):
+        raise _Refuse(f"pads {pads}: only non-negative padding of spatial axes is supported")
+    ctx.emit("pad", [ctx.x(0)], attrs={"pads": pads[2:rank] + pads[rank + 2:], "mode": mode})
+
+
 CONVERTERS: dict[str, Callable[[_Context], None]] = {
     "Gemm": _gemm,
     "MatMul": _matmul,
@@ -603,6 +623,7 @@ CONVERTERS: dict[str, Callable[[_Context], None]] = {
     "Resize": _resize,
     "Sum": _add,
     "Clip": _clip,
+    "Pad": _pad,
 }
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..errors import Offender, UnsupportedModelError
+from ..errors import Offender, Refusal, UnsupportedModelError
 from ..ir import Graph, GraphError, Node, swap_group_axes
 
 aten = torch.ops.aten
@@ -885,6 +885,22 @@ def _refuse(why: str):
     return handler
 
 
+def _op_pad(self, node, a, first, x):
+    """F.pad on spatial axes (pads last axis first): zeros, or copies (reflect, replicate, circular)."""
+    shape, given = _meta_shape(first), [int(v) for v in (a.get("pad") or a.get("padding") or [])]
+    name = str(node.target)
+    mode = "reflect" if "reflection" in name else "replicate" if "replication" in name else a.get("mode", "constant")
+    modes = {"constant": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+    if mode not in modes or (mode == "constant" and float(a.get("value") or 0.0) != 0.0):
+        raise _Unsupported(f"padding in mode {mode!r} with value {a.get('value')}: only zeros or copies")
+    d = 0 if shape is None else len(shape) - 2
+    if d < 1 or len(given) % 2 or len(given) > 2 * d or any(v < 0 for v in given):
+        raise _Unsupported(f"padding {given} of a {shape} value: only non-negative padding of spatial axes")
+    pairs = [(0, 0)] * (d - len(given) // 2) + [(given[2 * k], given[2 * k + 1]) for k in reversed(range(len(given) // 2))]
+    attrs = {"pads": [b for b, _ in pairs] + [e for _, e in pairs], "mode": modes[mode]}
+    return self._emit(node, "pad", [self._tensor(x)], attrs=attrs)
+
+
 #: aten op families and their handlers, in priority order (the first family that lists an op wins:
 #: sigmoid is a head before it is a non-homogeneous activation)
 _HANDLERS = [
@@ -921,6 +937,8 @@ _HANDLERS = [
     (NON_HOMOGENEOUS, _refuse("activation is not positively homogeneous (only ReLU, LeakyReLU, PReLU are)")),
     (NORM_OPS, _refuse("LayerNorm/GroupNorm/InstanceNorm/RMSNorm normalise with statistics of the input itself: "
                        "not positively homogeneous per unit (only BatchNorm in eval mode is supported)")),
+    (_ops("constant_pad_nd", "pad", "reflection_pad1d", "reflection_pad2d", "replication_pad1d", "replication_pad2d"),
+     _op_pad),
 ]
 _DISPATCH: dict = {}
 for _ops_family, _handler in _HANDLERS:
@@ -928,8 +946,7 @@ for _ops_family, _handler in _HANDLERS:
         _DISPATCH.setdefault(_op, _handler)
 
 
-class _Unsupported(Exception):
-    pass
+_Unsupported = Refusal  # raised by a handler: this node is not supported (the message says why)
 
 
 @dataclass(frozen=True)
