@@ -591,3 +591,22 @@ def test_conv_transpose_attributes_match_onnxruntime(tmp_path, attrs, x_shape, w
     model.save(_rescaled_pair(model.graph), out)
     _assert_same_function(model, path, out)
     assert _inits(out)["wt"].shape == w_shape and not np.allclose(_inits(out)["wt"], _inits(path)["wt"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Layout of the front end's modules
+
+
+def test_front_end_parts_import_one_way():
+    """read <- translate, read <- write, (read, translate, write) <- upgrade, all <- the facade: no part
+    imports a part after it (an import cycle would make the split fragile), nor the facade."""
+    import ast
+
+    import pathcond_cli.frontends as frontends
+
+    order = ["onnx_read", "onnx_write", "onnx_translate", "onnx_upgrade", "onnx_frontend"]
+    folder = Path(frontends.__file__).parent
+    for i, module in enumerate(order):
+        tree = ast.parse((folder / f"{module}.py").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1}
+        assert not imported & set(order[i:]), f"{module} imports {sorted(imported & set(order[i:]))}"

@@ -1,0 +1,199 @@
+"""Writing new parameter values into an ONNX model, the last part of the ONNX front end
+(:mod:`.onnx_frontend` tells the whole story): the name plan (:func:`_plan_names`: which value every
+name gets), writing it into the ModelProto (stored tensors in place, views replaced by initializers,
+new tensors where needed), and saving the file with the external data layout (:func:`_save_proto`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from .onnx_read import _Names, data_file_for
+
+
+# --------------------------------------------------------------------------------------------------
+# The name plan: the value every name holding a static value gets.
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bitwise equality (NaN equals itself), without copying large tensors."""
+    if a is b:
+        return True
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.dtype.kind == "O":
+        return bool(np.array_equal(a, b))
+    bits = [np.ascontiguousarray(x).reshape(-1).view(np.uint8) for x in (a, b)]
+    return bool(np.array_equal(*bits))
+
+
+def _pick(candidates: list[np.ndarray], original: np.ndarray) -> np.ndarray:
+    """The value a name shared by conflicting readers keeps: its own if a reader still wants it
+    (graph outputs, non-parameter readers, unchanged roles), else the first reader's."""
+    return original if any(_same(c, original) for c in candidates) else candidates[0]
+
+
+@dataclass
+class _NamePlan:
+    """What the writer does: new values of stored tensors, views replaced by initializers of the same
+    name, and (only where one name is read directly by roles given different values) new tensors."""
+
+    roots: dict[str, np.ndarray] = field(default_factory=dict)  # stored tensor -> new value, in place
+    views: dict[str, np.ndarray] = field(default_factory=dict)  # view output -> value of its initializer
+    fresh: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)  # (node, slot) -> own new tensor
+
+
+def _plan_names(names: _Names, wanted: Mapping[tuple[int, int], np.ndarray | None]) -> _NamePlan:
+    """Give every name the value its direct readers want.
+
+    ``wanted`` holds the new value of each changed role, in the layout of the name it reads (None: the
+    value does not fit that name's shape, e.g. a broadcast scalar split per channel). Readers not in it
+    want the name's current value. A name with no direct reader (the start of an Identity chain) takes
+    a value one of the names below it wants, so that a chain with a single role is written in place."""
+    children: dict[str, list[str]] = {}
+    for name, (_, up) in names.parent.items():
+        children.setdefault(up, []).append(name)
+    plan, final = _NamePlan(), {}
+
+    def wants(name: str) -> list[np.ndarray]:
+        own = [wanted.get(r, names.values[name]) for r in names.readers.get(name, [])]
+        return [w for w in own if w is not None]
+
+    def below(name: str) -> list[np.ndarray]:
+        return wants(name) + [names.up(child, w) for child in children.get(name, []) for w in below(child)]
+
+    def visit(name: str, inherited: np.ndarray) -> None:
+        original, own = names.values[name], wants(name)
+        if names.origin[name] == ("computed", name):  # a computed value cannot be written in place
+            value = original
+        elif own:
+            value = _pick(own, original)
+        else:
+            deeper = below(name)
+            value = inherited if not deeper or any(_same(inherited, w) for w in deeper) else _pick(deeper, original)
+        final[name] = value
+        if name in names.parent and not _same(value, inherited):
+            plan.views[name] = value
+        elif name not in names.parent and not _same(value, original):
+            plan.roots[name] = value
+        for reader in names.readers.get(name, []):
+            if reader in wanted and (wanted[reader] is None or not _same(wanted[reader], value)):
+                plan.fresh[reader] = wanted[reader]
+        for child in children.get(name, []):
+            visit(child, names.down(child, value))
+
+    for name in names.values:
+        if name not in names.parent:
+            visit(name, names.values[name])
+    return plan
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing the plan into the model, and the model into its file(s).
+
+
+def _fresh_name(base: str, taken: set[str]) -> str:
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}.{i}", i + 1
+    taken.add(name)
+    return name
+
+
+def _add_initializer(model: onnx.ModelProto, value: np.ndarray, name: str) -> None:
+    model.graph.initializer.append(numpy_helper.from_array(value, name))
+    if model.ir_version < 4:  # before IR 4 every initializer is also a graph input
+        elem = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+        model.graph.input.append(onnx.helper.make_tensor_value_info(name, elem, value.shape))
+
+
+def _apply_plan(model: onnx.ModelProto, plan: _NamePlan,
+                layouts: Mapping[tuple[int, int], np.ndarray]) -> list[tuple[int, int, str, str]]:
+    """Write ``plan`` into ``model``: stored tensors in place, views replaced by initializers of their
+    name (the view node goes), and the rare role that needs a tensor of its own (new name, rewired).
+    Returns those rewired inputs: (node index, slot, name read before, new name)."""
+    taken = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
+    taken |= {v.name for v in model.graph.input}
+    rewired = []
+    for (index, slot), value in plan.fresh.items():
+        node = model.graph.node[index]
+        value = layouts[(index, slot)] if value is None else value
+        name = _fresh_name(f"{node.input[slot]}.pathcond.{slot}", taken)
+        _add_initializer(model, value, name)
+        rewired.append((index, slot, node.input[slot], name))
+        node.input[slot] = name
+    for name, value in plan.roots.items():
+        _write_in_place(model, name, value)
+    dropped = {i for i, node in enumerate(model.graph.node) if node.output and node.output[0] in plan.views}
+    for name, value in plan.views.items():
+        _add_initializer(model, value, name)
+    for index in sorted(dropped, reverse=True):
+        del model.graph.node[index]
+    return rewired
+
+
+def _write_in_place(model: onnx.ModelProto, name: str, stored: np.ndarray) -> None:
+    for tensor in model.graph.initializer:
+        if tensor.name == name:
+            tensor.CopyFrom(numpy_helper.from_array(stored, name))
+            return
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output[0] == name:
+            del node.attribute[:]
+            node.attribute.append(onnx.helper.make_attribute("value", numpy_helper.from_array(stored)))
+            return
+    raise KeyError(f"stored tensor {name!r} not found")  # pragma: no cover - names come from this model
+
+
+#: an initializer goes to the external data file when it holds at least this many bytes (onnx's own
+#: default threshold) and is not an integer or boolean tensor: shapes, axes and indices stay inline, as
+#: exporters keep them, because onnxruntime's shape inference cannot read external tensors.
+EXTERNAL_MIN_BYTES = 1024
+_INLINE_TYPES = frozenset({
+    TensorProto.INT8, TensorProto.INT16, TensorProto.INT32, TensorProto.INT64, TensorProto.UINT8,
+    TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64, TensorProto.BOOL, TensorProto.STRING})
+
+
+def _all_tensors(graph: onnx.GraphProto):
+    """Every tensor of a graph: initializers, attribute tensors (Constant values), subgraphs'."""
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                yield a.t
+            yield from a.tensors
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                yield from _all_tensors(sub)
+
+
+def _goes_external(tensor: TensorProto) -> bool:
+    if tensor.data_type in _INLINE_TYPES:
+        return False
+    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    return math.prod(tensor.dims) * itemsize >= EXTERNAL_MIN_BYTES
+
+
+def _save_proto(model: onnx.ModelProto, path: Path, external: bool, location: str | None = None) -> None:
+    """Write ``model`` (its tensors loaded); with ``external``, large float initializers go to
+    ``location`` (default ``<name>.data``) beside ``path``, whatever the input's own layout was."""
+    for tensor in _all_tensors(model.graph):  # onnx.load keeps the input's external markers
+        if tensor.data_location == TensorProto.EXTERNAL:
+            tensor.data_location = TensorProto.DEFAULT
+            del tensor.external_data[:]
+    if external:
+        location = location or data_file_for(path).name
+        data_file = path.parent / location
+        if data_file.exists():  # onnx appends to an existing data file
+            data_file.unlink()
+        for index, tensor in enumerate(model.graph.initializer):
+            if _goes_external(tensor):
+                if not tensor.HasField("raw_data"):
+                    tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
+                onnx.external_data_helper.set_external_data(tensor, location)
+    onnx.save_model(model, str(path))
