@@ -35,11 +35,10 @@ CAUGHT: dict[int, str] = {
     141: "ceil-mode pool length taken from ONNX shape inference, not onnxruntime's: false exit 3",
     187: "an input onnxruntime cannot load ended in exit 4 at verification (now: a refusal; the case is a skip)",
     390: "the solver diverged with g = 0 parameters: rescale exit 3 NumericalError, inspect exit 4 (OverflowError)",
+    687: "a TorchScript export (opset 13) whose adaptive max pool's kernel, sized from ONNX's ceil-mode shape "
+         "inference, is one longer than its input: onnxruntime clips the window, pathcond refused (exit 3)",
 }
-KNOWN_FAILURES: dict[int, str] = {
-    687: "ceil-mode MaxPool (TorchScript, opset 13): onnxruntime runs a length-6 output, pathcond sizes it 5, so "
-         "the next MaxPool's kernel 6 does not fit: false exit 3",
-}
+KNOWN_FAILURES: dict[int, str] = {}
 
 CASES = [pytest.param(s, id=f"seed{s}") for s in PASSING + sorted(CAUGHT)] + [
     pytest.param(s, id=f"seed{s}", marks=_xfail(why)) for s, why in sorted(KNOWN_FAILURES.items())

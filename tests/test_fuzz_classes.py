@@ -303,3 +303,46 @@ def test_reshape_op_path_statistics_match_brute_force():
     assert [r.key for r in groups.roles] == [r.key for r in build_groups(plain).roles]
     for role, log_g in zip(groups.roles, stats.log_g):
         np.testing.assert_allclose(torch.exp(log_g).numpy(), ref.g_of(role.key, role.shape), rtol=1e-9)
+
+
+def _pool_longer_than_input(op: str, **attrs) -> onnx.ModelProto:
+    """Conv1d → Relu → a pool whose window is one longer than its input → Flatten → Gemm, as the TorchScript
+    exporter writes an adaptive max pool sized from ONNX's (one-too-many) ceil-mode shape inference."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 2, 1)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b"),
+             numpy_helper.from_array(rng.standard_normal((3, 4)).astype(np.float32), "fc_w"),
+             numpy_helper.from_array(rng.standard_normal(3).astype(np.float32), "fc_b")]
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"]), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node(op, ["r"], ["p"], kernel_shape=[6], strides=[6], **attrs),
+             helper.make_node("Flatten", ["p"], ["f"]), helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("op, attrs", [("MaxPool", {}), ("AveragePool", {})], ids=["max", "avg"])
+def test_pool_window_longer_than_its_input_is_clipped_as_onnxruntime_does(op, attrs, tmp_path):
+    source, target = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(_pool_longer_than_input(op, **attrs), source)
+    result = runner.invoke(app, ["rescale", str(source), str(target), "--quiet"])
+    assert result.exit_code == 0, result.output
+    x = np.random.default_rng(1).standard_normal((1, 2, 5)).astype(np.float32)
+    a, b = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+            for p in (source, target))
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max()
+    changed = [n for n in ("w", "fc_w") if not np.array_equal(
+        *(onnx.numpy_helper.to_array(next(t for t in onnx.load(p).graph.initializer if t.name == n))
+          for p in (source, target)))]
+    assert changed
+
+
+def test_pool_window_longer_than_its_input_counting_padding_is_refused(tmp_path):
+    source = tmp_path / "in.onnx"
+    onnx.save(_pool_longer_than_input("AveragePool", count_include_pad=1), source)
+    result = runner.invoke(app, ["inspect", str(source), "--quiet"])
+    assert result.exit_code == 3 and "counts padding" in " ".join(result.output.split()), result.output

@@ -278,8 +278,26 @@ def _pool_attrs(ctx: _Context) -> dict:
     strides = list(_attr(node, "strides", [1] * d))
     dilations = list(_attr(node, "dilations", [1] * d))
     pads = _spatial_pads(ctx, kernel, strides, dilations)
-    return {"kernel": kernel, "stride": strides, "dilation": dilations, "pads": pads,
-            "ceil_mode": bool(_attr(node, "ceil_mode", 0))}
+    ceil_mode = bool(_attr(node, "ceil_mode", 0))
+    if not ceil_mode:
+        pads = _clipped_window_pads(ctx.shape(0)[2:], kernel, strides, dilations, pads)
+    return {"kernel": kernel, "stride": strides, "dilation": dilations, "pads": pads, "ceil_mode": ceil_mode}
+
+
+def _clipped_window_pads(spatial, kernel, strides, dilations, pads: list[int]) -> list[int]:
+    """onnxruntime sizes a pool as ``(span // stride) + 1`` with C's division, which rounds toward zero:
+    a window a little longer than its (padded) input still gives one output, over the values it covers.
+    The TorchScript exporter writes such pools (an adaptive max pool sized from ONNX's shape inference,
+    which counts one ceil-mode window too many upstream). Padding the end so that the window fits gives
+    the same output: padded values are ignored by max pooling and by averages without
+    ``count_include_pad``."""
+    d = len(kernel)
+    pads = list(pads)
+    for i, length in enumerate(spatial):
+        span = length + pads[i] + pads[d + i] - dilations[i] * (kernel[i] - 1) - 1
+        if -strides[i] < span < 0:
+            pads[d + i] -= span
+    return pads
 
 
 def _maxpool(ctx: _Context) -> None:
@@ -294,6 +312,10 @@ def _maxpool(ctx: _Context) -> None:
 def _avgpool(ctx: _Context) -> None:
     attrs = _pool_attrs(ctx)
     attrs["count_include_pad"] = bool(_attr(ctx.node, "count_include_pad", 0))
+    if attrs["count_include_pad"] and attrs["pads"] != list(_spatial_pads(ctx, attrs["kernel"], attrs["stride"],
+                                                                          attrs["dilation"])):
+        raise _Refuse("its window is longer than its padded input and it counts padding in the average "
+                      "(onnxruntime's result there is not a plain average pool)")
     ctx.emit("avgpool", [ctx.x(0)], attrs=attrs)
 
 
