@@ -29,6 +29,7 @@ from tests import nets
 from tests.reference import reference
 from tests.test_cli import invoke, ort_outputs
 from tests.test_core_paths import Net, mlp, role_tag
+from tests.conftest import slow_params
 from tests.test_core_solver import PerParamObjective
 
 # --------------------------------------------------------------------------------------------------
@@ -216,7 +217,7 @@ def leaves_range(graph: Graph, groups, u: torch.Tensor, slack: float = 1.0) -> b
     return False
 
 
-@pytest.mark.parametrize("seed", [4, 6, 10, 14, 20, 29])
+@pytest.mark.parametrize("seed", slow_params([4, 6, 10, 14, 20, 29], lambda seed: seed != 6))
 def test_bounded_solve_reaches_scipy_constrained_minimum(seed):
     """When the unbounded optimum leaves float16's range, the bounded solve reaches scipy's minimum of the
     brute-force objective under the per-parameter range constraints, and the result stays inside."""
@@ -285,7 +286,7 @@ def initializers(path: Path) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", slow_params(MODELS, lambda name: name.startswith("chain300")))
 def test_rescale_beyond_dtype_range_is_bounded(name, tmp_path):
     model, shape = MODELS[name]()
     dtype = next(model.parameters()).dtype
