@@ -481,9 +481,6 @@ class _Translator:
     def _op_conv(self, node, a, first, x):
         return self._conv(node, a, x, transposed=bool(a.get("transposed")) or node.target in TRANSPOSED_CONV_OPS)
 
-    def _op_batchnorm(self, node, a, first, x):
-        return self._batchnorm(node, a, x)
-
     def _op_relu(self, node, a, first, x):
         return self._emit(node, "relu", [self._tensor(x)])
 
@@ -516,12 +513,6 @@ class _Translator:
             raise _Unsupported("where(x > 0, x, w * x) with a slope w that is not per channel")
         return self._emit(node, "prelu", [x], {"slope": w.key})
 
-    def _op_maxpool(self, node, a, first, x):
-        return self._maxpool(node, a, x)
-
-    def _op_avgpool(self, node, a, first, x):
-        return self._avgpool(node, a, x)
-
     def _op_upsample(self, node, a, first, x):
         """Nearest (or nearest-exact) upsampling by whole factors: each input pixel repeated."""
         before, after = _meta_shape(first), _meta_shape(node)
@@ -552,26 +543,8 @@ class _Translator:
         attrs = {"size": [int(n) for n in after[2:]], "coords": "align_corners" if corners else "half_pixel"}
         return self._emit(node, "resize_linear", [self._tensor(x)], attrs=attrs)
 
-    def _op_adaptive(self, node, a, first, x):
-        return self._adaptive(node, a, x, node.target in ADAPTIVE_MAX_OPS)
-
-    def _op_mean(self, node, a, first, x):
-        return self._mean(node, a, x)
-
-    def _op_amax(self, node, a, first, x):
-        return self._amax(node, a, x)
-
-    def _op_add(self, node, a, first, x):
-        return self._add(node, a, x)
-
-    def _op_mul(self, node, a, first, x):
-        return self._mul(node, a, x, divide=node.target in DIV_OPS)
-
     def _op_neg(self, node, a, first, x):
         return self._emit(node, "scale", [self._tensor(x)], attrs={"value": -1.0})
-
-    def _op_cat(self, node, a, first, x):
-        return self._cat(node, a)
 
     def _op_view(self, node, a, first, x):
         if isinstance(x, PVal) and not x.transposed:
@@ -666,7 +639,7 @@ class _Translator:
                  "pads": p + p, "output_padding": _ints(a.get("output_padding"), d, 0)}
         return self._emit(node, "conv_transpose", [x], self._conv_params(a, w), attrs, swap={"weight": groups})
 
-    def _batchnorm(self, node, a, x):
+    def _op_batchnorm(self, node, a, first, x):
         x = self._tensor(x)
         if a.get("training", False):
             raise _Unsupported("BatchNorm in training mode (export the model in eval mode)")
@@ -691,7 +664,7 @@ class _Translator:
                                            for _ in range(len(val) - 1)))
         return out
 
-    def _maxpool(self, node, a, x):
+    def _op_maxpool(self, node, a, first, x):
         x = self._tensor(x)
         shape = self._in_shape(node)
         d = 1 if "1d" in _name(node.target) else 2
@@ -709,7 +682,7 @@ class _Translator:
             return TupleVal((out, _Unusable("max-pool indices are not supported")))
         return out
 
-    def _avgpool(self, node, a, x):
+    def _op_avgpool(self, node, a, first, x):
         x = self._tensor(x)
         shape = self._in_shape(node)
         d = 1 if "1d" in _name(node.target) else 2
@@ -724,7 +697,8 @@ class _Translator:
                                                        "ceil_mode": bool(a.get("ceil_mode")),
                                                        "count_include_pad": bool(a.get("count_include_pad", True))})
 
-    def _adaptive(self, node, a, x, is_max: bool):
+    def _op_adaptive(self, node, a, first, x):
+        is_max = node.target in ADAPTIVE_MAX_OPS
         x = self._tensor(x)
         shape = self._in_shape(node)
         if shape is None or any(s is None for s in shape[2:]):
@@ -748,7 +722,7 @@ class _Translator:
             return TupleVal((result, _Unusable("max-pool indices are not supported")))
         return result
 
-    def _mean(self, node, a, x):
+    def _op_mean(self, node, a, first, x):
         x = self._tensor(x)
         shape = self._in_shape(node)
         if shape is None:
@@ -759,7 +733,7 @@ class _Translator:
             raise _Unsupported("mean over axes other than all the spatial ones")
         return self._emit(node, "global_avgpool", [x], attrs={"keepdim": bool(a.get("keepdim"))})
 
-    def _amax(self, node, a, x):
+    def _op_amax(self, node, a, first, x):
         """A max over spatial axes (``x.amax(dim=(2, 3))``, a hand-written global max pool) is a max pool
         whose window spans them; over the batch or channel axis it mixes channels."""
         x = self._tensor(x)
@@ -801,7 +775,7 @@ class _Translator:
         padded = (1,) * (len(x_shape) - len(ps)) + ps
         return padded[1] == x_shape[1] and all(s == 1 for i, s in enumerate(padded) if i != 1)
 
-    def _add(self, node, a, x):
+    def _op_add(self, node, a, first, x):
         other = self._val(a["other"])
         alpha = self._scalar(CVal(a.get("alpha", 1)))
         if alpha is not None and alpha != 1.0:
@@ -824,7 +798,8 @@ class _Translator:
             raise _Unsupported("addition of a constant (not positively homogeneous)")
         raise _Unsupported("addition of two parameters/constants")
 
-    def _mul(self, node, a, x, divide: bool):
+    def _op_mul(self, node, a, first, x):
+        divide = node.target in DIV_OPS
         other = self._val(a["other"])
         if not isinstance(x, TVal) and isinstance(other, TVal) and not divide:
             x, other = other, x
@@ -847,7 +822,7 @@ class _Translator:
             return self._emit(node, "affine", [x], {"weight": other.key})
         raise _Unsupported("multiplication by a tensor that is neither a scalar nor a per-channel parameter")
 
-    def _cat(self, node, a):
+    def _op_cat(self, node, a, first, x):
         items = self._val(a["tensors"])
         shape = _meta_shape(node)
         r = len(shape) if shape is not None else None
