@@ -19,6 +19,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from pathcond_cli.cli import app
+from tests.conftest import slow_params
 
 runner = CliRunner()
 
@@ -135,7 +136,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("exporter", ["dynamo_noopt", "dynamo"])
+@pytest.mark.parametrize("exporter", slow_params(["dynamo_noopt", "dynamo"], lambda e: e == "dynamo_noopt"))
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_dynamo_exports_are_rescaled(case, exporter, tmp_path):
     module, shape = CASES[case]()

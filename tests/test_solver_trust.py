@@ -286,7 +286,7 @@ def initializers(path: Path) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
 
 
-@pytest.mark.parametrize("name", slow_params(MODELS, lambda name: name.startswith("chain300")))
+@pytest.mark.parametrize("name", slow_params(MODELS, lambda name: name not in ("layer1e-37-f32", "layer1e-3-f16")))
 def test_rescale_beyond_dtype_range_is_bounded(name, tmp_path):
     model, shape = MODELS[name]()
     dtype = next(model.parameters()).dtype

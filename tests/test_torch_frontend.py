@@ -24,7 +24,7 @@ from pathcond_cli.frontends.torch_frontend import (
 from pathcond_cli.verify import verify
 from tests import nets
 from tests.arch_factories import TwoNamesTied
-from tests.conftest import random_inputs
+from tests.conftest import random_inputs, slow_params
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=UserWarning)
@@ -403,7 +403,7 @@ def test_decomposed_exported_program():
     _assert_module_matches(model, graph, (1, 3, 16, 16))
 
 
-@pytest.mark.parametrize("name", sorted(nets.ZOO))
+@pytest.mark.parametrize("name", slow_params(sorted(nets.ZOO), lambda name: name != "resnet_like"))
 def test_zoo_core_aten_decomposition(name):
     factory, shape = nets.ZOO[name]
     model = factory()
@@ -514,7 +514,7 @@ def _feeds(model, seed: int, batch: int | None = None) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("name", FILE_MODELS)
+@pytest.mark.parametrize("name", slow_params(FILE_MODELS, lambda name: name not in ("mlp", "resnet_like")))
 def test_load_ir_matches_runtime(fmt, name, tmp_path):
     path, opts = _write(fmt, name, tmp_path)
     before = sorted(p.name for p in tmp_path.iterdir())
