@@ -241,7 +241,7 @@ class Output:
                                         "exit_code": EXIT_INTERNAL}}, indent=2))
 
     def error(self, exc: PathcondError) -> None:
-        self.err.print(f"[bold red]error:[/] {escape(str(exc))}")
+        self.err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)  # paths stay whole
         if isinstance(exc, UnsupportedModelError) and exc.offenders:
             table = Table(title="nodes that keep this model from being a ReLU network")
             for col in ("node", "op", "why"):

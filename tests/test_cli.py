@@ -321,3 +321,15 @@ def test_torch_library_logs_are_not_printed(tmp_path):
                            "--quiet", "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == "" and proc.stdout == ""
+
+
+def test_error_messages_keep_long_paths_whole(mlp_onnx, tmp_path):
+    """An error naming a file prints it on one line: a path broken by the console's wrapping cannot be
+    copied back into a command."""
+    folder = tmp_path / ("a_rather_long_folder_name_" * 4) / ("and_another_one_" * 4)
+    folder.mkdir(parents=True)
+    out = folder / "out.onnx"
+    out.write_bytes(b"somebody's model")
+    result = invoke("rescale", mlp_onnx, out)
+    assert result.exit_code == 2, result.output
+    assert str(out) in result.stderr.splitlines()[0], result.stderr
