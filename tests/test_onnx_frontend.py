@@ -610,3 +610,20 @@ def test_front_end_parts_import_one_way():
         tree = ast.parse((folder / f"{module}.py").read_text())
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1}
         assert not imported & set(order[i:]), f"{module} imports {sorted(imported & set(order[i:]))}"
+
+
+def test_verification_makes_one_session_per_model(tmp_path, monkeypatch):
+    """Verification runs both files on several inputs; each file gets one onnxruntime session, not one per
+    input (a session costs more than a run on large models)."""
+    from pathcond_cli import jobs
+    from pathcond_cli.frontends import onnx_frontend
+
+    source = tmp_path / "in.onnx"
+    torch.onnx.export(nets.mlp(), torch.randn(1, 8), str(source), dynamo=False)
+    made = []
+    real = onnx_frontend._session
+    monkeypatch.setattr(onnx_frontend, "_session", lambda path: made.append(Path(path).name) or real(path))
+    result = jobs.rescale_model(source, tmp_path / "out.onnx", LoadOptions(), jobs.SolveOptions(device="cpu"),
+                                jobs.RescaleOptions(verify_inputs=4))
+    assert result.report["verification"]["passed"] and result.report["verification"]["inputs"] == 4
+    assert sorted(made) == ["in.onnx", "out.onnx"], made

@@ -89,6 +89,7 @@ class OnnxModel:
         self._names = names
         self._specs = specs
         self._external = external
+        self._sessions: dict[tuple, object] = {}  # one onnxruntime session per file version (verification)
 
     @property
     def has_batchnorm(self) -> bool:
@@ -129,7 +130,7 @@ class OnnxModel:
         dtypes = {spec.name: spec.dtype for spec in self._specs}
         feeds = {name: np.asarray(v, dtype=dtypes.get(name)) for name, v in inputs.items()}
         try:
-            session = _session(path)
+            session = self._session_for(Path(path))
         except Exception as exc:  # noqa: BLE001 - the input: say why it cannot be verified against
             if Path(path) != self.path:
                 raise  # the rewritten copy: pathcond's own fault
@@ -140,6 +141,15 @@ class OnnxModel:
                     pass
             raise _unrunnable(self.path, self._model, exc) from exc
         return [np.asarray(out) for out in session.run(None, feeds)]
+
+    def _session_for(self, path: Path):
+        """The onnxruntime session of ``path``, made once per version of the file: verification runs the
+        original and the rewritten model on several inputs, and a session costs more than a run."""
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        if key not in self._sessions:
+            self._sessions[key] = _session(path)
+        return self._sessions[key]
 
     def _run_relaid(self, exc: Exception, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Run the input when onnxruntime cannot open it as stored (small shape tensors in the external
