@@ -313,7 +313,7 @@ class _SavedModule(TorchModel):
     rewrite reads the whole file back so that every other entry is written untouched."""
 
     _what: ClassVar[str]  # how a missing --input-shape names the file
-    _device_warning: ClassVar[str]  # said when the file's tensors must come back on the CPU
+    _holder: ClassVar[str]  # whose tensors, in the warning when they must come back on the CPU
 
     def _translate(self, module: nn.Module) -> tuple[Translation, list[tuple[int, ...]]]:
         """The module's IR and the full input shapes, in forward's order."""
@@ -331,7 +331,8 @@ class _SavedModule(TorchModel):
         try:
             return torch.load(self.path, weights_only=weights_only)
         except RuntimeError:  # tensors on a device this machine lacks
-            self.warnings.append(self._device_warning)
+            self.warnings.append(f"the {self._holder}'s tensors were saved on a device not available here; the "
+                                 "rewritten file holds them on the CPU")
             return torch.load(self.path, map_location="cpu", weights_only=weights_only)
 
 
@@ -342,8 +343,7 @@ class StateDictCheckpoint(_SavedModule):
 
     format = "torch-state-dict"
     _what = "state_dict"
-    _device_warning = ("the checkpoint's tensors were saved on a device not available here; the rewritten "
-                       "file holds them on the CPU")
+    _holder = "checkpoint"
 
     def __init__(self, path: Path, options: LoadOptions):
         super().__init__(path, options)
@@ -401,8 +401,7 @@ class PickledModule(_SavedModule):
 
     format = "torch-module"
     _what = "pickled module"
-    _device_warning = ("the model's tensors were saved on a device not available here; the rewritten "
-                       "file holds them on the CPU")
+    _holder = "model"
 
     def __init__(self, path: Path, options: LoadOptions):
         super().__init__(path, options)
