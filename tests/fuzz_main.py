@@ -290,6 +290,21 @@ def check_keys(report: dict[str, Any], command: str) -> None:
             raise CheckFailed("report-keys", f"{command}: pinned entry lacks {sorted(PINNED_KEYS - set(item))}")
 
 
+def _json_report(command: str, src: Path, before: bytes, *paths: Path) -> dict[str, Any]:
+    """Run ``pathcond COMMAND SRC [PATHS] --json`` and check what every command owes: the input unchanged,
+    exit 0 (``exit-N`` for rescale, ``inspect-exit-N``), strict JSON with every documented key, a score
+    that did not rise."""
+    code, stdout, stderr = invoke(command, src, *paths, "--json", "--device", "cpu")
+    if src.read_bytes() != before:
+        raise CheckFailed("input-unchanged", f"{command} modified its input file")
+    if code != 0:
+        raise CheckFailed(f"exit-{code}" if command == "rescale" else f"{command}-exit-{code}", _error_text(stdout, stderr))
+    report = _strict_json(stdout, f"{command} --json stdout")
+    check_keys(report, command)
+    check_score(report["conditioning"], command)
+    return report
+
+
 def check_score(cond: dict[str, Any], command: str) -> None:
     before, after = cond["log10_score_before"], cond["log10_score_after"]
     if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (before, after)):
@@ -356,13 +371,7 @@ def _run_checks(model, shape, exporter: str, seed: int, folder: Path) -> dict[st
         raise
     features_opts["export_faithful"] = base.faithful
 
-    code, stdout, stderr = invoke("rescale", src, out, "--json", "--device", "cpu")
-    if src.read_bytes() != before:
-        raise CheckFailed("input-unchanged", "rescale modified its input file")
-    if code != 0:
-        raise CheckFailed(f"exit-{code}", _error_text(stdout, stderr))
-    report = _strict_json(stdout, "rescale --json stdout")
-    check_keys(report, "rescale")
+    report = _json_report("rescale", src, before, out)
     report_file = Path(str(out) + ".pathcond.json")
     if not report_file.exists() or _strict_json(report_file.read_text(), "report file") != report:
         raise CheckFailed("report-file", "OUT.pathcond.json missing or different from the JSON printed")
@@ -372,7 +381,6 @@ def _run_checks(model, shape, exporter: str, seed: int, folder: Path) -> dict[st
         raise CheckFailed("report-keys", "output.sha256 is not the output's")
     if not report["verification"]["passed"]:
         raise CheckFailed("verification", "exit 0 but verification.passed is false")
-    check_score(report["conditioning"], "rescale")
     if not report["conditioning"]["converged"]:
         cond = report["conditioning"]
         raise CheckFailed("converged", f"solver did not converge: {cond['sweeps']} sweeps, max |ln x| "
@@ -384,14 +392,7 @@ def _run_checks(model, shape, exporter: str, seed: int, folder: Path) -> dict[st
 
     info = check_equivalent(base, exporter, out)
 
-    code, stdout, stderr = invoke("inspect", src, "--json", "--device", "cpu")
-    if src.read_bytes() != before:
-        raise CheckFailed("input-unchanged", "inspect modified its input file")
-    if code != 0:
-        raise CheckFailed(f"inspect-exit-{code}", _error_text(stdout, stderr))
-    inspected = _strict_json(stdout, "inspect --json stdout")
-    check_keys(inspected, "inspect")
-    check_score(inspected["conditioning"], "inspect")
+    inspected = _json_report("inspect", src, before)
     for key in ("log10_score_before", "log10_score_after"):
         a, b = inspected["conditioning"][key], report["conditioning"][key]
         if _rel(10 ** min(a, 300), 10 ** min(b, 300)) > 1e-6:
