@@ -59,14 +59,13 @@ import torch
 from ..errors import UnsupportedModelError
 from ..ir import Graph
 from .base import InputSpec, LoadOptions
-from .onnx_read import (POOL_OPS, _attr, _input_shapes, _Names, _opset, _ParamRef, _read_model, _real_inputs,
-                        _uses_external_data)
+from .onnx_read import POOL_OPS, _attr, _input_shapes, _Names, _opset, _ParamRef, _read_model, _real_inputs
 from .onnx_translate import _node_names, _translate
 from .onnx_upgrade import _names_after_original, _upgrade, _writable
 from .onnx_write import _apply_plan, _plan_names, _save_proto
 
 # Names other code reads from this module (jobs.py's file checks, tests), now defined in its parts.
-from .onnx_read import _Refuse, data_file_for, external_data_files  # noqa: F401 - re-exported
+from .onnx_read import _Refuse, data_file_for, external_data_files  # noqa: F401 - jobs.py and tests import them here
 from .onnx_translate import CONVERTERS  # noqa: F401 - re-exported
 
 
@@ -220,7 +219,7 @@ def load_onnx(path: Path, options: LoadOptions | None = None) -> OnnxModel:
     path = Path(path)
     options = options or LoadOptions()
     model = _read_model(path)
-    external = _uses_external_data(path)
+    external = bool(external_data_files(path))
     shapes = _input_shapes(model, options)
     warnings: list[str] = []
     upgraded = _upgrade(model)

@@ -168,13 +168,6 @@ def _read_model(path: Path) -> onnx.ModelProto:
     return model
 
 
-def _uses_external_data(path: Path) -> bool:
-    proto = onnx.load(str(path), load_external_data=False)
-    tensors = list(proto.graph.initializer)
-    tensors += [a.t for n in proto.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
-    return any(onnx.external_data_helper.uses_external_data(t) for t in tensors)
-
-
 # -- pathcond's file checks (jobs.py): the files a model consists of, the side files a save writes ----
 
 
@@ -294,12 +287,11 @@ def _floor_next_ceil_pools(probe: onnx.ModelProto, info: Mapping) -> bool:
     """Rewrite the probe's ceil-mode pools, in graph order, as floor-mode pools of the same output size
     (the ceil-mode overhang added to the end pads, ir.pool_geometry's rule); stop after the first whose
     size ONNX's inference got wrong, since what follows it was inferred from that wrong size. Returns
-    whether a pool was rewritten.
+    whether shapes must be inferred again (a pool ONNX sized right, once rewritten, changes no shape).
 
     ONNX's shape inference gives ceil mode one window too many when the last window would start in the
     end padding; onnxruntime and PyTorch drop that window (a (1, 11, 7) AvgPool k=2 s=2 p=1 ceil is
     (1, 11, 4), not (1, 11, 5)), so every shape after such a pool would be wrong."""
-    changed = False
     for node in probe.graph.node:
         if node.op_type not in POOL_OPS or not _attr(node, "ceil_mode", 0):
             continue
@@ -307,11 +299,11 @@ def _floor_next_ceil_pools(probe: onnx.ModelProto, info: Mapping) -> bool:
             continue  # ceil_mode does not apply to automatic padding
         before = info.get(node.input[0], (None, 0))[0]
         if before is None:
-            return changed
+            return False
         kernel = list(_attr(node, "kernel_shape"))
         d = len(kernel)
         if len(before) != d + 2:
-            return changed
+            return False
         ir_node = Node(node.name, "maxpool", ("x",), "y", attrs={
             "kernel": kernel, "stride": list(_attr(node, "strides", [1] * d)),
             "dilation": list(_attr(node, "dilations", [1] * d)),
@@ -322,10 +314,9 @@ def _floor_next_ceil_pools(probe: onnx.ModelProto, info: Mapping) -> bool:
         keep = [a for a in node.attribute if a.name not in ("ceil_mode", "pads")]
         del node.attribute[:]
         node.attribute.extend(keep + [onnx.helper.make_attribute("pads", pads)])
-        changed = True
         if info.get(node.output[0], (None, 0))[0] != out:
-            return changed
-    return changed
+            return True
+    return False
 
 
 def _infer_probe(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]], folder: "_Folder") -> dict:

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import Offender, UnsupportedModelError
 from ..ir import Graph, GraphError, Node
-from .onnx_read import (MIN_OPSET, _attr, _Folder, _fold_graph, _Names, _names, _opset, _ParamRef, _Refuse,
+from .onnx_read import (_attr, _Folder, _fold_graph, _Names, _names, _opset, _ParamRef, _Refuse,
                         _text_attr, _Transform)
 
 HEAD_OPS = frozenset({"Softmax", "LogSoftmax", "Sigmoid"})
@@ -44,7 +44,6 @@ PREPROCESSING_OPS = frozenset({"Transpose", "Cast", "CastLike", "Reshape", "Unsq
 class _Context:
     model: onnx.ModelProto
     folder: _Folder
-    info: dict
     node_names: list[str]
     names: _Names
     nodes: list[Node] = field(default_factory=list)
@@ -777,15 +776,10 @@ def _frontier_inputs(ctx: _Context, model: onnx.ModelProto, pre: list[int], inpu
 
 def _translate(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], warnings: list[str],
                names: list[str] | None = None):
-    opset = _opset(model)
-    if opset < MIN_OPSET:
-        raise UnsupportedModelError(
-            f"the model uses opset {opset}; pathcond reads opset {MIN_OPSET} or later "
-            "(upgrade it with onnx.version_converter.convert_version)")
-    folder, info = _fold_graph(model, shapes, opset)
+    folder, _ = _fold_graph(model, shapes, _opset(model))  # the model is at MIN_OPSET or later (_upgrade)
     names = names or _node_names(model)
     stored = _names(model, folder)
-    ctx = _Context(model, folder, info, names, stored)
+    ctx = _Context(model, folder, names, stored)
     heads = _heads(model, folder)
     for head in heads.values():
         warnings.append(f"head {head.op_type} {names[list(model.graph.node).index(head)]!r} ignored for the "
@@ -795,7 +789,7 @@ def _translate(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], warni
     _convert(ctx, live)
     pre = _preprocessing(model, folder, live, list(shapes), ctx.offender_nodes) if ctx.offenders else []
     if pre:  # again, with the network starting after the input preprocessing
-        ctx = _Context(model, folder, info, names, stored)
+        ctx = _Context(model, folder, names, stored)
         _convert(ctx, [i for i in live if i not in set(pre)])
     _check_outputs(ctx, outputs)
     if ctx.offenders:

@@ -106,6 +106,11 @@ def _read_counts(model: onnx.ModelProto) -> dict[str, int]:
     return counts
 
 
+def _node_index(model: onnx.ModelProto) -> dict[tuple, int]:
+    """Each node's position, keyed by what identifies it across an upgrade: op, domain and outputs."""
+    return {(n.op_type, n.domain, tuple(n.output)): i for i, n in enumerate(model.graph.node)}
+
+
 def _rebase_refs(original: onnx.ModelProto, upgraded: onnx.ModelProto,
                  refs: Mapping[str, _ParamRef]) -> tuple[dict[str, _ParamRef] | None, str]:
     """The parameter references of the upgraded model moved onto the original graph, or (None, why not).
@@ -114,7 +119,7 @@ def _rebase_refs(original: onnx.ModelProto, upgraded: onnx.ModelProto,
     same tensor name at the same input, and that tensor is stored there with the same value and readers:
     then the original op gives the parameter the meaning the analysis used (the version converter
     adapts attributes, not parameter layouts) and the values can be written into the original file."""
-    index = {(n.op_type, n.domain, tuple(n.output)): i for i, n in enumerate(original.graph.node)}
+    index = _node_index(original)
     readers_before, readers_after = _read_counts(original), _read_counts(upgraded)
     stored = _stored_tensors(original)
     rebased = {}
@@ -142,7 +147,7 @@ def _rebase_names(original: onnx.ModelProto, upgraded: onnx.ModelProto, names: _
     reads (or is a view of) a parameter's stored tensor is not in the original. Names unrelated to any
     parameter (the converter's own Constant nodes: Unsqueeze axes, Resize scales) are left out: the
     writer never changes them."""
-    index = {(n.op_type, n.domain, tuple(n.output)): i for i, n in enumerate(original.graph.node)}
+    index = _node_index(original)
 
     def move(i: int) -> int | None:
         if i < 0:

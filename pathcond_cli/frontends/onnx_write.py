@@ -179,15 +179,15 @@ def _goes_external(tensor: TensorProto) -> bool:
     return math.prod(tensor.dims) * itemsize >= EXTERNAL_MIN_BYTES
 
 
-def _save_proto(model: onnx.ModelProto, path: Path, external: bool, location: str | None = None) -> None:
+def _save_proto(model: onnx.ModelProto, path: Path, external: bool) -> None:
     """Write ``model`` (its tensors loaded); with ``external``, large float initializers go to
-    ``location`` (default ``<name>.data``) beside ``path``, whatever the input's own layout was."""
+    ``data_file_for(path)`` beside it, whatever the input's own layout was."""
     for tensor in _all_tensors(model.graph):  # onnx.load keeps the input's external markers
         if tensor.data_location == TensorProto.EXTERNAL:
             tensor.data_location = TensorProto.DEFAULT
             del tensor.external_data[:]
     if external:
-        location = location or data_file_for(path).name
+        location = data_file_for(path).name
         data_file = path.parent / location
         if data_file.exists():  # onnx appends to an existing data file
             data_file.unlink()
