@@ -13,7 +13,6 @@ registered), through the same engine as the CLI.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +24,7 @@ from .analysis import Analysis, analyze, rescaled_params
 from .errors import VerificationError
 from .frontends.base import InputSpec
 from .report import build_report
+from .timing import timed
 from .verify import Runner, compare_cases, run_cases, verification_cases
 
 if TYPE_CHECKING:
@@ -142,18 +142,17 @@ def rescale_module_(
     train = any(n.op == "batchnorm" for n in analysis.graph.nodes)
     cases = verification_cases(specs, n_inputs=verify_inputs, seed=seed, train=train)
     cuda = _cuda_devices(module)
-    start = time.perf_counter()
-    before = run_cases(runner, cases, cuda)  # the reference: before any value changes
-    originals = {k: v.detach().clone() for k, v in _state_tensors(module).items() if k in new}
-    _copy_into(module, new)
-    try:
-        after = run_cases(runner, cases, cuda)
-        dtypes = floating_dtypes(_state_tensors(module).values()) | set(input_dtypes)
-        result = compare_cases(cases, before, after, n_inputs=verify_inputs, rtol=rtol, dtypes=dtypes)
-    except BaseException:
-        _copy_into(module, originals)
-        raise
-    timings["verify"] = time.perf_counter() - start
+    with timed(timings, "verify"):
+        before = run_cases(runner, cases, cuda)  # the reference: before any value changes
+        originals = {k: v.detach().clone() for k, v in _state_tensors(module).items() if k in new}
+        _copy_into(module, new)
+        try:
+            after = run_cases(runner, cases, cuda)
+            dtypes = floating_dtypes(_state_tensors(module).values()) | set(input_dtypes)
+            result = compare_cases(cases, before, after, n_inputs=verify_inputs, rtol=rtol, dtypes=dtypes)
+        except BaseException:
+            _copy_into(module, originals)
+            raise
     report = build_report(analysis, input_info=_module_info(module), verification=result, timings=timings)
     report["changed"] = sorted(new)
     if not result.passed:

@@ -217,10 +217,8 @@ def _create_exclusive(staged: Path, final: Path) -> None:
     try:
         try:
             os.link(staged, final)
-        except FileExistsError:
-            raise
         except OSError as exc:
-            if exc.errno not in _NO_HARD_LINKS:
+            if exc.errno not in _NO_HARD_LINKS:  # FileExistsError (EEXIST) included: handled below
                 raise
             with open(staged, "rb") as src, open(final, "xb") as dst:
                 try:

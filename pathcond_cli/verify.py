@@ -30,8 +30,6 @@ Runner = Callable[[Mapping[str, np.ndarray], bool], Sequence[np.ndarray]]
 RTOL_BY_DTYPE = {"float64": 1e-9, "float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
 #: default relative tolerance for the floating dtypes narrower than 16 bits (float8, float6, float4)
 RTOL_NARROW_FLOAT = 1.25e-1
-#: kept for callers that index by torch dtype
-DEFAULT_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 
 def _float_name(dtype: Any) -> str | None:
@@ -47,16 +45,14 @@ def _float_name(dtype: Any) -> str | None:
     return dt.name if dt.name.startswith(("float8", "float6", "float4")) else None
 
 
-def default_rtol(dtypes: Iterable[Any] | Mapping[str, torch.Tensor]) -> float:
-    """The tolerance of the least precise floating dtype among ``dtypes`` (torch or numpy dtypes, or a
-    mapping of tensors); 1e-4 when there is none.
+def default_rtol(dtypes: Iterable[Any]) -> float:
+    """The tolerance of the least precise floating dtype among ``dtypes`` (torch or numpy dtypes); 1e-4
+    when there is none.
 
     Callers pass every dtype the check depends on: the dtypes the rewritten values are stored in (they
     are rounded to those) *and* the ones the runtime computes in (its parameters as loaded, its inputs and
     outputs). A float64 state_dict loaded into a float32 module is checked at float32's tolerance; a
     bfloat16 one, at bfloat16's."""
-    if isinstance(dtypes, Mapping):
-        dtypes = [t.dtype for t in dtypes.values() if isinstance(t, torch.Tensor)]
     names = {name for name in map(_float_name, dtypes) if name is not None}
     return max((_rtol_of(name) for name in names), default=1e-4)
 
