@@ -860,8 +860,6 @@ OPS: dict[str, OpSpec] = {
     "reshape": OpSpec(Channels.SAME, _shape_reshape, _forward_reshape, _path_reshape),
 }
 
-#: ops whose output channels are new neurons (each output channel starts its own group)
-LAYER_OPS = frozenset(op for op, spec in OPS.items() if spec.channels is Channels.NEW)
 #: layers with a weight between input and output channels: their outputs are the hidden units
 WEIGHT_LAYER_OPS = frozenset(op for op, spec in OPS.items() if spec.hidden)
 

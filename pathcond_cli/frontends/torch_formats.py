@@ -38,6 +38,7 @@ from .torch_module import (
     _first_line,
     flatten_outputs,
     ordered_shapes,
+    reference_tensor,
     as_model_inputs,
     floating_dtypes,
     input_specs,
@@ -263,7 +264,7 @@ def _script_arg_names(ts: Any) -> list[str]:
 def _script_to_export(ts: Any, shapes: Sequence[tuple[int, ...]]) -> torch.export.ExportedProgram:
     """The TorchScript module as an ExportedProgram traced at batch 1 and these shapes: the converter
     makes every dimension dynamic, so its program is retraced to make reshapes and pooling windows static."""
-    ref = next((t for t in [*ts.parameters(), *ts.buffers()] if t.is_floating_point()), torch.zeros(()))
+    ref = reference_tensor(ts)
     args = tuple(torch.zeros((1, *s[1:]), dtype=ref.dtype) for s in shapes)
     try:
         from torch._export.converter import TS2EPConverter
@@ -297,10 +298,7 @@ class ScriptArchive(TorchModel):
 
     def _write(self, new_params: Mapping[str, torch.Tensor], path: Path) -> None:
         ts = _read_script(self.path)
-        state = ts.state_dict()
-        with torch.no_grad():
-            for k, v in self._expand(new_params).items():
-                state[k].copy_(_as_stored(v, state[k]))
+        _copy_into_module(ts, self._expand(new_params))
         torch.jit.save(ts, str(path))
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import Offender, Refusal, UnsupportedModelError
-from ..ir import Graph, GraphError, Node, swap_group_axes
+from ..ir import PAD_MODES, Graph, GraphError, Node, swap_group_axes
 
 aten = torch.ops.aten
 
@@ -865,7 +865,7 @@ def _op_pad(self, node, a, first, x):
     shape, given = _meta_shape(first), [int(v) for v in (a.get("pad") or a.get("padding") or [])]
     name = str(node.target)
     mode = "reflect" if "reflection" in name else "replicate" if "replication" in name else a.get("mode", "constant")
-    modes = {"constant": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+    modes = {torch_mode: onnx_mode for onnx_mode, torch_mode in PAD_MODES.items()}  # torch's names -> the IR's
     if mode not in modes or (mode == "constant" and float(a.get("value") or 0.0) != 0.0):
         raise _Unsupported(f"padding in mode {mode!r} with value {a.get('value')}: only zeros or copies")
     d = 0 if shape is None else len(shape) - 2
