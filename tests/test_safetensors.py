@@ -449,3 +449,22 @@ def test_shard_outside_the_index_folder_is_refused(tmp_path, shard):
     result = rescale(index, tmp_path / "out" / index.name, MLP)
     assert result.exit_code == 2, result.output
     assert said(result, "not a file name")
+
+
+def test_verification_runs_the_written_shards(tmp_path, monkeypatch):
+    """A wrong rescaling must fail verification (exit 1, nothing written): the rewritten checkpoint is run
+    from the output's own shards, not the input's."""
+    from pathcond_cli import analysis
+
+    def wrong(result):
+        params = analysis.rescaled_params(result)
+        key = next(k for k in sorted(params) if k.endswith("weight") and params[k].dim() == 2)
+        return {**params, key: params[key] * 1.5}
+
+    monkeypatch.setattr(jobs, "rescaled_params", wrong)
+    index, _ = write_sharded(nets.mlp(seed=6), tmp_path / "in")
+    out = tmp_path / "out" / index.name
+    out.parent.mkdir()
+    result = rescale(index, out, MLP)
+    assert result.exit_code == 1, result.output
+    assert listing(out.parent) == []
