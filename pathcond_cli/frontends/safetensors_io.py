@@ -67,24 +67,29 @@ class Layout:
         return where if self.index is None else where.parent / shard.name
 
 
-def _header(path: Path) -> tuple[dict, dict[str, str] | None]:
-    """The tensors' entries and the metadata of the safetensors file at ``path``, checked against the
-    file's size so that a truncated file is named as such (the package's messages do not say it)."""
+def _header_text(path: Path) -> tuple[bytes, int]:
+    """The header's bytes and how many bytes of tensor data follow it, checked against the file's size so
+    that a truncated file is named as such (the package's own messages do not say it)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as fh:
             raw_len = fh.read(8)
-            n = int.from_bytes(raw_len, "little") if len(raw_len) == 8 else -1
-            if n < 0:
+            if len(raw_len) < 8:
                 raise UsageError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+            n = int.from_bytes(raw_len, "little")
             if n > MAX_HEADER:
                 raise UsageError(f"{path}: corrupt safetensors file (header length {n} bytes)")
             if n > size - 8:
                 raise UsageError(f"{path}: truncated safetensors file: its header needs {n} bytes, "
                                  f"the file holds {size - 8} after the length")
-            text = fh.read(n)
+            return fh.read(n), size - 8 - n
     except OSError as exc:
         raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
+def _header(path: Path) -> tuple[dict, dict[str, str] | None]:
+    """The tensors' entries and the ``__metadata__`` of the safetensors file at ``path``."""
+    text, data = _header_text(path)
     try:
         header = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
@@ -95,17 +100,18 @@ def _header(path: Path) -> tuple[dict, dict[str, str] | None]:
     if metadata is not None and not (isinstance(metadata, dict)
                                      and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
         raise UsageError(f"{path}: corrupt safetensors file: __metadata__ is not a mapping of strings to strings")
-    ends = []
-    for name, entry in header.items():
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            raise UsageError(f"{path}: corrupt safetensors file: tensor {name!r} has no valid data_offsets")
-        ends.append(offsets[1])
-    data = size - 8 - n
+    ends = [_data_end(path, name, entry) for name, entry in header.items()]
     if ends and max(ends) > data:
         raise UsageError(f"{path}: truncated safetensors file: its tensors need {max(ends)} bytes after the "
                          f"header, the file holds {data}")
     return header, metadata
+
+
+def _data_end(path: Path, name: str, entry: object) -> int:
+    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        raise UsageError(f"{path}: corrupt safetensors file: tensor {name!r} has no valid data_offsets")
+    return offsets[1]
 
 
 def _file_shard(path: Path, name: str) -> Shard:
@@ -164,13 +170,13 @@ def read_layout(path: Path) -> Layout:
     return Layout(path, index, tuple(shards))
 
 
-def load_tensors(layout: Layout, where: Path | None = None) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint (of the copy at ``where`` when given), by name, on the CPU."""
+def load_tensors(layout: Layout) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint, by name, on the CPU."""
     from safetensors.torch import load_file
 
     tensors: dict[str, torch.Tensor] = {}
     for shard in layout.shards:
-        path = layout.shard_path(shard, where)
+        path = layout.shard_path(shard)
         try:
             tensors.update(load_file(str(path), device="cpu"))
         except Exception as exc:  # noqa: BLE001 - the package's errors are about the file
