@@ -468,3 +468,22 @@ def test_verification_runs_the_written_shards(tmp_path, monkeypatch):
     result = rescale(index, out, MLP)
     assert result.exit_code == 1, result.output
     assert listing(out.parent) == []
+
+
+def test_shard_that_appears_during_the_run_takes_every_file_back(tmp_path, monkeypatch):
+    """Index, shards and report are committed together or not at all."""
+    index, _ = write_sharded(nets.mlp(seed=8), tmp_path / "in")
+    out = tmp_path / "out" / index.name
+    out.parent.mkdir()
+    appeared = out.parent / SHARDS[1]
+    real = jobs.verify
+
+    def verify_then_create(*args, **kwargs):
+        appeared.write_bytes(b"another run's shard")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jobs, "verify", verify_then_create)
+    result = rescale(index, out, MLP)
+    assert result.exit_code == 2, result.output
+    assert said(result, "appeared")
+    assert listing(out.parent) == [SHARDS[1]] and appeared.read_bytes() == b"another run's shard"

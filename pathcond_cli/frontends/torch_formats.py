@@ -503,13 +503,13 @@ class SafetensorsCheckpoint(_SavedModule):
         except UsageError:
             raise UsageError(f"{self.path}: none of its tensor names match the --arch module's parameter names "
                              f"(file: {_some(stored)}; module: {_some(expected)}): check --arch") from None
-        in_file = self._load_tensors_into(module, stored, self.path)
+        in_file = self._load_file_into(module, stored, self.path)
         tr, shapes = self._translate(module.eval())
         held = {k: in_file[k] for k in tr.graph.params if k in in_file}
         tr.graph = tr.graph.with_params({k: v.detach().clone() for k, v in stored_layout(held, tr.swapped).items()})
         self._bind_module(module, tr, shapes)
 
-    def _load_tensors_into(self, module: nn.Module, stored: Mapping[str, torch.Tensor], path: Path) -> dict:
+    def _load_file_into(self, module: nn.Module, stored: Mapping[str, torch.Tensor], path: Path) -> dict:
         """Load the file's tensors into ``module``; the tensors by module name (tied names filled in)."""
         aliases = _alias_groups(module.state_dict(keep_vars=True))
         in_file = _tied_in_file(stored, aliases, self._prefix, path)
@@ -519,7 +519,7 @@ class SafetensorsCheckpoint(_SavedModule):
     def _fresh_module(self, path: Path) -> Any:
         layout = read_layout(path)
         module = _build_module(self.options)
-        self._load_tensors_into(module, load_tensors(layout), path)
+        self._load_file_into(module, load_tensors(layout), path)
         return module
 
     def _write(self, new_params: Mapping[str, torch.Tensor], path: Path) -> None:
