@@ -487,3 +487,21 @@ def test_shard_that_appears_during_the_run_takes_every_file_back(tmp_path, monke
     assert result.exit_code == 2, result.output
     assert said(result, "appeared")
     assert listing(out.parent) == [SHARDS[1]] and appeared.read_bytes() == b"another run's shard"
+
+
+def test_truncated_index_is_a_usage_error(tmp_path):
+    index, _ = write_sharded(nets.mlp(), tmp_path / "in")
+    index.write_bytes(index.read_bytes()[:-20])
+    (tmp_path / "out").mkdir()
+    result = rescale(index, tmp_path / "out" / index.name, MLP)
+    assert result.exit_code == 2, result.output
+    assert said(result, "not a valid safetensors index")
+    assert listing(tmp_path / "out") == []
+
+
+def test_key_is_refused_for_a_flat_file(tmp_path):
+    source = tmp_path / "m.safetensors"
+    save_file(state(nets.mlp()), source)
+    result = rescale(source, tmp_path / "o.safetensors", MLP, "--key", "model")
+    assert result.exit_code == 2, result.output
+    assert said(result, "leave --key out")
