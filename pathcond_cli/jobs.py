@@ -12,6 +12,7 @@ from typing import Any
 from .analysis import Analysis, analyze, rescaled_params
 from .errors import UsageError, VerificationError
 from .frontends.base import LoadedModel, LoadOptions
+from .frontends.safetensors_io import sniff as sniff_safetensors
 from .outputs import Role, StagedOutput, check_outputs, clear_stale_stages, commit_all, sha256
 from .report import build_report
 from .timing import timed
@@ -48,11 +49,13 @@ class JobResult:
 
 
 def detect_format(path: Path) -> str:
-    """"onnx" or "torch", from the file's content (a zip or pickle is torch; a protobuf is ONNX)."""
+    """"onnx" or "torch", from the file's content (safetensors, a zip or a pickle is torch; a protobuf is ONNX)."""
     if not path.exists():
         raise UsageError(f"{path} does not exist")
     if not path.is_file():
         raise UsageError(f"{path} is not a file")
+    if sniff_safetensors(path) is not None:  # a safetensors file or a sharded checkpoint's index
+        return "torch"
     if zipfile.is_zipfile(path):
         return "torch"
     with open(path, "rb") as fh:
@@ -100,7 +103,8 @@ def default_report_path(output: Path) -> Path:
 
 def file_roles(source: Path, target: Path, report_path: Path) -> tuple[list[Role], list[Role]]:
     """(every file the run will write, every file the input consists of), each with its role, known
-    before loading: ONNX external data files are read from the graph, without the tensors."""
+    before loading: ONNX external data files are read from the graph, without the tensors; the shards
+    of a sharded safetensors checkpoint from its index."""
     inputs: list[Role] = [("the input", source)]
     outputs: list[Role] = [("the output", target)]
     if detect_format(source) == "onnx":
@@ -110,6 +114,12 @@ def file_roles(source: Path, target: Path, report_path: Path) -> tuple[list[Role
         inputs += [("the input's external data file", p) for p in data]
         if data:
             outputs.append(("the output's external data file", data_file_for(target)))
+    elif sniff_safetensors(source) == "index":
+        from .frontends.safetensors_io import shard_roles
+
+        shards_out, shards_in = shard_roles(source, target)
+        inputs += shards_in
+        outputs += shards_out
     outputs.append(("the report", report_path))
     return outputs, inputs
 

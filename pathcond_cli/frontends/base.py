@@ -57,7 +57,7 @@ class LoadOptions:
 class LoadedModel(Protocol):
     """A model read from a file, ready to be analysed, rewritten and run."""
 
-    format: str  # "onnx", "torch-state-dict", "torch-export", "torchscript", "torch-module"
+    format: str  # "onnx", "torch-state-dict", "torch-export", "torchscript", "torch-module", "safetensors"
     path: Path
     graph: Graph  # parameters as stored (their own dtype)
     warnings: list[str]  # things the user should know (printed, and kept in the report)

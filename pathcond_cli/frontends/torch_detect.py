@@ -3,7 +3,8 @@
 Two steps: :func:`detect_torch_format` reads the zip archive's top-level records (torch.export,
 TorchScript, or a plain ``torch.save`` file); a ``torch.save`` file is then unpickled and
 :func:`pickle_format` tells a state_dict / checkpoint dict from a pickled ``nn.Module``. :func:`detect`
-does both and returns a key of :data:`.torch_formats.FORMAT_CLASSES`.
+does both and returns a key of :data:`.torch_formats.FORMAT_CLASSES`. A safetensors file (or a sharded
+checkpoint's index) is told by its first bytes (:func:`.safetensors_io.sniff`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 
 from ..errors import UsageError
 from .base import LoadOptions
+from .safetensors_io import sniff as sniff_safetensors
 from .torch_checkpoint import _find_module
 
 
@@ -61,9 +63,13 @@ def _records_format(records: set[str]) -> str | None:
 
 def detect_torch_format(path: Path) -> str:
     """"torch-export", "torchscript" or "torch-pickle" (a plain ``torch.save`` file: state dict,
-    checkpoint or pickled module, told apart when loading), from the archive's top-level records."""
+    checkpoint or pickled module, told apart when loading), from the archive's top-level records; or
+    "safetensors" (a safetensors file, or the index of a sharded one), from its first bytes: it is no
+    archive, and it is told first since its tensors' bytes could look like a zip directory's end."""
     if not path.is_file():
         raise UsageError(f"{path} does not exist or is not a file")
+    if sniff_safetensors(path) is not None:
+        return "safetensors"
     if zipfile.is_zipfile(path):
         fmt = _records_format(archive_records(_zip_names(path)))
         if fmt is None:

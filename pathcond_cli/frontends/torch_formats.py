@@ -31,6 +31,7 @@ from .torch_checkpoint import (
     _has_optimizer_state,
     _load_into,
 )
+from .safetensors_io import Layout, load_tensors, read_layout, write_like
 from .torch_detect import Unpickled, _load_pickle
 from .torch_graph import Translation, translate
 from .torch_module import (
@@ -66,6 +67,16 @@ def _in_order(shapes: Mapping[str, tuple[int, ...]], names: list[str]) -> list[t
 
 def _has_batchnorm(graph: Graph) -> bool:
     return any(n.op == "batchnorm" for n in graph.nodes)
+
+
+def _arch_module(path: Path, options: LoadOptions) -> nn.Module:
+    """The ``--arch`` module a file of weights loads into (the same message for every such format)."""
+    if not options.arch:
+        raise UsageError(
+            f"{path} is a state_dict (weights only, no architecture): pass --arch package.module:factory "
+            "naming an importable function that builds the nn.Module (and --arch-kwargs for its keyword "
+            "arguments), e.g. --arch torchvision.models:resnet18")
+    return _build_module(options)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -362,12 +373,7 @@ class StateDictCheckpoint(_SavedModule):
 
     def _module_from_container(self, container: Mapping) -> tuple[nn.Module, Mapping[str, torch.Tensor]]:
         """The --arch module with the file's state_dict loaded (in eval mode), and that state_dict."""
-        if not self.options.arch:
-            raise UsageError(
-                f"{self.path} is a state_dict (weights only, no architecture): pass --arch package.module:factory "
-                "naming an importable function that builds the nn.Module (and --arch-kwargs for its keyword "
-                "arguments), e.g. --arch torchvision.models:resnet18")
-        module = _build_module(self.options)
+        module = _arch_module(self.path, self.options)
         self._sd_path, self._prefix = _find_state_dict(container, set(module.state_dict().keys()), self.options.key)
         stored = _get(container, self._sd_path)
         _load_into(module, stored, self._prefix)
@@ -430,6 +436,105 @@ class PickledModule(_SavedModule):
 
 
 # --------------------------------------------------------------------------------------------------
+# safetensors: a state_dict in one file, or sharded behind an index
+
+
+def _tied_in_file(stored: Mapping[str, torch.Tensor], aliases: Mapping[str, list[str]],
+                  prefix: str, path: Path) -> dict[str, torch.Tensor]:
+    """The file's tensors by module name, each name the --arch module ties to one the file holds filled
+    in: safetensors cannot store shared tensors, so a writer keeps one name of each tied group (as
+    ``safetensors.torch.save_model`` does) or a copy under each. Copies must be equal: the module holds
+    one value for all of them, and so will the output."""
+    own = {k[len(prefix):]: v for k, v in stored.items() if k.startswith(prefix)}
+    filled = dict(own)
+    seen: set[int] = set()
+    for names in aliases.values():
+        if len(names) < 2 or id(names) in seen:
+            continue
+        seen.add(id(names))
+        present = [k for k in names if k in own]
+        if not present:
+            continue
+        first = own[present[0]]
+        for k in present[1:]:
+            if own[k].shape != first.shape or not torch.equal(own[k], first):
+                raise UsageError(
+                    f"{path}: {prefix + present[0]} and {prefix + k} hold different values, but the --arch module "
+                    "ties them (one parameter): only one of them would be loaded. Check --arch, or store one value")
+        for k in names:
+            filled.setdefault(k, first)
+    return filled
+
+
+def _some(names: Iterable[str], shown: int = 5) -> str:
+    names = sorted(names)
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "") or "none"
+
+
+class SafetensorsCheckpoint(_SavedModule):
+    """A state_dict in a safetensors file, or a sharded checkpoint given by its index
+    (``model.safetensors.index.json``): the module is rebuilt with ``--arch package.module:factory`` and
+    the tensors loaded into it by name (keys may carry a ``module.`` / ``model.`` prefix). The rewrite
+    keeps every other tensor, each file's ``__metadata__``, the shard names and the index.
+
+    Tied parameters are one parameter of the --arch module (one IR key): the file may hold them under
+    every name (equal copies) or under one; the output holds the one rescaled value under each name the
+    input held."""
+
+    format = "safetensors"
+    _what = "safetensors state_dict"
+    _holder = "checkpoint"
+
+    def __init__(self, path: Path, options: LoadOptions):
+        super().__init__(path, options)
+        self._layout: Layout
+        self._prefix = ""  # what the file's names carry before the module's
+
+    def _load(self, content: Unpickled | None) -> None:
+        if self.options.key is not None:
+            raise UsageError("--key picks an entry of a checkpoint dict; a safetensors file holds one flat "
+                             "state_dict: leave --key out")
+        self._layout = read_layout(self.path)
+        stored = load_tensors(self._layout)
+        module = _arch_module(self.path, self.options)
+        expected = set(module.state_dict().keys())
+        try:
+            _, self._prefix = _find_state_dict(stored, expected, None)
+        except UsageError:
+            raise UsageError(f"{self.path}: none of its tensor names match the --arch module's parameter names "
+                             f"(file: {_some(stored)}; module: {_some(expected)}): check --arch") from None
+        in_file = self._load_file_into(module, stored, self.path)
+        tr, shapes = self._translate(module.eval())
+        held = {k: in_file[k] for k in tr.graph.params if k in in_file}
+        tr.graph = tr.graph.with_params({k: v.detach().clone() for k, v in stored_layout(held, tr.swapped).items()})
+        self._bind_module(module, tr, shapes)
+
+    def _load_file_into(self, module: nn.Module, stored: Mapping[str, torch.Tensor], path: Path) -> dict:
+        """Load the file's tensors into ``module``; the tensors by module name (tied names filled in)."""
+        aliases = _alias_groups(module.state_dict(keep_vars=True))
+        in_file = _tied_in_file(stored, aliases, self._prefix, path)
+        _load_into(module, in_file, "")
+        return in_file
+
+    def _fresh_module(self, path: Path) -> Any:
+        layout = read_layout(path)
+        module = _build_module(self.options)
+        self._load_file_into(module, load_tensors(layout), path)
+        return module
+
+    def _write(self, new_params: Mapping[str, torch.Tensor], path: Path) -> None:
+        tensors = load_tensors(self._layout)  # the input again: every other tensor is written as it was
+        for k, v in new_params.items():
+            # each tied name the file holds (one the file left out stays out), a copy each: no shared storage
+            names = [self._prefix + a for a in self._aliases.get(k, [k]) if self._prefix + a in tensors]
+            if not names:
+                raise KeyError(f"{k!r} is not in the safetensors file under any of its tied names")
+            for name in names:
+                tensors[name] = _as_stored(v, tensors[name]).contiguous()
+        write_like(self._layout, tensors, path)
+
+
+# --------------------------------------------------------------------------------------------------
 # The one lookup: detected format -> its class
 
 FORMAT_CLASSES: dict[str, type[TorchModel]] = {
@@ -437,5 +542,6 @@ FORMAT_CLASSES: dict[str, type[TorchModel]] = {
     "torch-export": ExportArchive,
     "torchscript": ScriptArchive,
     "torch-module": PickledModule,
+    "safetensors": SafetensorsCheckpoint,
 }
 FORMATS = tuple(FORMAT_CLASSES)

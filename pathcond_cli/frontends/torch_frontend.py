@@ -1,4 +1,4 @@
-"""The PyTorch front end: ``nn.Module`` / ``ExportedProgram`` -> IR, and the four torch file formats.
+"""The PyTorch front end: ``nn.Module`` / ``ExportedProgram`` -> IR, and the torch file formats.
 
 Formats (told apart by content, never by extension), one class each in :mod:`.torch_formats`:
 
@@ -8,11 +8,14 @@ Formats (told apart by content, never by extension), one class each in :mod:`.to
 * ``torchscript``: a ``torch.jit.save`` archive (converted to an ExportedProgram for the graph).
 * ``torch-module``: a pickled ``nn.Module`` (``torch.save(model)``): loading it runs code from the file,
   so it is refused unless ``--trust-pickle`` is given.
+* ``safetensors``: a state_dict in a ``.safetensors`` file, or a sharded checkpoint given by its index
+  (``model.safetensors.index.json``); the module is rebuilt with ``--arch`` as for a state_dict.
 
 Every graph goes through ``torch.export`` and :mod:`.torch_graph`; IR parameter keys are state_dict names.
 The modules behind this one: :mod:`.torch_detect` (which format a file is), :mod:`.torch_formats` (one
-class per format), :mod:`.torch_checkpoint` (checkpoint dicts and ``--arch``), :mod:`.torch_module`
-(module -> IR, tensors in and out of the runtime). This module keeps the names other code imports.
+class per format), :mod:`.safetensors_io` (safetensors files and shards), :mod:`.torch_checkpoint`
+(checkpoint dicts and ``--arch``), :mod:`.torch_module` (module -> IR, tensors in and out of the
+runtime). This module keeps the names other code imports.
 """
 
 from __future__ import annotations
