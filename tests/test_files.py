@@ -298,7 +298,9 @@ def test_unnamed_input_shape_for_a_model_with_several_inputs_is_a_usage_error(tm
                       input_names=["x", "y"], output_names=["out"])
     state = tmp_path / "two.pt"
     torch.save(TwoInputs().state_dict(), state)
-    for args in ([onnx_path], [state, "--arch", "tests.test_files:two_inputs"]):
+    script = tmp_path / "two_script.pt"
+    torch.jit.save(torch.jit.trace(TwoInputs().eval(), (torch.randn(1, 4), torch.randn(1, 4))), str(script))
+    for args in ([onnx_path], [state, "--arch", "tests.test_files:two_inputs"], [script]):
         result = invoke("inspect", *args, "--input-shape", "1x4", "--device", "cpu")
         assert result.exit_code == 2, result.output
         text = " ".join(result.stderr.split())
@@ -307,6 +309,7 @@ def test_unnamed_input_shape_for_a_model_with_several_inputs_is_a_usage_error(tm
                       "--device", "cpu").exit_code == 0
     result = invoke("inspect", onnx_path, "--input-shape", "1x4", "--input-shape", "y=1x4")
     assert result.exit_code == 2 and "NAME=SHAPE" in result.stderr
+
 
 
 # -- interrupted and killed runs ----------------------------------------------------------------------

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import Offender, UnsupportedModelError, UsageError
 from ..ir import Graph
-from .base import InputSpec, LoadOptions
+from .base import UNNAMED, InputSpec, LoadOptions, name_lone_shape
 from .torch_checkpoint import (
     _OPTIMIZER_WARNING,
     _alias_groups,
@@ -56,7 +56,10 @@ def _shapes_from_options(options: LoadOptions, what: str) -> dict[str, tuple[int
 
 
 def _in_order(shapes: Mapping[str, tuple[int, ...]], names: list[str]) -> list[tuple[int, ...]]:
-    """The given shapes in the order of the model's inputs ``names`` (a lone shape is the first's)."""
+    """The given shapes in the order of the model's inputs ``names``. A shape given without a name is
+    the only input's; with several inputs it is a usage error (which one would it be?), as for modules."""
+    if UNNAMED in shapes:
+        return list(name_lone_shape(shapes, names).values())  # raises unless the model has one input
     if len(shapes) == 1:
         return [next(iter(shapes.values()))]
     missing = [k for k in shapes if k not in names]
