@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import NumericalError, UsageError
+from .errors import NumericalError, UnsupportedModelError, UsageError
 from .groups import Groups, Role, build_groups
 from .ir import WEIGHT_LAYER_OPS, Graph
 from .solver import Blocks, ParamBox, Solution, build_blocks, solve
@@ -70,6 +70,8 @@ class Analysis:
     device: torch.device
     timings: dict[str, float] = field(default_factory=dict)
     layers: list[LayerRow] = field(default_factory=list)  # per-layer figures before and after
+    # partial rescaling: the graph with its opaque nodes (``graph`` is then its cut, see segments.cut)
+    source_graph: Graph | None = None
 
     @property
     def u(self) -> torch.Tensor:
@@ -114,9 +116,13 @@ def analyze(
     notify = progress or (lambda stage, info: None)
     timings: dict[str, float] = {}
 
+    source, graph = _segments_of(graph)
     notify("groups", {})
     with timed(timings, "groups"):
         groups = build_groups(graph)
+    if source is not None and not groups.roles:
+        raise UnsupportedModelError("partial rescaling: no homogeneous segment of this model holds a parameter "
+                                    "(every layer is inside an opaque op)")
 
     notify("statistics", {})
     with timed(timings, "statistics"):
@@ -135,9 +141,16 @@ def analyze(
 
     notify("layers", {})
     with timed(timings, "layers"):
-        analysis = Analysis(graph, groups, stats, blocks, solution, dev, timings)
+        analysis = Analysis(graph, groups, stats, blocks, solution, dev, timings, source_graph=source)
         analysis.layers = layer_rows(analysis)
     return analysis
+
+
+def _segments_of(graph: Graph) -> tuple[Graph | None, Graph]:
+    """(the graph with opaque nodes or None, the homogeneous graph to analyse): see pathcond_cli.segments."""
+    from . import segments
+
+    return (graph, segments.cut(graph)) if segments.has_opaque(graph) else (None, graph)
 
 
 def role_log_factor(role: Role, u: torch.Tensor) -> torch.Tensor:
