@@ -123,6 +123,10 @@ def analyze(
     if source is not None and not groups.roles:
         raise UnsupportedModelError("partial rescaling: no homogeneous segment of this model holds a parameter "
                                     "(every layer is inside an opaque op)")
+    if source is not None:
+        from .segments import relabel_pins
+
+        relabel_pins(groups, source)
 
     notify("statistics", {})
     with timed(timings, "statistics"):

@@ -215,6 +215,24 @@ def partial_hint(graph: Graph | None) -> str:
             "units in its homogeneous segments would be rescaled.")
 
 
+def relabel_pins(groups: Groups, source: Graph) -> None:
+    """Say why a boundary of a cut graph is pinned: the opaque op it comes from or goes to, instead of
+    "graph input" / "graph output" (which stay for the model's own inputs and outputs)."""
+    opaque = {n.output: n for n in source.nodes if n.op == OPAQUE}
+    readers: dict[str, list[str]] = {}
+    for node in opaque.values():
+        for value in node.inputs:
+            readers.setdefault(value, []).append(node.name)
+    for pin in groups.pins:
+        if pin.reason == "graph input" and pin.value in opaque:
+            pin.node = opaque[pin.value].name
+            pin.reason = f"output of an opaque op ({opaque[pin.value].source_op}): a segment input"
+        elif pin.reason == "graph output" and pin.value in readers and pin.value not in source.outputs:
+            names = readers[pin.value]
+            more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+            pin.reason = f"read by the opaque op {names[0]}{more}: a segment output"
+
+
 # --------------------------------------------------------------------------------------------------
 # Per-segment figures for the report
 

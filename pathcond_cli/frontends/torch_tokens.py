@@ -112,10 +112,7 @@ def convert(tr, node, a: dict, first, x) -> Any:
     if t in g.ADD_OPS:
         return _add(tr, node, a, x)
     if t in g.MUL_OPS | g.DIV_OPS:
-        other = tr._val(a["other"])
-        if isinstance(other, g.TVal) or tr._scalar(other) is None:
-            raise Refusal("multiplication of a token-major activation by something other than a scalar")
-        return g._DISPATCH[t](tr, node, a, first, x)
+        return _mul(tr, node, a, first, x)
     if t in g.FLATTEN_OPS | g.VIEW_OPS | g.ACTIVATION_VIEW_OPS:
         before, after = _shape(first), _shape(node)
         if node in tr.last and before and after and before[-1] == after[-1]:
@@ -146,6 +143,29 @@ def _linear(tr, node, x_node, w, b, matrix: bool = False) -> Any:
     return tr._emit(node, "token_linear", [x], params, swap={"weight": 1} if swap else None)
 
 
+def _per_feature(tr, p, p_node, features: int) -> bool:
+    """Whether the parameter broadcasts along the last axis only, one value per feature."""
+    from . import torch_graph as g
+
+    seen = _shape(p_node) if isinstance(p_node, torch.fx.Node) else None
+    return (isinstance(p, g.PVal) and not p.transposed and tr._tensor_of(p.key).numel() == features
+            and (seen is None or all(s == 1 for s in seen[:-1])))
+
+
+def _mul(tr, node, a, first, x) -> Any:
+    """A scalar factor, or a per-feature parameter (a norm's learned scale written as its own product)."""
+    from . import torch_graph as g
+
+    other = tr._val(a["other"])
+    if isinstance(x, g.TVal) and tr._scalar(other) is not None:
+        return g._DISPATCH[node.target](tr, node, a, first, x)
+    t, p, p_node = (x, other, node.args[1]) if isinstance(x, g.TVal) else (other, x, node.args[0])
+    if node.target in g.MUL_OPS and isinstance(t, g.TVal) and _per_feature(tr, p, p_node, (_shape(node) or (0,))[-1]):
+        return tr._emit(node, "affine", [t], {"weight": p.key})
+    raise Refusal("multiplication of a token-major activation by something other than a scalar or a per-feature "
+                  "parameter")
+
+
 def _add(tr, node, a, x) -> Any:
     from . import torch_graph as g
 
@@ -158,9 +178,6 @@ def _add(tr, node, a, x) -> Any:
             raise Refusal("addition of a token-major activation and a value of another layout or shape")
         return tr._emit(node, "add", [x, other])
     t, p, p_node = (x, other, node.args[1]) if isinstance(x, g.TVal) else (other, x, node.args[0])
-    features = (_shape(node) or (0,))[-1]
-    seen = _shape(p_node) if isinstance(p_node, torch.fx.Node) else None
-    if isinstance(p, g.PVal) and not p.transposed and tr._tensor_of(p.key).numel() == features \
-            and (seen is None or all(s == 1 for s in seen[:-1])):
+    if isinstance(t, g.TVal) and _per_feature(tr, p, p_node, (_shape(node) or (0,))[-1]):
         return tr._emit(node, "bias", [t], {"bias": p.key})
     raise Refusal("addition to a token-major activation of something other than a per-feature bias")
