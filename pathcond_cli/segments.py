@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .errors import UnsupportedModelError
 from .ir import OPS, Graph, Node, Shape
 
 if TYPE_CHECKING:
@@ -215,6 +216,15 @@ def partial_hint(graph: Graph | None) -> str:
             "units in its homogeneous segments would be rescaled.")
 
 
+def with_partial_hint(exc: UnsupportedModelError) -> UnsupportedModelError:
+    """A front end's refusal, its message completed by what ``--partial`` would rescale (the front ends
+    build the graph; counting its free units is the core's business, so it is done here)."""
+    hint = partial_hint(exc.partial_graph)
+    if not hint:
+        return exc
+    return UnsupportedModelError(str(exc) + hint, exc.offenders, exc.partial_graph)
+
+
 def relabel_pins(groups: Groups, source: Graph) -> None:
     """Say why a boundary of a cut graph is pinned: the opaque op it comes from or goes to, instead of
     "graph input" / "graph output" (which stay for the model's own inputs and outputs)."""
@@ -313,4 +323,4 @@ def partial_summary(analysis: Analysis, source: Graph) -> dict[str, Any]:
 
 
 __all__ = ["OPAQUE", "OpaqueSource", "cut", "has_opaque", "opaque_graph", "partial_hint", "partial_summary",
-           "rescalable_hidden_units", "segment_nodes", "segment_rows"]
+           "rescalable_hidden_units", "segment_nodes", "segment_rows", "with_partial_hint"]

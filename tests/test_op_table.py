@@ -259,7 +259,7 @@ def test_a_shape_that_does_not_fit_is_a_graph_error():
 #: layers bottom-up; a module may import its own layer and those below it, never one above
 LAYERS = [
     {"errors", "timing", "ir", "__version__"},  # utilities, the IR, the package's version string
-    {"frontends", "groups", "stats", "solver", "analysis"},
+    {"frontends", "groups", "stats", "solver", "analysis", "segments"},
     {"verify", "outputs", "report", "jobs", "api"},
     {"cli", "__main__", "__init__"},
 ]

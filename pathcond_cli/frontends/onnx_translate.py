@@ -16,7 +16,7 @@ import torch
 
 from ..errors import Offender, UnsupportedModelError
 from ..ir import Graph, GraphError, Node
-from ..segments import OpaqueSource, opaque_graph, partial_hint
+from ..segments import OpaqueSource, opaque_graph
 from .onnx_read import (_attr, _Folder, _fold_graph, _Names, _names, _opset, _ParamRef, _Refuse,
                         _text_attr, _Transform)
 from .onnx_tokens import channels_last, convert_token_major, ir_shape, reads_token_major
@@ -840,8 +840,8 @@ def _partial(ctx: _Context, ir_inputs: dict[str, tuple[int, ...]], outputs: list
                                         f"({exc}); unsupported: {listing}", ctx.offenders) from exc
         graph = None
     if not partial:
-        raise UnsupportedModelError(
-            f"the model is not a ReLU network pathcond can rescale: {listing}.{partial_hint(graph)}", ctx.offenders)
+        raise UnsupportedModelError(f"the model is not a ReLU network pathcond can rescale: {listing}.", ctx.offenders,
+                                    graph)
     warnings.append(f"partial rescaling: {len(ctx.offenders)} node(s) kept unchanged as opaque (not positively "
                     "homogeneous or not supported); the homogeneous segments between them are rescaled")
     return graph

@@ -24,7 +24,7 @@ import torch
 
 from ..errors import Offender, Refusal, UnsupportedModelError
 from ..ir import PAD_MODES, Graph, GraphError, Node, swap_group_axes
-from ..segments import OpaqueSource, opaque_graph, partial_hint
+from ..segments import OpaqueSource, opaque_graph
 from . import torch_tokens
 
 aten = torch.ops.aten
@@ -373,7 +373,8 @@ class _Translator:
     def _find_token_major(self, user_inputs: list[str]) -> None:
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder" and n.name in user_inputs]
         activations = set(placeholders) | {n for n in self.gm.graph.nodes if n.op == "call_function"}
-        batch_one = all((_meta_shape(n) or (1,))[:1] in ((1,), ()) for n in placeholders)
+        # symbolic sizes are read without comparing them (a comparison would specialise a dynamic batch)
+        batch_one = all((_static(_meta_shape(n) or ()) or (None,))[0] in (1, None) for n in placeholders)
         self.last = torch_tokens.channels_last(self.gm.graph, activations, batch_one)
 
     def _partial(self, outputs: list[str]) -> Graph:
@@ -390,7 +391,7 @@ class _Translator:
                                             f"({exc}); {count}", self.offenders) from exc
             graph = None
         if not self.partial:
-            raise UnsupportedModelError(count + "." + partial_hint(graph), self.offenders)
+            raise UnsupportedModelError(count + ".", self.offenders, graph)
         self.warnings.append(f"partial rescaling: {len(self.offenders)} operation(s) kept unchanged as opaque (not "
                              "positively homogeneous or not supported); the homogeneous segments between them are "
                              "rescaled")

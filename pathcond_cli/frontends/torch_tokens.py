@@ -19,13 +19,14 @@ from ..errors import Refusal
 
 
 def _shape(node) -> tuple | None:
+    """The static shape of an FX tensor, None for each symbolic size (read without comparing it: a
+    comparison would specialise a dynamic batch)."""
+    from .torch_graph import _static
+
     val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
     if not isinstance(val, torch.Tensor):
         return None
-    try:
-        return tuple(int(s) for s in val.shape)
-    except Exception:  # noqa: BLE001 - symbolic sizes
-        return None
+    return _static(val.shape)
 
 
 def _act_of(node, g) -> Any:
@@ -64,12 +65,14 @@ def channels_last(graph: torch.fx.Graph, activations: set, batch_one: bool) -> s
             if x not in activations or shape is None:
                 continue
             pairs.append((x, node))
-            if len(shape) >= 3 and node.target in g.LINEAR_OPS or (batch_one and len(shape) == 2 and shape[0] > 1):
+            flat_tokens = batch_one and len(shape) == 2 and shape[0] is not None and shape[0] > 1
+            if (len(shape) >= 3 and node.target in g.LINEAR_OPS) or flat_tokens:
                 seeds.update((x, node))
         elif node.target in keep | views and out is not None and len(out) >= 2:
             for a in node.args:
                 shape = _shape(a)
-                if a not in activations or shape is None or len(shape) < 2 or shape[-1] != out[-1]:
+                if a not in activations or shape is None or len(shape) < 2 or shape[-1] is None \
+                        or shape[-1] != out[-1]:
                     continue
                 if node.target in views or len(shape) == len(out):
                     sets.union(a, node)
@@ -87,8 +90,9 @@ def ir_shape(node, last: set) -> tuple[int, ...] | None:
     """The IR shape of an FX activation (channel-first), None when it is not a float (N, C, ...) tensor."""
     val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
     shape = _shape(node)
-    if shape is None or len(shape) < 2 or not val.dtype.is_floating_point or min(shape) < 1:
+    if shape is None or len(shape) < 2 or not val.dtype.is_floating_point or None in shape[1:] or min(shape[1:]) < 1:
         return None
+    shape = (1, *shape[1:]) if shape[0] is None else shape  # a dynamic batch is analysed at 1
     if node in last:
         return (1, shape[-1], math.prod(shape[:-1]))
     return (1, *shape[1:])
