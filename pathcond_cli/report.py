@@ -161,6 +161,10 @@ def render(report: dict[str, Any], console: Console, *, layers: bool = False) ->
         ("largest |ln λ|", _fmt(cond["max_abs_log_scale"])),
         ("solver", f"{cond['method']}, {cond['sweeps']} sweeps, " + ("converged" if cond["converged"] else "NOT converged")),
     ]
+    if report.get("partial"):
+        part = report["partial"]
+        rows.append(("partial rescaling", f"{part['hidden_units_rescaled']:,} of {part['hidden_units']:,} hidden units "
+                     f"free in {len(report['segments']):,} segments; {part['opaque_ops']:,} opaque ops unchanged"))
     if cond.get("bounds_active"):
         rows.append(("bounds (storage dtype range)", f"active: {cond['bounded_groups']:,} group(s) at a bound"))
     ver = report.get("verification")

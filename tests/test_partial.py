@@ -348,3 +348,20 @@ def test_cut_makes_opaque_outputs_inputs_and_their_inputs_outputs(tmp_path):
     for node in opaque:
         assert node.output in segments.inputs
         assert all(v in segments.outputs for v in node.inputs if v in graph.producer)
+
+
+def test_python_api_rescales_an_encoder_in_place_with_partial():
+    import pathcond_cli as pc
+    from pathcond_cli.errors import UnsupportedModelError
+
+    model = encoder(norm_first=True)
+    x = torch.randn(2, TOKENS, D)
+    want = model(x)
+    norms = {k: v.clone() for k, v in model.state_dict().items() if "norm" in k or "attn" in k}
+    with pytest.raises(UnsupportedModelError, match="With --partial"):
+        pc.inspect_module(model, (1, TOKENS, D), device="cpu")
+    report = pc.rescale_module_(model, (1, TOKENS, D), device="cpu", partial=True)
+    assert report["partial"]["hidden_units_rescaled"] == LAYERS * FF
+    assert report["changed"] and all("linear" in k for k in report["changed"])
+    torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in norms.items())
