@@ -365,3 +365,44 @@ def test_python_api_rescales_an_encoder_in_place_with_partial():
     assert report["changed"] and all("linear" in k for k in report["changed"])
     torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-5)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in norms.items())
+
+
+def test_state_dict_with_arch_and_inspect_report_segments(tmp_path):
+    path = tmp_path / "enc.pt"
+    torch.save(encoder().state_dict(), path)
+    common = ("--arch", "tests.test_partial:encoder", "--input-shape", f"1x{TOKENS}x{D}", "--partial", "--json")
+    inspected = invoke("inspect", path, *common)
+    assert inspected.exit_code == 0, inspected.output
+    report = json.loads(inspected.stdout)
+    assert report["partial"]["hidden_units_rescaled"] == LAYERS * FF
+    ffn = [s for s in report["segments"] if s["hidden_units_free"]]
+    assert len(ffn) == LAYERS and all(s["inputs_from"] and s["outputs_to"] for s in ffn)
+    out = tmp_path / "out.pt"
+    result = invoke("rescale", path, out, *common)
+    assert result.exit_code == 0, result.output
+    before, after = torch.load(path), torch.load(out)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("linear1" in k or "linear2" in k for k in changed)
+    model = encoder()
+    model.load_state_dict(after)
+    x = torch.randn(1, TOKENS, D)
+    torch.testing.assert_close(model(x), encoder()(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("container", ["torchscript", "dynamo", "pt2"])
+def test_six_layer_encoder_d256(container, tmp_path):
+    """The issue's case: a 6-layer nn.TransformerEncoder, d = 256, ReLU FFN of 1024 (layers made unequal)."""
+    model = encoder(d=256, ff=1024, layers=6)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    x = torch.randn(1, 32, 256)
+    if container == "pt2":
+        source = tmp_path / "enc.pt2"
+        torch.export.save(torch.export.export(model, (x,)), str(source))
+    else:
+        source = export_onnx(model, x, tmp_path / "enc.onnx", container)
+    _, report = _rescale(source, tmp_path)
+    assert report["partial"]["hidden_units_rescaled"] == 6 * 1024
+    _assert_segments_not_worse(report)
