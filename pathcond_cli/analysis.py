@@ -17,6 +17,7 @@ import torch
 from .errors import NumericalError, UnsupportedModelError, UsageError
 from .groups import Groups, Role, build_groups
 from .ir import WEIGHT_LAYER_OPS, Graph
+from .segments import cut, has_opaque, relabel_pins
 from .solver import Blocks, ParamBox, Solution, build_blocks, solve
 from .stats import PathStats, path_statistics, role_summary
 from .timing import timed
@@ -120,12 +121,10 @@ def analyze(
     notify("groups", {})
     with timed(timings, "groups"):
         groups = build_groups(graph)
-    if source is not None and not groups.roles:
-        raise UnsupportedModelError("partial rescaling: no homogeneous segment of this model holds a parameter "
-                                    "(every layer is inside an opaque op)")
     if source is not None:
-        from .segments import relabel_pins
-
+        if not groups.roles:
+            raise UnsupportedModelError("partial rescaling: no homogeneous segment of this model holds a parameter "
+                                        "(every layer is inside an opaque op)")
         relabel_pins(groups, source)
 
     notify("statistics", {})
@@ -152,9 +151,7 @@ def analyze(
 
 def _segments_of(graph: Graph) -> tuple[Graph | None, Graph]:
     """(the graph with opaque nodes or None, the homogeneous graph to analyse): see pathcond_cli.segments."""
-    from . import segments
-
-    return (graph, segments.cut(graph)) if segments.has_opaque(graph) else (None, graph)
+    return (graph, cut(graph)) if has_opaque(graph) else (None, graph)
 
 
 def role_log_factor(role: Role, u: torch.Tensor) -> torch.Tensor:

@@ -406,3 +406,29 @@ def test_six_layer_encoder_d256(container, tmp_path):
     _, report = _rescale(source, tmp_path)
     assert report["partial"]["hidden_units_rescaled"] == 6 * 1024
     _assert_segments_not_worse(report)
+
+
+class MaskedEncoder(nn.Module):
+    """An encoder fed a boolean padding mask as a second input: Cast, Where and mask arithmetic are opaque."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = encoder()
+
+    def forward(self, x, pad):
+        return self.enc(x, src_key_padding_mask=pad)
+
+
+@pytest.mark.parametrize("container", ["onnx", "pt2"])
+def test_encoder_with_a_padding_mask_input(container, tmp_path):
+    model = MaskedEncoder().eval()
+    x, pad = torch.randn(1, TOKENS, D), torch.zeros(1, TOKENS, dtype=torch.bool)
+    if container == "pt2":
+        source = tmp_path / "enc.pt2"
+        torch.export.save(torch.export.export(model, (x, pad)), str(source))
+    else:
+        source = tmp_path / "enc.onnx"
+        torch.onnx.export(model, (x, pad), str(source), dynamo=False)
+    _, report = _rescale(source, tmp_path)
+    assert report["partial"]["hidden_units_rescaled"] == LAYERS * FF
+    _assert_segments_not_worse(report)
