@@ -89,7 +89,8 @@ class Analysis:
 
     @property
     def width_ratio(self) -> float:
-        widths = [shape[1] for shape in self.graph.inputs.values()]
+        # the model's own inputs: a partial graph's segment inputs (head counts, token counts) are not widths
+        widths = [shape[1] for shape in (self.source_graph or self.graph).inputs.values()]
         widths += [self.graph.shapes[n.output][1] for n in self.graph.nodes if n.op in WEIGHT_LAYER_OPS]
         return max(widths) / min(widths) if widths else 1.0
 

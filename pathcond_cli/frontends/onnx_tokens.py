@@ -17,6 +17,7 @@ token-major value token-major; any other op reading one is refused (opaque under
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -150,7 +151,8 @@ def _add(ctx, last: set[str]) -> None:
     features = ctx.shape(xs)[-1]
     layout = _feature_vector(ctx, cs, features, "a per-feature bias")
     factor = -1.0 if node.op_type == "Sub" else 1.0
-    ctx.emit("bias", [ctx.x(xs)], {"bias": ctx.param(cs, _Transform((features,), factor=factor, expanded_shape=layout))})
+    transform = _Transform((features,), factor=factor, expanded_shape=layout)
+    ctx.emit("bias", [ctx.x(xs)], {"bias": ctx.param(cs, transform)})
 
 
 def _mul(ctx, last: set[str]) -> None:
@@ -179,6 +181,7 @@ def _reshape(ctx, last: set[str]) -> None:
     ctx.emit("identity", [ctx.x(0)])
 
 
+@functools.cache
 def _token_converters() -> dict[str, Callable]:
     from .onnx_translate import _gemm, _identity, _simple
 
