@@ -112,13 +112,15 @@ def _frontier(value: str, producer: Mapping[str, OpaqueSource], defined: set[str
 
 def opaque_graph(inputs: Mapping[str, Shape], nodes: list[Node], outputs: list[str],
                  params: Mapping[str, torch.Tensor], sources: list[OpaqueSource],
-                 ir_shape: Callable[[str], Shape | None]) -> Graph:
+                 ir_shape: Callable[[str], Shape | None], shared: Mapping[str, str] | None = None) -> Graph:
     """The IR graph of a model whose ``sources`` nodes are opaque.
 
     ``nodes`` are the homogeneous IR nodes the front end emitted (they may read values that sources
     write), ``ir_shape(value)`` the IR shape of a value sources write ((1, C, ...), channel-first; None
     where it is not an activation). One opaque node is made per source value read by a homogeneous node
-    or returned as a graph output; it reads the homogeneous values its region reads."""
+    or returned as a graph output; it reads the homogeneous values its region reads. ``shared``: IR
+    parameter keys whose tensor an opaque op reads too (a tied embedding and output layer), with that
+    op's name: they are frozen, since rescaling them would change the opaque op."""
     nodes, sources = _absorb_unreadable(list(nodes), list(sources), inputs, ir_shape)
     producer = {v: s for s in sources for v in s.outputs}
     defined = {n.output for n in nodes} | set(inputs)
@@ -136,7 +138,9 @@ def opaque_graph(inputs: Mapping[str, Shape], nodes: list[Node], outputs: list[s
     read = {v for n in nodes + made for v in n.inputs} | set(outputs)
     ir_inputs = {k: tuple(v) for k, v in inputs.items() if k in read}
     ordered = _toposort(nodes + made, list(ir_inputs))
-    return Graph(ir_inputs, ordered, list(outputs), {k: v for k, v in params.items() if k in used})
+    graph = Graph(ir_inputs, ordered, list(outputs), {k: v for k, v in params.items() if k in used})
+    frozen = {k: f"the opaque op {op} reads the same tensor" for k, op in (shared or {}).items() if k in used}
+    return graph.with_frozen(frozen) if frozen else graph
 
 
 # --------------------------------------------------------------------------------------------------

@@ -432,3 +432,34 @@ def test_encoder_with_a_padding_mask_input(container, tmp_path):
     _, report = _rescale(source, tmp_path)
     assert report["partial"]["hidden_units_rescaled"] == LAYERS * FF
     _assert_segments_not_worse(report)
+
+
+class TiedHead(nn.Module):
+    """A language-model head tied to the embedding (GPT-style), with a ReLU FFN between them."""
+
+    def __init__(self, vocab: int = 256, d: int = D):
+        super().__init__()
+        torch.manual_seed(5)
+        self.emb = nn.Embedding(vocab, d)
+        self.up, self.down = nn.Linear(d, FF), nn.Linear(FF, d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        x = self.emb(ids.remainder(256))
+        return self.head(self.down(torch.relu(self.up(x))))
+
+
+def test_a_weight_an_opaque_op_reads_too_is_left_as_it_is(tmp_path):
+    """torch: the head shares its tensor with the embedding (opaque); rescaling it would change the
+    embedding, so it is frozen, while the FFN before it is rescaled."""
+    model = TiedHead().eval()
+    ids = torch.randint(0, 256, (1, TOKENS))
+    path = tmp_path / "tied.pt2"
+    torch.export.save(torch.export.export(model, (ids,)), str(path))
+    out, report = _rescale(path, tmp_path)
+    assert report["partial"]["hidden_units_rescaled"] == FF
+    assert any("reads the same tensor" in p["reason"] for p in report["pinned"])
+    before, after = torch.export.load(str(path)), torch.export.load(str(out))
+    assert torch.equal(before.state_dict["emb.weight"], after.state_dict["emb.weight"])
+    torch.testing.assert_close(after.module()(ids), before.module()(ids), rtol=1e-4, atol=1e-5)

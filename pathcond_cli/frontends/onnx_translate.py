@@ -831,6 +831,8 @@ def _partial(ctx: _Context, ir_inputs: dict[str, tuple[int, ...]], outputs: list
     the refusal, saying how many hidden units ``--partial`` would rescale."""
     listing = "; ".join(f"{o.node} ({o.op}): {o.why}" for o in ctx.offenders)
     nodes = _fuse_linear_bias(ctx.nodes, outputs)
+    # a stored tensor an opaque node reads too (a tied embedding, or equal tensors the exporter merged) needs
+    # no freezing: the writer gives a rescaled role a tensor of its own (onnx_write._plan_names)
     try:
         graph = opaque_graph(ir_inputs, nodes, outputs, ctx.params, ctx.opaque,
                              lambda name: ir_shape(ctx.folder, ctx.last, name))

@@ -221,6 +221,7 @@ class _Translator:
         self.opaque: list[OpaqueSource] = []  # each offender, as partial rescaling keeps it
         self.last: set = set()  # FX nodes holding token-major activations (.torch_tokens)
         self.fx_of: dict[str, Any] = {}  # IR value name -> its FX node
+        self.opaque_params: dict[str, str] = {}  # parameter read by an opaque op -> that op
         self.gm = ep.graph_module
         self.sig = ep.graph_signature
         self.state = ep.state_dict
@@ -275,6 +276,10 @@ class _Translator:
                 if isinstance(value, TVal) and value.name not in reads:
                     reads.append(value.name)
         self.opaque.append(OpaqueSource(name, _name(getattr(node, "target", node.op)), why, tuple(reads), (node.name,)))
+        for arg in [*node.args, *node.kwargs.values()]:  # parameters it reads: frozen if a layer reads them too
+            value = self.env.get(arg) if isinstance(arg, torch.fx.Node) else None
+            if isinstance(value, PVal):
+                self.opaque_params.setdefault(value.key, name)
         self.fx_of[node.name] = node
         return TVal(node.name)
 
@@ -384,7 +389,7 @@ class _Translator:
         shape_of = lambda name: torch_tokens.ir_shape(self.fx_of.get(name), self.last)  # noqa: E731
         try:
             graph = opaque_graph(dict(self.inputs), list(self.nodes), outputs, dict(self.used_params), self.opaque,
-                                 shape_of)
+                                 shape_of, self.opaque_params)
         except GraphError as exc:
             if self.partial:
                 raise UnsupportedModelError(f"partial rescaling: the homogeneous segments cannot be represented "
