@@ -463,3 +463,14 @@ def test_a_weight_an_opaque_op_reads_too_is_left_as_it_is(tmp_path):
     before, after = torch.export.load(str(path)), torch.export.load(str(out))
     assert torch.equal(before.state_dict["emb.weight"], after.state_dict["emb.weight"])
     torch.testing.assert_close(after.module()(ids), before.module()(ids), rtol=1e-4, atol=1e-5)
+
+
+def test_partial_on_a_relu_network_changes_nothing(tmp_path):
+    """No opaque op: --partial is the whole-network analysis, value for value."""
+    torch.manual_seed(6)
+    source = export_onnx(nn.Sequential(nn.Linear(6, 24), nn.ReLU(), nn.Linear(24, 3), nn.ReLU(), nn.Linear(3, 2)),
+                         (1, 6), tmp_path / "mlp.onnx")
+    plain = json.loads(invoke("inspect", source, "--json").stdout)
+    partial = json.loads(invoke("inspect", source, "--json", "--partial").stdout)
+    assert "segments" not in partial and "partial" not in partial
+    assert partial["conditioning"] == plain["conditioning"] and partial["layers"] == plain["layers"]
