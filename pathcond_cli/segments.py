@@ -188,10 +188,11 @@ def segment_nodes(graph: Graph) -> list[list[Node]]:
     return list(segments.values())
 
 
-def free_hidden_units(graph: Graph, groups: Groups, pinned: set[int] = frozenset()) -> tuple[int, int]:
-    """(hidden units in free groups, hidden units) over the layers of ``graph`` (a cut graph)."""
+def free_hidden_units(nodes: Sequence[Node], groups: Groups, pinned: frozenset[int] = frozenset()) -> tuple[int, int]:
+    """(hidden units in free groups, hidden units): the output channels of the layers among ``nodes``
+    (of a cut graph); ``pinned``: free groups the solver pinned after all (degenerate)."""
     free = total = 0
-    for node in graph.nodes:
+    for node in nodes:
         if OPS[node.op].hidden:
             ids = groups.value_groups[node.output]
             total += len(ids)
@@ -205,7 +206,7 @@ def rescalable_hidden_units(graph: Graph) -> tuple[int, int]:
     from .groups import build_groups
 
     segments = cut(graph)
-    return free_hidden_units(segments, build_groups(segments))
+    return free_hidden_units(segments.nodes, build_groups(segments))
 
 
 def partial_hint(graph: Graph | None) -> str:
@@ -275,7 +276,7 @@ def segment_rows(analysis: Analysis, source: Graph) -> list[dict[str, Any]]:
     from .analysis import role_log_factor
 
     u = analysis.u
-    degenerate = {j for j, _ in analysis.solution.degenerate}
+    degenerate = frozenset(j for j, _ in analysis.solution.degenerate)
     by_node: dict[str, list[tuple[Any, torch.Tensor]]] = {}
     for role, log_g in zip(analysis.groups.roles, analysis.stats.log_g):
         by_node.setdefault(role.node.name, []).append((role, log_g.detach().cpu().double()))
@@ -287,12 +288,7 @@ def segment_rows(analysis: Analysis, source: Graph) -> list[dict[str, Any]]:
             continue  # shape arithmetic between opaque ops: no parameter, nothing to report
         before = torch.cat([lg.reshape(-1) for _, lg in entries])
         after = torch.cat([(lg - 2.0 * role_log_factor(r, u)).reshape(-1) for r, lg in entries])
-        free = total = 0
-        for node in nodes:
-            if OPS[node.op].hidden:
-                ids = analysis.groups.value_groups[node.output].tolist()
-                total += len(ids)
-                free += sum(1 for j in ids if j != 0 and j not in degenerate)
+        free, total = free_hidden_units(nodes, analysis.groups, degenerate)
         reads_from, read_by = _boundaries(source, names)
         score_before, score_after = _log_score(before), _log_score(after)
         rows.append({
@@ -314,8 +310,8 @@ def segment_rows(analysis: Analysis, source: Graph) -> list[dict[str, Any]]:
 
 def partial_summary(analysis: Analysis, source: Graph) -> dict[str, Any]:
     """The report's ``partial`` block: segments, opaque ops, and the share of hidden units rescaled."""
-    degenerate = {j for j, _ in analysis.solution.degenerate}
-    free, total = free_hidden_units(analysis.graph, analysis.groups, degenerate)
+    degenerate = frozenset(j for j, _ in analysis.solution.degenerate)
+    free, total = free_hidden_units(analysis.graph.nodes, analysis.groups, degenerate)
     opaque = [n for n in source.nodes if n.op == OPAQUE]
     return {
         "opaque_ops": len({name for n in opaque for name in n.attrs.get("ops", [n.name])}),
