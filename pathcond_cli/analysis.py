@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import NumericalError, UsageError
+from .errors import NumericalError, UnsupportedModelError, UsageError
 from .groups import Groups, Role, build_groups
 from .ir import WEIGHT_LAYER_OPS, Graph
+from .segments import cut, has_opaque, relabel_pins
 from .solver import Blocks, ParamBox, Solution, build_blocks, solve
 from .stats import PathStats, path_statistics, role_summary
 from .timing import timed
@@ -70,6 +71,8 @@ class Analysis:
     device: torch.device
     timings: dict[str, float] = field(default_factory=dict)
     layers: list[LayerRow] = field(default_factory=list)  # per-layer figures before and after
+    # partial rescaling: the graph with its opaque nodes (``graph`` is then its cut, see segments.cut)
+    source_graph: Graph | None = None
 
     @property
     def u(self) -> torch.Tensor:
@@ -86,7 +89,8 @@ class Analysis:
 
     @property
     def width_ratio(self) -> float:
-        widths = [shape[1] for shape in self.graph.inputs.values()]
+        # the model's own inputs: a partial graph's segment inputs (head counts, token counts) are not widths
+        widths = [shape[1] for shape in (self.source_graph or self.graph).inputs.values()]
         widths += [self.graph.shapes[n.output][1] for n in self.graph.nodes if n.op in WEIGHT_LAYER_OPS]
         return max(widths) / min(widths) if widths else 1.0
 
@@ -114,9 +118,15 @@ def analyze(
     notify = progress or (lambda stage, info: None)
     timings: dict[str, float] = {}
 
+    source, graph = _segments_of(graph)
     notify("groups", {})
     with timed(timings, "groups"):
         groups = build_groups(graph)
+    if source is not None:
+        if not groups.roles:
+            raise UnsupportedModelError("partial rescaling: no homogeneous segment of this model holds a parameter "
+                                        "(every layer is inside an opaque op)")
+        relabel_pins(groups, source)
 
     notify("statistics", {})
     with timed(timings, "statistics"):
@@ -135,9 +145,14 @@ def analyze(
 
     notify("layers", {})
     with timed(timings, "layers"):
-        analysis = Analysis(graph, groups, stats, blocks, solution, dev, timings)
+        analysis = Analysis(graph, groups, stats, blocks, solution, dev, timings, source_graph=source)
         analysis.layers = layer_rows(analysis)
     return analysis
+
+
+def _segments_of(graph: Graph) -> tuple[Graph | None, Graph]:
+    """(the graph with opaque nodes or None, the homogeneous graph to analyse): see pathcond_cli.segments."""
+    return (graph, cut(graph)) if has_opaque(graph) else (None, graph)
 
 
 def role_log_factor(role: Role, u: torch.Tensor) -> torch.Tensor:

@@ -33,22 +33,28 @@ if TYPE_CHECKING:
 Shape = Sequence[int]
 
 
-def _translation(module: nn.Module, input_shape: Shape | dict[str, Shape]):
+def _translation(module: nn.Module, input_shape: Shape | dict[str, Shape], partial: bool = False):
+    from .errors import UnsupportedModelError
     from .frontends.torch_module import module_translation
+    from .segments import with_partial_hint
 
-    return module_translation(module, _shapes(input_shape))
+    try:
+        return module_translation(module, _shapes(input_shape), partial=partial)
+    except UnsupportedModelError as exc:
+        raise with_partial_hint(exc) from None
 
 
 def _shapes(input_shape: Shape | dict[str, Shape]) -> dict[str, Shape] | list[tuple[int, ...]]:
     return input_shape if isinstance(input_shape, dict) else [tuple(input_shape)]
 
 
-def _analyze(module: nn.Module, input_shape, device: str, tol: float, max_sweeps: int) -> tuple[Analysis, Translation]:
+def _analyze(module: nn.Module, input_shape, device: str, tol: float, max_sweeps: int,
+             partial: bool = False) -> tuple[Analysis, Translation]:
     """The analysis and the translation it was made from (inputs, IR keys held in another layout)."""
     was_training = module.training
     module.eval()
     try:
-        tr = _translation(module, input_shape)
+        tr = _translation(module, input_shape, partial)
         return analyze(tr.graph, device=device, tol=tol, max_sweeps=max_sweeps), tr
     finally:
         module.train(was_training)
@@ -60,11 +66,12 @@ def _module_info(module: nn.Module) -> dict[str, Any]:
 
 def inspect_module(
     module: nn.Module, input_shape: Shape | dict[str, Shape], *, device: str = "auto", tol: float = 1e-3,
-    max_sweeps: int = 2000,
+    max_sweeps: int = 2000, partial: bool = False,
 ) -> dict[str, Any]:
     """Path statistics and the conditioning score before/after the optimal rescaling (the same report as
-    ``pathcond inspect --json``). ``input_shape`` is the shape of one example input, batch 1 included."""
-    analysis, _ = _analyze(module, input_shape, device, tol, max_sweeps)
+    ``pathcond inspect --json``). ``input_shape`` is the shape of one example input, batch 1 included.
+    ``partial``: keep ops that are not positively homogeneous as opaque (``--partial``)."""
+    analysis, _ = _analyze(module, input_shape, device, tol, max_sweeps, partial)
     return build_report(analysis, input_info=_module_info(module), timings=analysis.timings)
 
 
@@ -117,6 +124,7 @@ def _cuda_devices(module: nn.Module) -> list[int]:
 def rescale_module_(
     module: nn.Module, input_shape: Shape | dict[str, Shape], *, device: str = "auto", tol: float = 1e-3,
     max_sweeps: int = 2000, rtol: float | None = None, verify_inputs: int = 3, seed: int = 0,
+    partial: bool = False,
 ) -> dict[str, Any]:
     """Rescale ``module``'s parameters in place with the optimal PathCond rescaling; the function it
     computes is unchanged. Returns the report (the same schema as ``pathcond rescale``'s), with
@@ -128,11 +136,14 @@ def rescale_module_(
     precise dtype. On failure the original values are restored and
     :class:`~pathcond_cli.errors.VerificationError` is raised, carrying the report.
 
+    ``partial``: keep ops that are not positively homogeneous (LayerNorm, attention, GELU, ...) unchanged as
+    opaque and rescale the ReLU segments between them (``--partial``); their parameters are not touched.
+
     Create the optimizer after calling this: optimizer state refers to the old parametrisation.
     """
     from .frontends.torch_module import floating_dtypes, input_specs, ordered_shapes, stored_layout
 
-    analysis, tr = _analyze(module, input_shape, device, tol, max_sweeps)
+    analysis, tr = _analyze(module, input_shape, device, tol, max_sweeps, partial)
     timings = dict(analysis.timings)
     new = stored_layout(rescaled_params(analysis), tr.swapped)
     _, full_shapes = ordered_shapes(module, _shapes(input_shape))

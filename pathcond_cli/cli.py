@@ -98,6 +98,9 @@ Solver = Annotated[SolverMethod, typer.Option(help="auto (BCD + L-BFGS), bcd, or
 Layers = Annotated[bool, typer.Option("--layers", help="Also print the per-layer table.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout, nothing else.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display and no tables.")]
+Partial = Annotated[bool, typer.Option("--partial", help="Keep ops that are not positively homogeneous (LayerNorm, "
+                                       "attention, GELU, Sigmoid, ReLU6, unknown ops) unchanged as opaque, and "
+                                       "rescale the ReLU segments between them.")]
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,7 @@ class ModelOptions:
     max_sweeps: MaxSweeps = 2000
     tol: Tol = 1e-3
     solver: Solver = SolverMethod.auto
+    partial: Partial = False
 
     def checked(self) -> tuple[LoadOptions, SolveOptions]:
         """The job's load and solve options; what the parser cannot check (tolerance, JSON, shapes) is a
@@ -129,7 +133,7 @@ class ModelOptions:
         if not isinstance(kwargs, dict):
             raise UsageError("--arch-kwargs must be a JSON object, e.g. '{\"width\": 64}'")
         load = LoadOptions(input_shapes=parse_input_shapes(self.input_shape), arch=self.arch, arch_kwargs=kwargs,
-                           key=self.key, trust_pickle=self.trust_pickle)
+                           key=self.key, trust_pickle=self.trust_pickle, partial=self.partial)
         solve = SolveOptions(device=self.device, method=SolverMethod(self.solver).value, tol=self.tol,
                              max_sweeps=self.max_sweeps)
         return load, solve

@@ -51,9 +51,12 @@ class UnsupportedModelError(PathcondError):
 
     exit_code = EXIT_UNSUPPORTED
 
-    def __init__(self, message: str, offenders: list[Offender] | None = None):
+    def __init__(self, message: str, offenders: list[Offender] | None = None, partial_graph=None):
         super().__init__(message)
         self.offenders = list(offenders or [])
+        # the IR graph with the offenders kept as opaque, when the front end could build it: what
+        # --partial would rescale (pathcond_cli.segments.with_partial_hint says how much)
+        self.partial_graph = partial_graph
 
 
 class VerificationError(PathcondError):

@@ -801,6 +801,44 @@ def _path_flatten(ctx: PathContext, node: Node, xs: list[Scaled]) -> Scaled:
     return Scaled(xs[0].t.reshape(1, -1), xs[0].s)
 
 
+# -- token_linear (a linear layer at every position) and opaque (a boundary of partial rescaling) ----
+
+
+def _shape_token_linear(node: Node, shapes: list[Shape], param_shape) -> Shape:
+    x, w = shapes[0], param_shape("weight")
+    if len(x) < 3 or len(w) != 2 or x[1] != w[1]:
+        raise _unfit(node, f"input {tuple(x)} and weight {tuple(w)} (a token linear layer reads (1, I, *positions) "
+                           "with an (O, I) weight)")
+    return (x[0], w[0], *x[2:])
+
+
+def token_linear_apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y[:, o, p] = Σ_i W[o, i] x[:, i, p] + b[o] at every position p (channels on axis 1)."""
+    return F.linear(x.movedim(1, -1), weight, bias).movedim(-1, 1)
+
+
+def _forward_token_linear(node: Node, xs: list[torch.Tensor], p) -> torch.Tensor:
+    return token_linear_apply(xs[0], p("weight"), p("bias"))
+
+
+def _path_token_linear(ctx: PathContext, node: Node, xs: list[Scaled]) -> Scaled:
+    x = xs[0]
+    y = token_linear_apply(x.t, ctx.param(node, "weight"), None)
+    return _with_bias(ctx, Scaled(y, x.s), ctx.param(node, "bias"))
+
+
+def _shape_opaque(node: Node, shapes: list[Shape], param_shape) -> Shape:
+    shape = tuple(int(n) for n in node.attrs["shape"])
+    if len(shape) < 2 or shape[0] != 1 or any(n < 1 for n in shape):
+        raise _unfit(node, f"an opaque value must be (1, C, ...), got {shape}")
+    return shape
+
+
+def _not_in_segments(node: Node, *args) -> Any:
+    raise GraphError(f"node {node.name!r} is opaque (not positively homogeneous): neither the IR forward nor the "
+                     "path forward runs it; cut the graph into its homogeneous segments first (segments.cut)")
+
+
 # --------------------------------------------------------------------------------------------------
 # The op table.
 
@@ -858,6 +896,16 @@ OPS: dict[str, OpSpec] = {
     # (1, C, *S) -> (1, C, *spatial) with prod(spatial) = prod(S): every value stays in its channel (a unit
     # spatial axis added or removed, 1-D pooling lowered to 2-D); attrs spatial
     "reshape": OpSpec(Channels.SAME, _shape_reshape, _forward_reshape, _path_reshape),
+    # a linear layer applied at every position of (1, I, *positions): the MatMul of token-major
+    # activations (batch, tokens, features), held channel-first; weight (O, I), y = W x_p + b
+    "token_linear": OpSpec(Channels.NEW, _shape_token_linear, _forward_token_linear, _path_token_linear,
+                           ("weight",), ("bias",), objective=_LAYER, hidden=True),
+    # any op (or connected region of ops) that is not positively homogeneous or not known, kept by
+    # partial rescaling (see pathcond_cli.segments): its inputs end homogeneous segments, its output
+    # starts one; attrs shape (its output's IR shape), ops (the source nodes it stands for), why.
+    # Never run: segments.cut replaces it by segment outputs and inputs before groups and statistics.
+    "opaque": OpSpec(Channels.NEW, _shape_opaque, _not_in_segments, _not_in_segments, min_inputs=0,
+                     max_inputs=None, pins_input="feeds an opaque op (not positively homogeneous)"),
 }
 
 #: layers with a weight between input and output channels: their outputs are the hidden units

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .analysis import Analysis, analyze, rescaled_params
-from .errors import UsageError, VerificationError
+from .errors import UnsupportedModelError, UsageError, VerificationError
 from .frontends.base import LoadedModel, LoadOptions
 from .frontends.safetensors_io import sniff as sniff_safetensors
 from .outputs import Role, StagedOutput, check_outputs, clear_stale_stages, commit_all, sha256
@@ -66,6 +66,15 @@ def detect_format(path: Path) -> str:
 
 
 def load_model(path: Path, options: LoadOptions) -> LoadedModel:
+    try:
+        return _load(path, options)
+    except UnsupportedModelError as exc:
+        from .segments import with_partial_hint
+
+        raise with_partial_hint(exc) from None
+
+
+def _load(path: Path, options: LoadOptions) -> LoadedModel:
     if detect_format(path) == "torch":
         from .frontends.torch_frontend import load_torch
 

@@ -69,6 +69,7 @@ def build_report(
 ) -> dict[str, Any]:
     sol, stats, groups = analysis.solution, analysis.stats, analysis.groups
     degenerate = len(sol.degenerate)
+    partial = _partial(analysis)
     return {
         "schema_version": SCHEMA_VERSION,
         "pathcond_version": __version__,
@@ -98,7 +99,7 @@ def build_report(
             "bounds_active": sol.bounds_active,
             "bounded_groups": sol.bounded_groups,
         },
-        "verdict": verdict(analysis),
+        "verdict": verdict(analysis) + ("" if partial is None else " " + partial_line(partial)),
         "pinned": [asdict(p) for p in analysis.pinned],
         "layers": [asdict(row) for row in analysis.layers],
         "verification": None if verification is None else {
@@ -113,7 +114,26 @@ def build_report(
         "timings": {k: round(v, 4) for k, v in (timings or {}).items()},
         "device": str(analysis.device),
         "warnings": list(warnings or []),
+        **({} if partial is None else {"partial": {k: v for k, v in partial.items() if k != "segments"},
+                                       "segments": partial["segments"]}),
     }
+
+
+def _partial(analysis: Analysis) -> dict[str, Any] | None:
+    """The partial-rescaling figures (pathcond_cli.segments), or None for a model analysed whole."""
+    if analysis.source_graph is None:
+        return None
+    from .segments import partial_summary
+
+    return partial_summary(analysis, analysis.source_graph)
+
+
+def partial_line(partial: dict[str, Any]) -> str:
+    """The verdict's sentence on partial rescaling: what share of the hidden units is rescaled."""
+    n = len(partial["segments"])
+    return (f"Partial rescaling: {partial['hidden_units_rescaled']:,} of {partial['hidden_units']:,} hidden units "
+            f"({100 * partial['share_rescaled']:.0f}%) in {n:,} homogeneous segment{'s' if n != 1 else ''} are "
+            f"free to rescale; {partial['opaque_ops']:,} opaque op(s) and their parameters are left unchanged.")
 
 
 def _fmt(x: Any, digits: int = 4) -> str:
@@ -141,6 +161,10 @@ def render(report: dict[str, Any], console: Console, *, layers: bool = False) ->
         ("largest |ln λ|", _fmt(cond["max_abs_log_scale"])),
         ("solver", f"{cond['method']}, {cond['sweeps']} sweeps, " + ("converged" if cond["converged"] else "NOT converged")),
     ]
+    if report.get("partial"):
+        part = report["partial"]
+        rows.append(("partial rescaling", f"{part['hidden_units_rescaled']:,} of {part['hidden_units']:,} hidden units "
+                     f"free in {len(report['segments']):,} segments; {part['opaque_ops']:,} opaque ops unchanged"))
     if cond.get("bounds_active"):
         rows.append(("bounds (storage dtype range)", f"active: {cond['bounded_groups']:,} group(s) at a bound"))
     ver = report.get("verification")
@@ -157,6 +181,8 @@ def render(report: dict[str, Any], console: Console, *, layers: bool = False) ->
         console.print(_pinned_table(report["pinned"]))
     if layers:
         console.print(_layers_table(report["layers"]))
+    if layers and report.get("segments"):
+        console.print(_segments_table(report["segments"]))
     for warning in report.get("warnings", []):
         console.print(f"[yellow]warning:[/] {warning}")
     console.print(f"[bold]{report['verdict']}[/]")
@@ -182,5 +208,18 @@ def _layers_table(layers: list[dict[str, Any]]) -> Table:
         table.add_row(
             row["node"], row["op"], str(row["width"]), f"{row['params']:,}",
             triple(row["log10_g_before"]), triple(row["log10_g_after"]), f"{row['mean_log_scale']:.3g}",
+        )
+    return table
+
+
+def _segments_table(segments: list[dict[str, Any]]) -> Table:
+    table = Table(title="homogeneous segments (partial rescaling): log10 score before → after")
+    for col in ("#", "from", "to", "params", "hidden free/all", "score"):
+        table.add_column(col, overflow="fold")
+    for seg in segments:
+        table.add_row(
+            str(seg["index"]), seg["first_node"], seg["last_node"], f"{seg['parameters']:,}",
+            f"{seg['hidden_units_free']:,}/{seg['hidden_units']:,}",
+            f"{_fmt(seg['log10_score_before'], 3)} → {_fmt(seg['log10_score_after'], 3)}",
         )
     return table

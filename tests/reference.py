@@ -87,6 +87,19 @@ def _linear(net, x, w, wtag, b, btag):
     return y
 
 
+def _token_linear(net, x, w, wtag, b, btag):
+    """The same dense layer at every position: x (1, I, P) -> y (1, O, P), W[o, i] on every edge x_i(p) -> y_o(p)."""
+    positions = int(np.prod(x.shape[2:]))
+    xf = x.reshape(1, x.shape[1], positions)
+    y = net.new((1, w.shape[0], positions))
+    for o, i, q in product(range(w.shape[0]), range(w.shape[1]), range(positions)):
+        net.edge(xf[0, i, q], y[0, o, q], w[o, i], (wtag, o * w.shape[1] + i))
+    if b is not None:
+        for o, q in product(range(w.shape[0]), range(positions)):
+            net.bias(y[0, o, q], b[o], (btag, o))
+    return y.reshape(1, w.shape[0], *x.shape[2:])
+
+
 def _conv(net, node, x, w, wtag, b, btag):
     _, c, h, wd = x.shape
     o_ch, c_per, kh, kw = w.shape
@@ -220,7 +233,15 @@ def expand(graph) -> NeuronNet:
     vals = {}
     for name, shape in graph.inputs.items():
         vals[name] = net.inputs[name] = net.new(shape)
+    segment_outputs: list[int] = []
+    computed: set[str] = set()  # values computed by homogeneous nodes
     for node in graph.nodes:
+        if node.op == "opaque":  # partial rescaling (MATH §8b): its output neurons start paths like inputs,
+            # and the homogeneous values it reads end them like outputs; no edge crosses it
+            vals[node.output] = net.inputs[node.output] = net.new(tuple(node.attrs["shape"]))
+            segment_outputs += [int(n) for v in node.inputs if v in computed for n in vals[v].reshape(-1)]
+            continue
+        computed.add(node.output)
         xs = [vals[v] for v in node.inputs]
         x = xs[0]
 
@@ -231,6 +252,8 @@ def expand(graph) -> NeuronNet:
         op = node.op
         if op == "linear":
             vals[node.output] = _linear(net, x, *p("weight"), *p("bias"))
+        elif op == "token_linear":
+            vals[node.output] = _token_linear(net, x, *p("weight"), *p("bias"))
         elif op == "conv":
             vals[node.output] = _conv(net, node, x, *p("weight"), *p("bias"))
         elif op == "conv_transpose":
@@ -278,7 +301,8 @@ def expand(graph) -> NeuronNet:
             vals[node.output] = x.reshape(x.shape[0], x.shape[1], *node.attrs["spatial"])
         else:
             raise NotImplementedError(f"reference: op {op!r}")
-    net.outputs = [int(n) for v in graph.outputs for n in vals[v].reshape(-1)]
+    net.outputs = [int(n) for v in graph.outputs if v in computed or v in graph.inputs for n in vals[v].reshape(-1)]
+    net.outputs += [n for n in dict.fromkeys(segment_outputs) if n not in set(net.outputs)]
     return net
 
 

@@ -52,6 +52,9 @@ class LoadOptions:
     arch_kwargs: Mapping[str, object] = field(default_factory=dict)
     key: str | None = None  # torch checkpoint dict: where the state_dict is
     trust_pickle: bool = False  # torch: allow loading a pickled nn.Module
+    # keep ops that are not positively homogeneous as opaque and rescale the homogeneous segments
+    # around them (pathcond_cli.segments) instead of refusing the model
+    partial: bool = False
 
 
 class LoadedModel(Protocol):

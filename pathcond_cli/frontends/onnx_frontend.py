@@ -224,7 +224,7 @@ def load_onnx(path: Path, options: LoadOptions | None = None) -> OnnxModel:
     warnings: list[str] = []
     upgraded = _upgrade(model)
     node_names = _names_after_original(model, upgraded) if upgraded is not model else None
-    graph, refs, stored = _translate(upgraded, shapes, warnings, node_names)
+    graph, refs, stored = _translate(upgraded, shapes, warnings, node_names, options.partial)
     model, refs, stored = _writable(model, upgraded, refs, stored, warnings)
     return OnnxModel(path, model, graph, refs, stored, _input_specs(model, shapes), external, warnings)
 

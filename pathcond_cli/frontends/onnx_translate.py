@@ -16,8 +16,10 @@ import torch
 
 from ..errors import Offender, UnsupportedModelError
 from ..ir import Graph, GraphError, Node
+from ..segments import OpaqueSource, opaque_graph
 from .onnx_read import (_attr, _Folder, _fold_graph, _Names, _names, _opset, _ParamRef, _Refuse,
                         _text_attr, _Transform)
+from .onnx_tokens import channels_last, convert_token_major, ir_shape, reads_token_major
 
 HEAD_OPS = frozenset({"Softmax", "LogSoftmax", "Sigmoid"})
 #: ops known not to be positively homogeneous (f(a x) != a f(x) for some a > 0)
@@ -52,6 +54,8 @@ class _Context:
     alias: dict[str, str] = field(default_factory=dict)
     offenders: list[Offender] = field(default_factory=list)
     offender_nodes: list[int] = field(default_factory=list)  # ONNX node index of each offender
+    opaque: list[OpaqueSource] = field(default_factory=list)  # each offender, as partial rescaling keeps it
+    last: set[str] = field(default_factory=set)  # token-major values (channels on the last axis, .onnx_tokens)
     index: int = -1  # the ONNX node being converted
 
     @property
@@ -135,7 +139,7 @@ def _channel_vector(ctx: _Context, value: np.ndarray, rank: int, channels: int) 
     return (channels,) + (1,) * (rank - 2) if value.ndim < rank else (1, channels) + (1,) * (rank - 2)
 
 
-def _gemm(ctx: _Context) -> None:
+def _gemm(ctx: _Context, op: str = "linear") -> None:
     node = ctx.node
     if _attr(node, "transA", 0):
         raise _Refuse("transA=1 (transposed activations) is not a linear layer on features")
@@ -151,7 +155,7 @@ def _gemm(ctx: _Context) -> None:
         if c.size not in (1, out) or (c.ndim == 2 and c.shape[0] != 1) or c.ndim > 2:
             raise _Refuse(f"its bias of shape {c.shape} is not a vector of {out} values")
         params["bias"] = ctx.param(2, _Transform((out,), factor=beta, expanded_shape=(out,)))
-    ctx.emit("linear", [ctx.x(0)], params)
+    ctx.emit(op, [ctx.x(0)], params)
 
 
 def _matmul(ctx: _Context) -> None:
@@ -701,16 +705,23 @@ def _convert(ctx: _Context, live: list[int]) -> None:
         ctx.index = index
         node = ctx.node
         converter = CONVERTERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        emitted = len(ctx.nodes)
         try:
             if converter is None:
                 raise _Refuse(_why_unsupported(node))
-            converter(ctx)
-        except _Refuse as exc:
+            if reads_token_major(ctx, ctx.last):
+                convert_token_major(ctx, ctx.last)
+            elif node.output and node.output[0] in ctx.last:
+                raise _Refuse("it lays channel-first activations out token-major (features on the last axis)")
+            else:
+                converter(ctx)
+        except _Refuse as exc:  # keep going so that every offender is reported
+            del ctx.nodes[emitted:]  # a converter that emitted a first step before refusing
             ctx.offenders.append(Offender(ctx.node_names[index], node.op_type, str(exc)))
             ctx.offender_nodes.append(index)
-            first = next((n for n in node.input if n and n not in ctx.folder.values), None)
-            if first is not None and node.output:  # keep going so that every offender is reported
-                ctx.alias[node.output[0]] = ctx.alias.get(first, first)
+            acts = tuple(ctx.alias.get(n, n) for n in node.input if n and n not in ctx.folder.values)
+            ctx.opaque.append(OpaqueSource(ctx.node_names[index], node.op_type, str(exc), acts,
+                                           tuple(o for o in node.output if o)))
 
 
 def _fuse_linear_bias(nodes: list[Node], outputs: list[str]) -> list[Node]:
@@ -722,10 +733,10 @@ def _fuse_linear_bias(nodes: list[Node], outputs: list[str]) -> list[Node]:
     fused, dropped = {}, set()
     for node in nodes:
         nexts = readers.get(node.output, [])
-        if node.op == "linear" and "bias" not in node.params and node.output not in outputs and len(nexts) == 1 \
-                and nexts[0].op == "bias":
+        if node.op in ("linear", "token_linear") and "bias" not in node.params and node.output not in outputs \
+                and len(nexts) == 1 and nexts[0].op == "bias":
             b = nexts[0]
-            fused[id(b)] = Node(node.name, "linear", node.inputs, b.output,
+            fused[id(b)] = Node(node.name, node.op, node.inputs, b.output,
                                 {**node.params, "bias": b.params["bias"]}, node.attrs, node.source_op)
             dropped.add(id(node))
     return [fused.get(id(n), n) for n in nodes if id(n) not in dropped]
@@ -770,12 +781,12 @@ def _frontier_inputs(ctx: _Context, model: onnx.ModelProto, pre: list[int], inpu
             raise UnsupportedModelError(
                 f"the network starts at {name!r}, the result of input preprocessing, whose shape is "
                 f"{'unknown' if shape is None else shape}: pathcond needs a static (N, C, ...) shape there")
-        shapes[name] = (1,) + tuple(int(d) for d in shape[1:])
+        shapes[name] = ir_shape(ctx.folder, ctx.last, name) or (1,) + tuple(int(d) for d in shape[1:])
     return shapes
 
 
 def _translate(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], warnings: list[str],
-               names: list[str] | None = None):
+               names: list[str] | None = None, partial: bool = False):
     folder, _ = _fold_graph(model, shapes, _opset(model))  # the model is at MIN_OPSET or later (_upgrade)
     names = names or _node_names(model)
     stored = _names(model, folder)
@@ -786,16 +797,14 @@ def _translate(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], warni
                         "statistics: they are computed on its input")
     outputs = [heads[v.name].input[0] if v.name in heads else v.name for v in model.graph.output]
     live = _live_nodes(model, folder, outputs)
+    last = channels_last(model, folder, live, all(shape[0] == 1 for shape in shapes.values()))
+    ctx.last = last
     _convert(ctx, live)
     pre = _preprocessing(model, folder, live, list(shapes), ctx.offender_nodes) if ctx.offenders else []
     if pre:  # again, with the network starting after the input preprocessing
-        ctx = _Context(model, folder, names, stored)
+        ctx = _Context(model, folder, names, stored, last=last)
         _convert(ctx, [i for i in live if i not in set(pre)])
     _check_outputs(ctx, outputs)
-    if ctx.offenders:
-        listing = "; ".join(f"{o.node} ({o.op}): {o.why}" for o in ctx.offenders)
-        raise UnsupportedModelError(
-            f"the model is not a ReLU network pathcond can rescale: {listing}", ctx.offenders)
     if pre:
         ir_inputs = _frontier_inputs(ctx, model, pre, list(shapes), outputs)
         warnings.append(
@@ -803,7 +812,9 @@ def _translate(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], warni
             + ", ".join(f"{model.graph.node[i].op_type} {names[i]!r}" for i in pre)
             + f"; the network is analysed from {', '.join(repr(n) for n in ir_inputs)}")
     else:
-        ir_inputs = {name: (1,) + tuple(shape[1:]) for name, shape in shapes.items()}
+        ir_inputs = {name: ir_shape(folder, last, name) or (1,) + tuple(shape[1:]) for name, shape in shapes.items()}
+    if ctx.offenders:
+        return _partial(ctx, ir_inputs, outputs, partial, warnings), ctx.refs, stored
     nodes = _fuse_linear_bias(ctx.nodes, outputs)
     used = {key for node in nodes for key in node.params.values()}
     try:
@@ -812,6 +823,30 @@ def _translate(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], warni
     except GraphError as exc:
         raise UnsupportedModelError(f"the model cannot be represented: {exc}") from exc
     return graph, ctx.refs, stored
+
+
+def _partial(ctx: _Context, ir_inputs: dict[str, tuple[int, ...]], outputs: list[str], partial: bool,
+             warnings: list[str]) -> Graph:
+    """The graph with every offender kept as opaque (pathcond_cli.segments) under ``--partial``; else
+    the refusal, saying how many hidden units ``--partial`` would rescale."""
+    listing = "; ".join(f"{o.node} ({o.op}): {o.why}" for o in ctx.offenders)
+    nodes = _fuse_linear_bias(ctx.nodes, outputs)
+    # a stored tensor an opaque node reads too (a tied embedding, or equal tensors the exporter merged) needs
+    # no freezing: the writer gives a rescaled role a tensor of its own (onnx_write._plan_names)
+    try:
+        graph = opaque_graph(ir_inputs, nodes, outputs, ctx.params, ctx.opaque,
+                             lambda name: ir_shape(ctx.folder, ctx.last, name))
+    except GraphError as exc:
+        if partial:
+            raise UnsupportedModelError(f"partial rescaling: the model's homogeneous segments cannot be represented "
+                                        f"({exc}); unsupported: {listing}", ctx.offenders) from exc
+        graph = None
+    if not partial:
+        raise UnsupportedModelError(f"the model is not a ReLU network pathcond can rescale: {listing}.", ctx.offenders,
+                                    graph)
+    warnings.append(f"partial rescaling: {len(ctx.offenders)} node(s) kept unchanged as opaque (not positively "
+                    "homogeneous or not supported); the homogeneous segments between them are rescaled")
+    return graph
 
 
 def _check_outputs(ctx: _Context, outputs: list[str]) -> None:

@@ -215,7 +215,7 @@ class ExportArchive(TorchModel):
 
     def _load(self, content: Unpickled | None) -> None:
         ep = self._static_export(_read_export(self.path))
-        tr = translate(ep)
+        tr = translate(ep, partial=self.options.partial)
         self._set(tr, [*ep.state_dict.values(), *ep.constants.values()])
         if _has_batchnorm(tr.graph):
             self.warnings.append("torch.export archive: the rewritten file is verified in eval mode only "
@@ -303,7 +303,7 @@ class ScriptArchive(TorchModel):
         shapes = _shapes_from_options(self.options, "TorchScript archive")
         names = _script_arg_names(ts)
         ordered = _in_order(shapes, names)
-        tr = translate(_script_to_export(ts, ordered), names[: len(ordered)])
+        tr = translate(_script_to_export(ts, ordered), names[: len(ordered)], partial=self.options.partial)
         self._set(tr, [*ts.parameters(), *ts.buffers()], full_shapes=[tuple(s) for s in ordered])
         self._bind_state(ts.state_dict(), dict(ts.named_buffers()))
 
@@ -330,7 +330,7 @@ class _SavedModule(TorchModel):
     def _translate(self, module: nn.Module) -> tuple[Translation, list[tuple[int, ...]]]:
         """The module's IR and the full input shapes, in forward's order."""
         shapes = _shapes_from_options(self.options, self._what)
-        tr = module_translation(module, shapes)
+        tr = module_translation(module, shapes, partial=self.options.partial)
         return tr, ordered_shapes(module, shapes)[1]
 
     def _bind_module(self, module: nn.Module, tr: Translation, shapes: Sequence[tuple[int, ...]]) -> None:

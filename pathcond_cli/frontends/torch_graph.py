@@ -24,6 +24,8 @@ import torch
 
 from ..errors import Offender, Refusal, UnsupportedModelError
 from ..ir import PAD_MODES, Graph, GraphError, Node, swap_group_axes
+from ..segments import OpaqueSource, opaque_graph
+from . import torch_tokens
 
 aten = torch.ops.aten
 
@@ -212,8 +214,14 @@ def _static(shape: Sequence) -> tuple[int | None, ...]:
 
 
 class _Translator:
-    def __init__(self, ep: torch.export.ExportedProgram, input_names: Sequence[str] | None = None):
+    def __init__(self, ep: torch.export.ExportedProgram, input_names: Sequence[str] | None = None,
+                 partial: bool = False):
         self.ep = ep
+        self.partial = partial
+        self.opaque: list[OpaqueSource] = []  # each offender, as partial rescaling keeps it
+        self.last: set = set()  # FX nodes holding token-major activations (.torch_tokens)
+        self.fx_of: dict[str, Any] = {}  # IR value name -> its FX node
+        self.opaque_params: dict[str, str] = {}  # parameter read by an opaque op -> that op
         self.gm = ep.graph_module
         self.sig = ep.graph_signature
         self.state = ep.state_dict
@@ -257,9 +265,23 @@ class _Translator:
         return not taken
 
     def _offend(self, node, why: str) -> TVal:
+        """Collect an offender; it stays in the graph as an opaque source (pathcond_cli.segments)."""
         path = self._module_path(node)
-        self.offenders.append(Offender(f"{path}:{node.name}" if path else node.name, _name(node.target), why))
-        return TVal(node.name, poisoned=True)
+        name = f"{path}:{node.name}" if path else node.name
+        self.offenders.append(Offender(name, _name(node.target), why))
+        reads: list[str] = []
+        for arg in [*node.args, *node.kwargs.values()]:
+            for item in (arg if isinstance(arg, (list, tuple)) else [arg]):
+                value = self.env.get(item) if isinstance(item, torch.fx.Node) else None
+                if isinstance(value, TVal) and value.name not in reads:
+                    reads.append(value.name)
+        self.opaque.append(OpaqueSource(name, _name(getattr(node, "target", node.op)), why, tuple(reads), (node.name,)))
+        for arg in [*node.args, *node.kwargs.values()]:  # parameters it reads: frozen if a layer reads them too
+            value = self.env.get(arg) if isinstance(arg, torch.fx.Node) else None
+            if isinstance(value, PVal):
+                self.opaque_params.setdefault(value.key, name)
+        self.fx_of[node.name] = node
+        return TVal(node.name)
 
     def _tensor_of(self, key: str) -> torch.Tensor:
         if key in self.state:
@@ -317,6 +339,7 @@ class _Translator:
         output_node = None
         prelus = _decomposed_prelus(self.gm.graph)
         absorbed = {part for parts in prelus.values() for part in parts[2:]}
+        self._find_token_major(user_inputs)
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
                 if node.name in param_of:
@@ -345,14 +368,39 @@ class _Translator:
                 self.env[node] = self._offend(node, f"FX {node.op} nodes are not supported")
         outputs = self._outputs(output_node)
         if self.offenders:
-            raise UnsupportedModelError(
-                f"{len(self.offenders)} operation(s) keep this model from being treated as a ReLU network",
-                self.offenders)
+            return self._partial(outputs)
         try:
             return Graph(dict(self.inputs), list(self.nodes), outputs, dict(self.used_params))
         except GraphError as exc:  # a translation bug or a shape the IR cannot hold
             raise UnsupportedModelError(f"the translated graph is not valid: {exc}",
                                         [Offender("<graph>", "torch.export", str(exc))]) from exc
+
+    def _find_token_major(self, user_inputs: list[str]) -> None:
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder" and n.name in user_inputs]
+        activations = set(placeholders) | {n for n in self.gm.graph.nodes if n.op == "call_function"}
+        # symbolic sizes are read without comparing them (a comparison would specialise a dynamic batch)
+        batch_one = all((_static(_meta_shape(n) or ()) or (None,))[0] in (1, None) for n in placeholders)
+        self.last = torch_tokens.channels_last(self.gm.graph, activations, batch_one)
+
+    def _partial(self, outputs: list[str]) -> Graph:
+        """The graph with every offender kept as opaque under ``--partial``; else the refusal, saying how
+        many hidden units ``--partial`` would rescale."""
+        count = f"{len(self.offenders)} operation(s) keep this model from being treated as a ReLU network"
+        shape_of = lambda name: torch_tokens.ir_shape(self.fx_of.get(name), self.last)  # noqa: E731
+        try:
+            graph = opaque_graph(dict(self.inputs), list(self.nodes), outputs, dict(self.used_params), self.opaque,
+                                 shape_of, self.opaque_params)
+        except GraphError as exc:
+            if self.partial:
+                raise UnsupportedModelError(f"partial rescaling: the homogeneous segments cannot be represented "
+                                            f"({exc}); {count}", self.offenders) from exc
+            graph = None
+        if not self.partial:
+            raise UnsupportedModelError(count + ".", self.offenders, graph)
+        self.warnings.append(f"partial rescaling: {len(self.offenders)} operation(s) kept unchanged as opaque (not "
+                             "positively homogeneous or not supported); the homogeneous segments between them are "
+                             "rescaled")
+        return graph
 
     def _add_input(self, node, index: int) -> None:
         shape = _meta_shape(node)
@@ -365,7 +413,7 @@ class _Translator:
         if len(full) < 2:
             self.env[node] = self._offend(node, f"input of shape {tuple(shape)} has no channel axis (need (N, C, ...))")
             return
-        self.inputs[name] = (1, *rest)
+        self.inputs[name] = torch_tokens.ir_shape(node, self.last) if node in self.last else (1, *rest)
         self.input_full_shapes[name] = full
         self.input_dtypes[name] = node.meta["val"].dtype
         self.env[node] = TVal(name)
@@ -428,6 +476,11 @@ class _Translator:
         a = _arguments(node)
         first = next(iter(a.values()), None)
         x = self._val(first) if isinstance(first, torch.fx.Node) else None
+        if any(isinstance(arg, torch.fx.Node) and arg in self.last and isinstance(self.env.get(arg), TVal)
+               for arg in node.args):
+            return torch_tokens.convert(self, node, a, first, x)
+        if node in self.last:
+            raise _Unsupported("it lays channel-first activations out token-major (features on the last axis)")
         return handler(self, node, a, first, x)
 
     # -- handlers, one per family of aten ops (see _HANDLERS) -------------------------------------
@@ -938,9 +991,11 @@ class Translation:
     swapped: dict[str, int] = field(default_factory=dict)  # IR value = swap_group_axes(stored, groups)
 
 
-def translate(ep: torch.export.ExportedProgram, input_names: Sequence[str] | None = None) -> Translation:
-    """The IR of an exported program, with warnings and the inputs' full shapes/dtypes as exported."""
-    tr = _Translator(ep, input_names)
+def translate(ep: torch.export.ExportedProgram, input_names: Sequence[str] | None = None,
+              partial: bool = False) -> Translation:
+    """The IR of an exported program, with warnings and the inputs' full shapes/dtypes as exported.
+    ``partial``: keep unsupported ops as opaque (pathcond_cli.segments) instead of refusing the model."""
+    tr = _Translator(ep, input_names, partial)
     graph = tr.run()
     return Translation(graph, tr.warnings, tr.input_full_shapes, tr.input_dtypes, dict(tr.swapped))
 

@@ -131,9 +131,9 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else ""
 
 
-def module_translation(module: nn.Module, input_shapes: Shapes) -> Translation:
+def module_translation(module: nn.Module, input_shapes: Shapes, partial: bool = False) -> Translation:
     ep, names = export_module(module, input_shapes)
-    return translate(ep, names)
+    return translate(ep, names, partial=partial)
 
 
 def module_to_graph(module: nn.Module, input_shapes: Shapes) -> Graph:
