@@ -474,3 +474,25 @@ def test_partial_on_a_relu_network_changes_nothing(tmp_path):
     partial = json.loads(invoke("inspect", source, "--json", "--partial").stdout)
     assert "segments" not in partial and "partial" not in partial
     assert partial["conditioning"] == plain["conditioning"] and partial["layers"] == plain["layers"]
+
+
+def test_safetensors_state_dict_with_arch_and_partial(tmp_path):
+    """The issue's third container: a `.safetensors` state_dict of the encoder, rebuilt with --arch."""
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "enc.safetensors"
+    save_file({k: v.contiguous() for k, v in encoder().state_dict().items()}, str(path), metadata={"who": "test"})
+    out = tmp_path / "out.safetensors"
+    result = invoke("rescale", path, out, "--arch", "tests.test_partial:encoder", "--input-shape",
+                    f"1x{TOKENS}x{D}", "--partial", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["input"]["format"] == "safetensors"
+    assert report["partial"]["hidden_units_rescaled"] == LAYERS * FF
+    before, after = load_file(str(path)), load_file(str(out))
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("linear1" in k or "linear2" in k for k in changed)
+    model = encoder()
+    model.load_state_dict(after)
+    x = torch.randn(1, TOKENS, D)
+    torch.testing.assert_close(model(x), encoder()(x), rtol=1e-4, atol=1e-5)
