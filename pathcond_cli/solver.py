@@ -247,10 +247,15 @@ class _State:
     a_index: torch.Tensor = field(init=False)  # group of every incoming-mass term (cross blocks, dense rows)
     c_index: torch.Tensor = field(init=False)  # group of every outgoing-mass term (cross blocks, dense columns)
 
+    cross_out: torch.Tensor = field(init=False)  # out group of every cross pair block
+    cross_in: torch.Tensor = field(init=False)
+    cross_log_g: torch.Tensor = field(init=False)
+
     def __post_init__(self) -> None:
         b = self.blocks
-        self.a_index = torch.cat([b.out[self.cross]] + [d.out[d.rows] for d in b.dense])
-        self.c_index = torch.cat([b.inn[self.cross]] + [d.inn[d.cols] for d in b.dense])
+        self.cross_out, self.cross_in, self.cross_log_g = b.out[self.cross], b.inn[self.cross], b.log_g[self.cross]
+        self.a_index = torch.cat([self.cross_out] + [d.out[d.rows] for d in b.dense])
+        self.c_index = torch.cat([self.cross_in] + [d.inn[d.cols] for d in b.dense])
 
     def block_logs(self, u: torch.Tensor) -> torch.Tensor:
         b = self.blocks
@@ -308,6 +313,10 @@ class _State:
 
     def coordinate_log_x(self, u: torch.Tensor) -> torch.Tensor:
         """ln x of the exact coordinate minimiser of every group at ``u`` (MATH §6); 0 on fixed groups."""
+        return self.coordinates(u)[0]
+
+    def coordinates(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``coordinate_log_x(u)``, ln S at ``u``): the stopping rule and F from one pass over the blocks."""
         log_a, log_c, log_s = self.group_sums(u)
         # R = S − A − C (the mass that does not move with u_j), ≥ 0 up to rounding
         rel = torch.exp(log_a - log_s) + torch.exp(log_c - log_s)
@@ -315,7 +324,12 @@ class _State:
         G, k = self.G, self.k
         b = k * torch.exp(log_r)
         log_x = _positive_root_log(torch.log(G + k) + log_c, b, torch.log(G - k) + log_a)
-        return torch.where(self.fixed, torch.zeros_like(log_x), log_x)
+        return torch.where(self.fixed, torch.zeros_like(log_x), log_x), log_s
+
+    def f_from_log_total(self, u: torch.Tensor, log_s: torch.Tensor | float) -> float:
+        """F(u) given ln S at u (see ``f``)."""
+        linear = 2.0 * float((self.k * u).sum())
+        return linear if self.G == 0 else self.G * float(log_s) + linear
 
     def bcd_step(self, u: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
         """One exact block update of the groups in ``colour`` (mutually independent)."""
@@ -571,6 +585,228 @@ def level_order(blocks: Blocks, classes: list[torch.Tensor]) -> list[torch.Tenso
     return [mask for _, mask in parts]
 
 
+@dataclass
+class _Batch:
+    """Mutually independent groups moved at once by the layered sweep, with the blocks incident to them.
+
+    ``a_*`` are the blocks whose out group is in the batch (its incoming mass A), ``c_*`` those whose in
+    group is (its outgoing mass C); ``*_local`` is each block's group as a position in ``groups``. No
+    block joins two groups of one batch, so after the step every incident block's mass is known."""
+
+    groups: torch.Tensor  # (m,) int64
+    k: torch.Tensor  # (m,) float64
+    a_pairs: torch.Tensor  # positions among the cross pair blocks
+    a_local: torch.Tensor
+    c_pairs: torch.Tensor
+    c_local: torch.Tensor
+    a_dense: list[tuple[int, torch.Tensor | None, torch.Tensor]]  # (matrix, kept rows in the batch or None: all, local)
+    c_dense: list[tuple[int, torch.Tensor | None, torch.Tensor]]  # (matrix, kept columns in the batch or None, local)
+
+
+class _Layered:
+    """The layer-ordered Gauss–Seidel sweep (MATH §6, "Order matters").
+
+    Batches are the colour classes split by level (a group's first value in the DAG) and taken front to
+    back: all groups of one layer at once, then the next layer. Each batch solves its groups' exact steps
+    with λ = G/S fixed (λ·C·x² + k·x − λ·A = 0, the groups share no block so the steps are independent),
+    from A and C summed over the blocks incident to the batch only; S is then brought up to date from
+    the change of the incident mass (the rest of S does not move). A sweep therefore costs about two
+    passes over the blocks whatever the depth, and carries the layer-wide "ramp" of deep chains through
+    the whole network in one pass, which colour classes (all odd layers, then all even ones) do not."""
+
+    #: S is recomputed from every block when a step loses more than this fraction of it (the update by
+    #: difference then keeps too few significant digits)
+    RECOMPUTE_BELOW = 1e-6
+
+    def __init__(self, state: _State):
+        self.state = state
+        b = state.blocks
+        n = b.n_groups + 1
+        masks = level_order(b, colour_classes(b, state.fixed))
+        batch_of = torch.full((n,), -1, dtype=torch.int64, device=b.device)
+        for i, mask in enumerate(masks):
+            batch_of[mask] = i
+        local = torch.zeros(n, dtype=torch.int64, device=b.device)
+        for mask in masks:
+            local[mask] = torch.arange(int(mask.sum()), device=b.device)
+        self.coarse_of = batch_of + 1  # coarse index: 0 for fixed groups, 1 + batch otherwise
+        self.n_coarse = len(masks) + 1
+        cross_out, cross_in = b.out[state.cross], b.inn[state.cross]
+        a_split = self._split(batch_of[cross_out], len(masks))
+        c_split = self._split(batch_of[cross_in], len(masks))
+        a_dense = self._dense_split([batch_of[d.out[d.rows]] for d in b.dense], len(masks))
+        c_dense = self._dense_split([batch_of[d.inn[d.cols]] for d in b.dense], len(masks))
+        self.batches = []
+        for i, mask in enumerate(masks):
+            groups = torch.nonzero(mask).reshape(-1)
+            self.batches.append(_Batch(
+                groups, state.k[groups], a_split[i], local[cross_out[a_split[i]]], c_split[i],
+                local[cross_in[c_split[i]]],
+                [(j, sel, local[b.dense[j].out[b.dense[j].rows if sel is None else b.dense[j].rows[sel]]])
+                 for j, sel in a_dense[i]],
+                [(j, sel, local[b.dense[j].inn[b.dense[j].cols if sel is None else b.dense[j].cols[sel]]])
+                 for j, sel in c_dense[i]],
+            ))
+
+    @staticmethod
+    def _split(batch: torch.Tensor, n_batches: int) -> list[torch.Tensor]:
+        """Positions of ``batch`` grouped by value 0..n_batches−1 (−1: a fixed group, in no batch)."""
+        order = torch.argsort(batch, stable=True)
+        counts = torch.bincount(batch[order] + 1, minlength=n_batches + 1).tolist()
+        return list(torch.split(order, counts))[1:]
+
+    @staticmethod
+    def _dense_split(batches: list[torch.Tensor], n_batches: int) -> list[list[tuple[int, torch.Tensor | None]]]:
+        """Per batch, the dense matrices with rows (or columns) in it: the positions, None when all."""
+        out: list[list[tuple[int, torch.Tensor | None]]] = [[] for _ in range(n_batches)]
+        for j, batch in enumerate(batches):
+            for i in torch.unique(batch).tolist():
+                if i >= 0:
+                    sel = torch.nonzero(batch == i).reshape(-1)
+                    out[i].append((j, None if len(sel) == len(batch) else sel))
+        return out
+
+    def sweep(self, u: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:
+        """One pass over the batches front to back from ``u``, where ln S = ``log_s``."""
+        u = u.clone()
+        for batch in self.batches:
+            log_s = self.step(u, batch, log_s)
+        return u
+
+    def step(self, u: torch.Tensor, batch: _Batch, log_s: torch.Tensor) -> torch.Tensor:
+        """The exact minimum of F over the batch's groups (``u`` updated in place); returns the new ln S.
+
+        For a fixed λ every group's optimum is the positive root of λ·C·x² + k·x − λ·A = 0; F is the
+        minimum over λ of a function jointly convex in (ln λ, u), so the batch's minimum is at the ln λ
+        where λ·S = G, S = R + Σ_j (A_j/x_j + C_j·x_j) and R the mass of the blocks the batch does not
+        touch. That scalar equation is solved by safeguarded Newton steps (``_lambda_root``)."""
+        state = self.state
+        log_a, log_c = self.masses(u, batch)
+        touched = torch.logsumexp(torch.cat([log_a, log_c]), 0)
+        log_r = log_s + torch.log1p(-torch.exp(touched - log_s).clamp(max=1.0))  # the mass that does not move
+        log_lam, log_x = _lambda_root(math.log(state.G), float(math.log(state.G) - log_s), log_a, log_c, batch.k,
+                                      float(log_r))
+        u[batch.groups] += 0.5 * log_x
+        return torch.tensor(math.log(state.G) - log_lam, dtype=torch.float64, device=u.device)
+
+    def coarse_masses(self, u: torch.Tensor) -> torch.Tensor:
+        """(n_coarse, n_coarse) ln of the mass of the blocks from each batch (row) to each batch (column) at
+        ``u``; index 0 gathers the fixed groups."""
+        state, b, n = self.state, self.state.blocks, self.n_coarse
+        c = self.coarse_of
+        lv = state.block_logs(u)
+        terms, keys = [lv], [c[b.out] * n + c[b.inn]]
+        for d in b.dense:
+            rows, cols = c[d.out[d.rows]], c[d.inn[d.cols]]
+            u_out, u_in = u[d.out[d.rows]], u[d.inn[d.cols]]
+            shift = u_in.max()
+            kinds, which = torch.unique(cols, return_inverse=True)
+            z = torch.zeros((len(cols), len(kinds)), dtype=u.dtype, device=u.device)
+            z[torch.arange(len(cols), device=u.device), which] = torch.exp(2.0 * (u_in - shift))
+            per = d.by_row @ z  # (rows, column batches)
+            logs = d.log_row_max[:, None] + torch.log(per) + 2.0 * (shift - u_out)[:, None]
+            terms.append(logs.reshape(-1))
+            keys.append((rows[:, None] * n + kinds[None, :]).reshape(-1))
+        return scatter_logsumexp(torch.cat(terms), torch.cat(keys), n * n).reshape(n, n)
+
+    def coarse(self, u: torch.Tensor) -> torch.Tensor:
+        """``u`` moved by the best shift of every batch as a whole (the exact minimum of F over that
+        subspace, by Newton's method on the small problem ``coarse_masses`` defines)."""
+        k = torch.zeros(self.n_coarse, dtype=u.dtype, device=u.device).scatter_add(0, self.coarse_of, self.state.k)
+        shift = _newton_small(self.coarse_masses(u), k, self.state.G)
+        return u + shift[self.coarse_of]
+
+    def masses(self, u: torch.Tensor, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ln A, ln C) of the batch's groups at ``u``, from the incident blocks only."""
+        state, b, m = self.state, self.state.blocks, len(batch.groups)
+        cross_log_g = state.cross_log_g
+        cross_out, cross_in = state.cross_out, state.cross_in
+        a_terms = [cross_log_g[batch.a_pairs] - 2.0 * (u[cross_out[batch.a_pairs]] - u[cross_in[batch.a_pairs]])]
+        c_terms = [cross_log_g[batch.c_pairs] - 2.0 * (u[cross_out[batch.c_pairs]] - u[cross_in[batch.c_pairs]])]
+        a_index, c_index = [batch.a_local], [batch.c_local]
+        for j, sel, where in batch.a_dense:
+            rows = _State.dense_rows(b.dense[j], u)
+            a_terms.append(rows if sel is None else rows[sel])
+            a_index.append(where)
+        for j, sel, where in batch.c_dense:
+            cols = _State.dense_cols(b.dense[j], u)
+            c_terms.append(cols if sel is None else cols[sel])
+            c_index.append(where)
+        log_a = scatter_logsumexp(torch.cat(a_terms), torch.cat(a_index), m)
+        log_c = scatter_logsumexp(torch.cat(c_terms), torch.cat(c_index), m)
+        return log_a, log_c
+
+
+def _lambda_root(log_g: float, t: float, log_a: torch.Tensor, log_c: torch.Tensor, k: torch.Tensor,
+                 log_r: float, iterations: int = 60) -> tuple[float, torch.Tensor]:
+    """(ln λ, ln x) at the joint minimum of one batch of independent groups (see ``_Layered.step``).
+
+    φ(t) = t + ln S(t) − ln G is increasing in t = ln λ with slope φ' = 1 − Σ_j (c_j − a_j)²/(c_j + a_j)/S
+    ∈ [0, 1], a_j = A_j/x_j and c_j = C_j·x_j the masses after the step: Newton steps on φ, kept inside
+    the bracket of the root found so far (bisection when a step leaves it). Starting from the current
+    λ = G/S."""
+    lo, hi = -math.inf, math.inf
+    log_x = torch.zeros_like(log_a)
+    for _ in range(iterations):
+        log_x = _positive_root_log(t + log_c, k, t + log_a)
+        new_a, new_c = log_a - log_x, log_c + log_x
+        log_q = torch.logaddexp(new_a, new_c)
+        log_s = float(torch.logaddexp(torch.logsumexp(log_q, 0), torch.tensor(log_r, dtype=log_q.dtype)))
+        phi = t + log_s - log_g
+        if abs(phi) <= 1e-13:
+            break
+        if phi < 0:
+            lo = t
+        else:
+            hi = t
+        # Σ (c − a)²/(c + a) / S, each term as (c + a)·tanh((ln c − ln a)/2)²
+        drop = float((torch.exp(log_q - log_s) * torch.tanh(0.5 * (new_c - new_a)) ** 2).sum())
+        slope = max(1.0 - drop, 1e-300)
+        t_next = t - phi / slope
+        if not (lo < t_next < hi):
+            t_next = 0.5 * (lo + hi) if math.isfinite(lo) and math.isfinite(hi) else t - phi
+        if t_next == t:
+            break
+        t = t_next
+    return t, log_x
+
+
+def _newton_small(log_m: torch.Tensor, k: torch.Tensor, G: float, iterations: int = 50) -> torch.Tensor:
+    """argmin over s (s[0] = 0) of G·ln Σ_pq m_pq e^{−2(s_p − s_q)} + 2 Σ_p k_p s_p, ``log_m`` = ln m (n × n,
+    dense): the PathCond objective of a small problem, by Newton's method with a backtracking line search."""
+    n = len(k)
+    s = torch.zeros(n, dtype=log_m.dtype, device=log_m.device)
+
+    def value(s: torch.Tensor) -> tuple[float, torch.Tensor]:
+        logs = log_m - 2.0 * (s[:, None] - s[None, :])
+        log_total = torch.logsumexp(logs.reshape(-1), 0)
+        return float(G * log_total + 2.0 * (k * s).sum()), torch.exp(logs - log_total)
+
+    f, w = value(s)
+    for _ in range(iterations):
+        r, c = w.sum(1), w.sum(0)
+        v = r - c
+        grad = (2.0 * k - 2.0 * G * v)[1:]
+        hess = 4.0 * G * (torch.diag(r + c) - w - w.T - torch.outer(v, v))[1:, 1:]
+        hess = hess + torch.eye(n - 1, dtype=hess.dtype, device=hess.device) * (1e-12 * float(hess.diagonal().abs().max()) + 1e-300)
+        step = -torch.linalg.solve(hess, grad)
+        decrement = float(-(grad * step).sum())
+        if not decrement > 1e-12 * max(G, 1.0):
+            break
+        full = torch.zeros_like(s)
+        full[1:] = step
+        t = 1.0
+        while t > 1e-10:
+            f_new, w_new = value(s + t * full)
+            if f_new <= f - 0.25 * t * decrement:
+                break
+            t *= 0.5
+        else:
+            break
+        s, f, w = s + t * full, f_new, w_new
+    return s
+
+
 # --------------------------------------------------------------------------------------------------
 # Solving
 
@@ -598,6 +834,8 @@ class Solution:
 
 Progress = Callable[[int, float, float], None]  # (sweep, F, max |ln x|)
 
+METHODS = ("auto", "lbfgs", "bcd", "sequential")
+
 
 def solve(
     blocks: Blocks,
@@ -614,7 +852,7 @@ def solve(
     unbounded solve runs first (the common case, at full speed); only when its optimum leaves the box
     is the solve redone from its largest feasible shrink t·u with exact coordinate steps clipped to
     each group's interval (a bounded optimum: every clipped step is within ``tol``)."""
-    if method not in ("auto", "bcd", "sequential"):
+    if method not in METHODS:
         raise ValueError(f"unknown solver method {method!r}")
     state, degenerate = _prepare(blocks)
     n = blocks.n_groups + 1
@@ -624,9 +862,11 @@ def solve(
     if bool((~state.fixed).any()):
         if method == "sequential":
             u = run.sequential(u)
+        elif method == "auto":
+            u = run.layered(u)
         else:
-            u = run.bcd(u, warmup=(method == "auto"))
-            if method == "auto" and not run.converged:
+            u = run.bcd(u, warmup=(method == "lbfgs"))
+            if method == "lbfgs" and not run.converged:
                 u = run.quasi_newton(u)
     limits = None
     if box is not None and bool((~state.fixed).any()) and not box.surely_inside(u):
@@ -665,14 +905,18 @@ class _Run:
         self.stopped = False  # the last record() said stop
         self.last_f: float | None = None  # F at the last record() of the current phase
         self.limits: DiffBounds | None = None  # set for the bounded solve: gaps are clipped steps
+        self.log_s = torch.tensor(0.0)  # ln S at the last record()
 
     def steps(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(exact coordinate ln x, the same step clipped to each group's interval) at ``u``."""
         log_x = self.state.coordinate_log_x(u)
+        return log_x, self.clip_steps(u, log_x)
+
+    def clip_steps(self, u: torch.Tensor, log_x: torch.Tensor) -> torch.Tensor:
+        """The exact coordinate steps ``log_x`` at ``u``, each clipped to its group's interval."""
         if self.limits is None:
-            return log_x, log_x
-        free = ~self.state.fixed
-        return log_x, 2.0 * (self.limits.clip(u, u + 0.5 * log_x, free) - u)
+            return log_x
+        return 2.0 * (self.limits.clip(u, u + 0.5 * log_x, ~self.state.fixed) - u)
 
     def bounded_groups(self, u: torch.Tensor) -> int:
         raw, clipped = self.steps(u)
@@ -681,8 +925,10 @@ class _Run:
     def record(self, u: torch.Tensor, passes: int = 1) -> bool:
         """Count ``passes`` sweeps' worth of work; True when the method should stop (optimal, stalled,
         or out of sweeps)."""
-        f = self.state.objective(u)
-        gap = float(self.steps(u)[1].abs().max())
+        log_x, log_s = self.state.coordinates(u)
+        f = self.state.f_from_log_total(u, log_s)
+        self.log_s = log_s
+        gap = float(self.clip_steps(u, log_x).abs().max())
         stalled = self.last_f is not None and self.last_f - f <= self.STALL * max(1.0, abs(f))
         self.last_f = f
         self.sweeps += passes
@@ -693,6 +939,16 @@ class _Run:
             self.progress(self.sweeps, f, gap)
         self.stopped = self.converged or stalled or self.sweeps >= self.max_sweeps
         return self.stopped
+
+    def layered(self, u: torch.Tensor) -> torch.Tensor:
+        """Layer-ordered Gauss–Seidel sweeps (``_Layered``) until the stopping rule holds."""
+        sweeper = _Layered(self.state)
+        log_s = self.state.log_total(u)
+        while True:
+            u = sweeper.coarse(sweeper.sweep(u, log_s))
+            if self.record(u):
+                return u
+            log_s = self.log_s  # exact at the start of every sweep
 
     def bcd(self, u: torch.Tensor, warmup: bool) -> torch.Tensor:
         colours = colour_classes(self.state.blocks, self.state.fixed)
