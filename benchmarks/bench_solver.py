@@ -183,8 +183,8 @@ def run(name: str, graph: Graph, methods: list[str], max_sweeps: int, tol: float
         sol = solve(blocks, method=method, tol=tol, max_sweeps=max_sweeps)
         took = time.perf_counter() - start
         print(f"  {method:>10}: {sol.sweeps:5d} sweeps {took:7.2f}s  converged={sol.converged!s:5}  "
-              f"max|ln x|={sol.max_abs_log_x:.1e}  F={sol.objective_after:.8g}  "
-              f"score {math.exp(sol.log_score_before):.6g} -> {math.exp(sol.log_score_after):.6g}", flush=True)
+              f"max|ln x|={sol.max_abs_log_x:.1e}  F={sol.objective_after:.10g}  "
+              f"score {math.exp(sol.log_score_before):.6g} -> {math.exp(sol.log_score_after):.8g}", flush=True)
 
 
 def main() -> None:

@@ -646,7 +646,7 @@ class _Layered:
     as a whole by the exact minimiser of F over those shifts (``_newton_small`` on the same criterion
     with one group per batch, ``coarse_masses``). Both only ever lower F."""
 
-    COARSE_MAX = 2048  # more batches than this: no coarse correction (its Newton system is dense)
+    COARSE_MAX = 512  # more batches than this: neighbours share a coarse group (its Newton system is dense)
     RECOMPUTE_BELOW = math.log(1e-6)  # a step that leaves less than this share of S: S from every block
 
     def __init__(self, state: _State):
@@ -659,8 +659,11 @@ class _Layered:
         for i, mask in enumerate(masks):
             batch_of[mask] = i
             local[mask] = torch.arange(int(mask.sum()), device=dev)
-        self.coarse_of = batch_of + 1  # coarse group: 0 for fixed groups, 1 + batch otherwise
-        self.n_coarse = len(masks) + 1
+        # coarse group: 0 for fixed groups, else 1 + the batch, neighbouring batches merged beyond COARSE_MAX
+        merged = batch_of if len(masks) <= self.COARSE_MAX else torch.div(batch_of * self.COARSE_MAX, len(masks),
+                                                                         rounding_mode="floor")
+        self.coarse_of = torch.where(batch_of < 0, 0, merged + 1)
+        self.n_coarse = min(len(masks), self.COARSE_MAX) + 1
         a_pairs = self._split(batch_of[state.cross_out], len(masks))
         c_pairs = self._split(batch_of[state.cross_in], len(masks))
         self.batches = [
@@ -690,7 +693,7 @@ class _Layered:
         u = u.clone()
         for batch in self.batches:
             log_s = self.step(u, batch, log_s)
-        return self.coarse(u) if self.n_coarse <= self.COARSE_MAX else u
+        return self.coarse(u)
 
     def step(self, u: torch.Tensor, batch: _Batch, log_s: torch.Tensor) -> torch.Tensor:
         """The exact block step of the batch's groups at λ = G/S (``u`` updated in place; MATH §6, the
@@ -779,7 +782,10 @@ def _newton_small(out: torch.Tensor, inn: torch.Tensor, log_m: torch.Tensor, k: 
         hess = (4.0 * G * (torch.diag(r + c) - w_mat - w_mat.T - torch.outer(v, v)))[1:, 1:]
         ridge = 1e-12 * float(hess.diagonal().abs().max()) + 1e-300
         step = torch.zeros_like(s)
-        step[1:] = -torch.linalg.solve(hess + ridge * eye, grad)
+        try:
+            step[1:] = -torch.linalg.solve(hess + ridge * eye, grad)
+        except torch.linalg.LinAlgError:  # only with non-finite entries: keep the sweep's point
+            break
         decrement = float(-(grad * step[1:]).sum())
         if not decrement > 1e-12 * max(G, 1.0):
             break

@@ -235,3 +235,33 @@ def test_default_solve_does_not_import_dynamo(method, imported):
                           timeout=300, env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": ""})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == str(imported)
+
+
+# --------------------------------------------------------------------------------------------------
+# The code paths a large or unusual graph takes
+
+
+def test_merged_coarse_groups_reach_scipy_minimum(monkeypatch):
+    """More batches than COARSE_MAX: neighbouring batches share a coarse group (here 41 layers on 4)."""
+    from pathcond_cli import solver
+
+    monkeypatch.setattr(solver._Layered, "COARSE_MAX", 4)
+    groups, stats, blocks = blocks_of(DEEP_CHAINS["mlp-40-uneven"]())
+    obj = PerParamObjective(groups, stats.log_g)
+    f_star, _ = obj.minimise(np.arange(obj.n) > 0)
+    sol = solve(blocks, tol=1e-8, max_sweeps=5000)
+    assert sol.converged or sol.max_abs_log_x < 1e-6
+    assert abs(obj.value(sol.u.numpy()) - f_star) <= 1e-7 * abs(f_star)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_without_levels_reaches_scipy_minimum(seed):
+    """Blocks built without the groups' levels (a caller that has none): batches are colour classes."""
+    graph = random_dag(seed)
+    groups = build_groups(graph)
+    stats = path_statistics(graph, groups)
+    blocks = build_blocks(groups.roles, stats.log_g, groups.n_free)
+    obj = PerParamObjective(groups, stats.log_g)
+    f_star, _ = obj.minimise(np.arange(obj.n) > 0)
+    sol = solve(blocks, tol=1e-9, max_sweeps=5000)
+    assert abs(obj.value(sol.u.numpy()) - f_star) <= 1e-7 * max(1.0, abs(f_star))
