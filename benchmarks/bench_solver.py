@@ -8,15 +8,20 @@ The networks are built directly in pathcond's IR with Kaiming-normal weights and
 reduced input resolution by default (``--size``); ``--full`` uses 224x224 and 4096-wide fc layers (VGG-16:
 138M parameters; needs memory and minutes). Shapes:
 
-* ``mlp``: 3072-256x16-10, the deep chain of issue 11;
+* ``mlp``: 3072-256x16-10, the deep chain of issue 11 (Kaiming: the diagonal is nearly balanced along
+  the depth, the hardest case for coordinate steps); ``mlp_torch_init``: the same with PyTorch's default
+  nn.Linear init (the values shrink along the depth: L-BFGS's hard case);
 * ``alexnet``, ``vgg16``: torchvision's layer shapes (no BatchNorm: a chain of conv-ReLU);
 * ``resnet50``: torchvision's bottleneck layout [3, 4, 6, 3] with BatchNorm (groups start at each BN);
 * ``resnet_nobn``: the same layout with biased convs and no BatchNorm (residual groups span many layers);
 * ``densenet``: DenseNet-121's block layout [6, 12, 24, 16], growth 32, post-activation conv-ReLU layers
   without BatchNorm (concatenated groups span every later layer of their block).
 
-``lbfgs`` is the former default (a few colour-class sweeps, then L-BFGS); ``auto`` the layer-ordered
-Gauss–Seidel sweep.
+``lbfgs`` is the former default (a few colour-class sweeps, then L-BFGS), ``auto`` the layer-ordered
+Gauss–Seidel sweep with its coarse correction; ``bcd`` and ``sequential`` can be named too. One "sweep"
+of ``lbfgs`` is one evaluation of F and its gradient (one pass over the blocks); one of ``auto`` is one
+pass over the batches plus the coarse correction and the stopping test (about four passes): compare the
+seconds. The methods run one after the other on each network (interleaved), on one thread.
 """
 
 from __future__ import annotations
@@ -100,6 +105,19 @@ def mlp(size: int, fc: int) -> Graph:
     return b.graph(b.linear(x, 10))
 
 
+def mlp_torch_init(size: int, fc: int) -> Graph:
+    """The same MLP with PyTorch's default nn.Linear init: weights and biases U(±1/√fan_in)."""
+    graph, gen = mlp(size, fc), torch.Generator().manual_seed(1)
+    values = {}
+    for node in graph.nodes:
+        if node.op == "linear":
+            fan_in = graph.params[node.params["weight"]].shape[1]
+            for role in ("weight", "bias"):
+                shape = graph.params[node.params[role]].shape
+                values[node.params[role]] = (torch.rand(shape, generator=gen) * 2 - 1) / math.sqrt(fan_in)
+    return graph.with_params(values)
+
+
 def _head(b: Builder, x: str, fc: int) -> Graph:
     x = b.flatten(x)
     x = b.op("relu", b.linear(x, fc))
@@ -160,10 +178,10 @@ def densenet(size: int, fc: int, growth: int = 32) -> Graph:
 
 
 SHAPES: dict[str, Callable[[int, int], Graph]] = {
-    "mlp": mlp, "alexnet": alexnet, "vgg16": vgg16, "resnet50": resnet50, "resnet_nobn": resnet_nobn,
+    "mlp": mlp, "mlp_torch_init": mlp_torch_init, "alexnet": alexnet, "vgg16": vgg16, "resnet50": resnet50, "resnet_nobn": resnet_nobn,
     "densenet": densenet,
 }
-TITLES = {"mlp": "MLP 3072-256x16-10", "alexnet": "AlexNet-shaped", "vgg16": "VGG-16-shaped",
+TITLES = {"mlp": "MLP 3072-256x16-10", "mlp_torch_init": "MLP 3072-256x16-10, PyTorch's default init", "alexnet": "AlexNet-shaped", "vgg16": "VGG-16-shaped",
           "resnet50": "ResNet-50-shaped (BN)", "resnet_nobn": "ResNet-50-shaped, no BN",
           "densenet": "DenseNet-121-shaped, no BN"}
 
@@ -197,10 +215,11 @@ def main() -> None:
     parser.add_argument("--methods", default="lbfgs,auto", help="comma-separated solver methods (default lbfgs,auto)")
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from {','.join(SHAPES)}")
     args = parser.parse_args()
+    torch.set_num_threads(1)
     size, fc = (224, 4096) if args.full else (args.size, args.fc)
     for shape in args.shapes.split(","):
         graph = SHAPES[shape](size, fc)
-        title = TITLES[shape] if shape == "mlp" else f"{TITLES[shape]} {size}x{size}"
+        title = TITLES[shape] if shape.startswith("mlp") else f"{TITLES[shape]} {size}x{size}"
         run(title, graph, args.methods.split(","), args.max_sweeps, args.tol)
 
 
