@@ -12,11 +12,12 @@ exactly, so minimising F never raises the reported score.
 Four methods reach the same minimum:
 
 * ``"auto"`` (default): layer-ordered Gauss–Seidel (``_Layered``). Groups are taken in batches of one
-  level of the DAG (front to back); a batch shares no block, so F over its groups is minimised exactly
-  through one scalar equation for λ, from the blocks incident to the batch only. After each sweep a
-  coarse correction shifts every batch as a whole by the exact minimiser of F over such shifts (a small
-  problem of the same form, solved by Newton's method): it removes the slow "ramp" across layers of
-  deep chains. A few sweeps on chains and DAGs alike; no L-BFGS, so torch._dynamo is never imported.
+  level of the DAG, front to back; a batch shares no block, so its groups take their exact steps at
+  λ = G/S at once, from the blocks incident to the batch only, and S is refreshed before the next
+  batch. After each sweep a coarse correction shifts every batch as a whole by the exact minimiser of F
+  over such shifts (a small problem of the same form, solved by Newton's method): it removes the slow
+  "ramp" across layers of deep chains. Two or three sweeps to ``tol`` 1e-3 on chains and DAGs alike;
+  no L-BFGS, so torch._dynamo is not imported (the bounded solve below still uses L-BFGS).
 * ``"bcd"``: exact block coordinate descent. λ = G/S is optimal for the current u; then groups that
   share no block (a colour class) are independent and each solves λ·C·x² + k·x − λ·A = 0 in closed
   form; u_j += ½ ln x.
@@ -234,6 +235,7 @@ def _positive_root_log(log_a: torch.Tensor, b: torch.Tensor, log_c: torch.Tensor
     return torch.where(b >= 0, LOG2 + log_c - log_l, log_l - LOG2 - log_a)
 
 
+Part = slice | torch.Tensor | None  # some rows (columns) of a dense matrix: a slice or positions; None: all
 TINY = 1e-300  # floor of a dense row/column sum before its log (reached only on a > ~350 log-scale spread)
 
 
@@ -268,7 +270,7 @@ class _State:
         return b.log_g - 2.0 * (u[b.out] - u[b.inn])
 
     @staticmethod
-    def dense_rows(d: DenseBlocks, u: torch.Tensor, part: slice | torch.Tensor | None = None) -> torch.Tensor:
+    def dense_rows(d: DenseBlocks, u: torch.Tensor, part: Part = None) -> torch.Tensor:
         """ln of each kept row's rescaled mass: the incoming mass A of its out group from this weight
         (only the kept rows ``part`` when given)."""
         rows = d.rows if part is None else d.rows[part]
@@ -279,7 +281,7 @@ class _State:
         return log_max + torch.log(total.clamp_min(TINY)) + 2.0 * (shift - u_out)
 
     @staticmethod
-    def dense_cols(d: DenseBlocks, u: torch.Tensor, part: slice | torch.Tensor | None = None) -> torch.Tensor:
+    def dense_cols(d: DenseBlocks, u: torch.Tensor, part: Part = None) -> torch.Tensor:
         """ln of each kept column's rescaled mass: the outgoing mass C of its in group into this weight
         (only the kept columns ``part`` when given)."""
         cols = d.cols if part is None else d.cols[part]
@@ -599,9 +601,6 @@ def level_order(blocks: Blocks, classes: list[torch.Tensor]) -> list[torch.Tenso
 
 # --------------------------------------------------------------------------------------------------
 # The layered sweep: Gauss–Seidel over layers, front to back, and a coarse correction per sweep
-
-Part = slice | torch.Tensor | None  # the rows (columns) of a dense matrix that belong to a batch; None: all
-
 
 @dataclass
 class _Batch:
