@@ -265,3 +265,31 @@ def test_without_levels_reaches_scipy_minimum(seed):
     f_star, _ = obj.minimise(np.arange(obj.n) > 0)
     sol = solve(blocks, tol=1e-9, max_sweeps=5000)
     assert abs(obj.value(sol.u.numpy()) - f_star) <= 1e-7 * max(1.0, abs(f_star))
+
+
+@pytest.mark.parametrize("name", ["residual", "concat", "tied_chain", "grouped_conv", "unet_like", "conv_bn"])
+def test_batches_are_independent_and_front_to_back(name):
+    """The layered sweep's batches: independent sets (checked against every (out, in) pair, dense weights
+    expanded), covering each free group once, taken in non-decreasing DAG level."""
+    from pathcond_cli.solver import _Layered, _prepare
+    from tests.test_core_paths import DAGS
+
+    groups = build_groups(DAGS[name]())
+    stats = path_statistics(DAGS[name](), groups)
+    for dense_min in (math.inf, 0):
+        blocks = build_blocks(groups.roles, stats.log_g, groups.n_free, torch.from_numpy(groups.levels), dense_min)
+        state, _ = _prepare(blocks)
+        batches = _Layered(state).batches
+        pairs = torch.cat([torch.stack([blocks.out, blocks.inn], 1)]
+                          + [torch.cartesian_prod(d.out, d.inn).reshape(-1, 2) for d in blocks.dense])
+        pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+        seen = torch.zeros(blocks.n_groups + 1, dtype=torch.long)
+        for batch in batches:
+            member = torch.zeros(blocks.n_groups + 1, dtype=torch.bool)
+            member[batch.groups] = True
+            seen += member.long()
+            assert not bool((member[pairs[:, 0]] & member[pairs[:, 1]]).any())
+        assert torch.equal(seen, (~state.fixed).long())
+        levels = [int(blocks.levels[b.groups].min()) for b in batches]
+        assert levels == sorted(levels)
+        assert all(int(blocks.levels[b.groups].max()) == lv for b, lv in zip(batches, levels))
