@@ -758,8 +758,11 @@ class _Layered:
         return uniq // n, uniq % n, log_m
 
 
+NEWTON_MAX_STEP = 4.0  # the longest step of ``_newton_small`` in ln λ (masses change by at most e^±8)
+
+
 def _newton_small(out: torch.Tensor, inn: torch.Tensor, log_m: torch.Tensor, k: torch.Tensor, G: float,
-                  iterations: int = 50) -> torch.Tensor:
+                  iterations: int = 100) -> torch.Tensor:
     """argmin over s (s[0] = 0) of G·ln Σ_b m_b e^{−2(s[out_b] − s[inn_b])} + 2 Σ_p k_p s_p: the PathCond
     criterion of a small problem given by its blocks, by Newton's method with a backtracking line search
     (the Hessian is G times 4·Cov_w(e_out − e_in), w the blocks' shares of the total: dense, n × n)."""
@@ -788,6 +791,12 @@ def _newton_small(out: torch.Tensor, inn: torch.Tensor, log_m: torch.Tensor, k: 
         decrement = float(-(grad * step[1:]).sum())
         if not decrement > 1e-12 * max(G, 1.0):
             break
+        # far from the minimum F is nearly linear along a batch whose mass is mostly on one side: the
+        # Hessian is tiny there and the Newton step huge, so no step moves more than MAX_STEP
+        longest = float(step.abs().max())
+        if longest > NEWTON_MAX_STEP:
+            step *= NEWTON_MAX_STEP / longest
+            decrement = float(-(grad * step[1:]).sum())
         t = 1.0
         while True:
             f_new, w_new = value(s + t * step)
