@@ -60,6 +60,7 @@ class SolverMethod(str, Enum):
     auto = "auto"
     bcd = "bcd"
     sequential = "sequential"
+    lbfgs = "lbfgs"
 
 
 DEVICE_CHOICES = "<auto|cpu|cuda|cuda:N>"
@@ -94,7 +95,8 @@ Device = Annotated[str, typer.Option(metavar=DEVICE_CHOICES, parser=parse_device
                                           "cpu, cuda, or cuda:N for GPU N.")]
 MaxSweeps = Annotated[int, typer.Option(min=1, help="Cap on solver sweeps.")]
 Tol = Annotated[float, typer.Option(help="Optimality tolerance: largest |ln x| of a coordinate step (finite, > 0).")]
-Solver = Annotated[SolverMethod, typer.Option(help="auto (BCD + L-BFGS), bcd, or sequential (the slow reference).")]
+Solver = Annotated[SolverMethod, typer.Option(help="auto (layer-ordered sweeps + coarse correction), bcd, "
+                                                       "sequential (the slow reference), or lbfgs (BCD + L-BFGS).")]
 Layers = Annotated[bool, typer.Option("--layers", help="Also print the per-layer table.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout, nothing else.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display and no tables.")]

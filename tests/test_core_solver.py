@@ -129,7 +129,7 @@ def blocks_of(name: str, layout: str = "pairs"):
 
 def run_cases():
     for name in PROBLEMS:
-        for method in ("auto", "bcd", "sequential"):
+        for method in ("auto", "lbfgs", "bcd", "sequential"):
             for layout in ("pairs", "dense"):
                 if not (name == "uneven_chain" and method == "sequential"):  # too slow for the suite
                     yield name, method, layout
