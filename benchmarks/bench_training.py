@@ -105,7 +105,7 @@ def configs(quick: bool) -> list[Config]:
     uneven_name = "-".join(map(str, uneven))
     out = [
         Config("digits", f"MLP {uneven_name}", lambda: mlp(uneven), (1, 64)),
-        Config("digits", "MLP 64-256-256-256-10", lambda: mlp([64, 256, 256, 256, 10]), (1, 64)),
+        Config("digits", "MLP 64-128-128-128-10", lambda: mlp([64, 128, 128, 128, 10]), (1, 64)),
         Config("digits", "CNN+BN 8-16-32", cnn_bn, (1, 1, 8, 8)),
         Config("teacher", "MLP 64-1000-20-1000-10", lambda: mlp([64, 1000, 20, 1000, 10]), (1, 64)),
     ]
@@ -313,8 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--png", type=Path, default=Path("build/bench_training.png"))
     args = parser.parse_args(argv)
     args.seeds = args.seeds or (2 if args.quick else 5)
-    args.steps = args.steps or (120 if args.quick else 400)
-    args.lrs = args.lrs or ([0.01, 0.05, 0.2] if args.quick else [0.01, 0.02, 0.05, 0.1, 0.2, 0.5])
+    args.steps = args.steps or (120 if args.quick else 300)
+    args.lrs = args.lrs or ([0.01, 0.05, 0.2] if args.quick else [0.01, 0.03, 0.1, 0.3])
     torch.set_num_threads(args.threads)
     tasks = {"digits": digits_task(), "digits-img": digits_task(images=True), "teacher": teacher_task()}
     start, results = time.perf_counter(), []

@@ -210,7 +210,7 @@ def rescaled_params(analysis: Analysis) -> dict[str, torch.Tensor]:
 
 
 MEDIAN_SAMPLE = 1 << 16  # entries per layer above which medians (and plot histograms) use a strided sample
-_CHUNK = 1 << 20  # entries per chunk when scanning a parameter tensor for its extremes
+_CHUNK = 1 << 22  # entries per chunk when scanning a parameter tensor for its extremes
 
 
 def layer_rows(analysis: Analysis) -> list[LayerRow]:
@@ -305,13 +305,16 @@ def _role_extremes(role: Role, log_g: torch.Tensor, u: torch.Tensor) -> tuple[tu
         stop = min(start + step, role.shape[0])
         before = log_g[start:stop]
         after = before - 2.0 * role_log_factor(_rows(role, start, stop), u)
-        keep = before > -math.inf
-        if not bool(keep.any()):
-            continue
-        lo, hi = _masked_extremes(before, keep)
+        lo, hi = (float(v) for v in torch.aminmax(before))
+        if lo == -math.inf:  # entries with g = 0 (rare): leave them out of both
+            keep = before > -math.inf
+            if not bool(keep.any()):
+                continue
+            (lo, hi), (a_lo_c, a_hi_c) = _masked_extremes(before, keep), _masked_extremes(after, keep)
+        else:
+            a_lo_c, a_hi_c = (float(v) for v in torch.aminmax(after))
         b_lo, b_hi = min(b_lo, lo), max(b_hi, hi)
-        lo, hi = _masked_extremes(after, keep)
-        a_lo, a_hi = min(a_lo, lo), max(a_hi, hi)
+        a_lo, a_hi = min(a_lo, a_lo_c), max(a_hi, a_hi_c)
     return (b_lo, b_hi), (a_lo, a_hi)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -135,3 +136,24 @@ def test_inspect_json_carries_the_factors(mlp_onnx):
     low = report["relative_step"]["lowest"]
     assert f"×{low['geo_mean']:.2g} ({low['layer']})" in report["verdict"]
     assert all(r["median_sample"] == r["params"] for r in report["layers"])  # small layers: exact medians
+
+
+def test_zero_g_entries_are_left_out(monkeypatch):
+    """Entries with g = 0 (ln g = -inf) count in no figure: min / lower median / max over the others, with
+    the masked path taken in small chunks."""
+    monkeypatch.setattr(an, "_CHUNK", 7)
+    analysis, _, _ = rescaled("mlp")
+    log_g = [t.clone() for t in analysis.stats.log_g]
+    first = analysis.groups.roles[0]
+    log_g[0].reshape(-1)[::3] = -math.inf
+    fake = SimpleNamespace(u=analysis.u, groups=analysis.groups, stats=SimpleNamespace(log_g=log_g),
+                           graph=analysis.graph)
+    row = next(r for r in layer_rows(fake) if r.node == first.node.name)
+    pairs = [(role, lg) for role, lg in zip(analysis.groups.roles, log_g) if role.node.name == first.node.name]
+    before = np.concatenate([lg.numpy().reshape(-1) for _, lg in pairs])
+    after = np.concatenate([(lg - 2 * role_log_factor(r, analysis.u)).numpy().reshape(-1) for r, lg in pairs])
+    keep = before > -np.inf
+    assert 0 < keep.sum() < keep.size and row.median_sample == keep.sum()
+    for got, values in ((row.log10_g_before, before[keep]), (row.log10_g_after, after[keep])):
+        values = np.sort(values) / math.log(10.0)
+        np.testing.assert_allclose(got, values[[0, (len(values) - 1) // 2, -1]], rtol=1e-12)
