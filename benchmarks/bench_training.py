@@ -271,6 +271,25 @@ def table(results: list[Result], args) -> list[str]:
     return lines
 
 
+def lr_table(results: list[Result], args) -> list[str]:
+    """Final training loss at every learning rate, baseline / rescaled (mean over seeds; "div k" when k
+    seeds diverged): where each arm stops training."""
+    lrs = sorted(set(args.lrs) | {args.fixed_lr})
+    head = f"{'task':8} {'net':24} " + " ".join(f"{f'lr {lr:g}':>15}" for lr in lrs)
+    lines = ["final training loss, baseline / rescaled", head, "-" * len(head)]
+    for res in results:
+        cells = []
+        for lr in lrs:
+            pair = []
+            for arm in ("baseline", "rescaled"):
+                finals = [r.final_loss for r in res.runs[arm, lr]]
+                bad = sum(not math.isfinite(f) for f in finals)
+                pair.append(f"div {bad}" if bad else f"{statistics.mean(finals):.3f}")
+            cells.append(f"{' / '.join(pair):>15}")
+        lines.append(f"{res.config.task:8} {res.config.net:24} " + " ".join(cells))
+    return lines
+
+
 def plot(results: list[Result], args, path: Path) -> None:
     import matplotlib
 
@@ -314,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.seeds = args.seeds or (2 if args.quick else 5)
     args.steps = args.steps or (120 if args.quick else 300)
-    args.lrs = args.lrs or ([0.01, 0.05, 0.2] if args.quick else [0.01, 0.03, 0.1, 0.3])
+    args.lrs = args.lrs or ([0.01, 0.05, 0.2] if args.quick else [0.03, 0.1, 0.3, 1.0])
     torch.set_num_threads(args.threads)
     tasks = {"digits": digits_task(), "digits-img": digits_task(images=True), "teacher": teacher_task()}
     start, results = time.perf_counter(), []
@@ -326,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"plain SGD, batch 128, {args.steps} steps, {args.seeds} seeds, lr grid {args.lrs}, fixed lr "
           f"{args.fixed_lr}, loss target {args.target} x initial loss, torch threads {args.threads}")
     print("\n".join(table(results, args)))
+    print()
+    print("\n".join(lr_table(results, args)))
     args.png.parent.mkdir(parents=True, exist_ok=True)
     plot(results, args, args.png)
     print(f"loss curves: {args.png}; total {time.perf_counter() - start:.0f}s")
