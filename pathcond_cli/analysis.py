@@ -296,7 +296,7 @@ def _role_extremes(role: Role, log_g: torch.Tensor, u: torch.Tensor) -> tuple[tu
     if role.numel == 0:
         return (math.inf, -math.inf), (math.inf, -math.inf)
     u = u.to(log_g.device)
-    log_g = log_g.reshape(role.shape)
+    log_g = log_g.detach().reshape(role.shape)
     per_row = max(1, role.numel // role.shape[0])
     step = max(1, _CHUNK // per_row)
     b_lo = a_lo = math.inf
@@ -338,7 +338,7 @@ def layer_samples(entries: list[tuple[Role, torch.Tensor]], u: torch.Tensor,
         if role.numel == 0:
             continue
         idx = (torch.arange(n, dtype=torch.int64) * role.numel) // n
-        before = log_g.reshape(-1)[idx.to(log_g.device)].to("cpu", torch.float64)
+        before = log_g.detach().reshape(-1)[idx.to(log_g.device)].to("cpu", torch.float64)
         after = before - 2.0 * _log_factor_at(role, u, idx)
         keep = before > -math.inf
         befores.append(before[keep])
