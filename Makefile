@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 DEMO_MODEL ?= sample_models/mlp_uneven.onnx
 DEMO_OUT ?= build/demo
 
-.PHONY: install test test-all demo samples bench fuzz clean
+.PHONY: install test test-all demo samples bench bench-training fuzz clean
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,12 @@ samples: install
 bench: install
 	$(BIN)/python benchmarks/bench_solver.py
 	$(BIN)/python benchmarks/bench_models.py
+
+# Does rescaling help training? Baseline vs rescaled, plain SGD, several seeds and learning rates (~5-10 min
+# on 2 cores); writes build/bench_training.png. Needs the bench extra (scikit-learn, matplotlib).
+bench-training: install
+	$(BIN)/pip install -q -e ".[bench]"
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_training.py --png build/bench_training.png
 
 # Random ReLU DAGs through every exporter, checked end to end: `make fuzz N=500 SEED0=0 WORKERS=2`.
 N ?= 100

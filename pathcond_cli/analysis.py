@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -19,8 +19,10 @@ from .groups import Groups, Role, build_groups
 from .ir import WEIGHT_LAYER_OPS, Graph
 from .segments import cut, has_opaque, relabel_pins
 from .solver import Blocks, ParamBox, Solution, build_blocks, solve
-from .stats import PathStats, path_statistics, role_summary
+from .stats import PathStats, path_statistics
 from .timing import timed
+
+LOG10 = math.log(10.0)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -51,6 +53,16 @@ class Pinned:
 
 
 @dataclass
+class RelativeStep:
+    """How the rescaling changes a layer's relative SGD steps |Δθ_i|/|θ_i|: by g_after/g_before = 1/s_i²
+    per parameter (exact, data-free): the geometric mean over the layer's parameters, and the extremes."""
+
+    geo_mean: float
+    min: float
+    max: float
+
+
+@dataclass
 class LayerRow:
     node: str
     op: str
@@ -59,6 +71,8 @@ class LayerRow:
     log10_g_before: tuple[float | None, float | None, float | None]  # min, median, max
     log10_g_after: tuple[float | None, float | None, float | None]
     mean_log_scale: float  # mean ln λ over the layer's output channels
+    relative_step: RelativeStep
+    median_sample: int  # entries the medians were taken over (= params, less g = 0 entries, up to MEDIAN_SAMPLE)
 
 
 @dataclass
@@ -210,30 +224,169 @@ def rescaled_params(analysis: Analysis) -> dict[str, torch.Tensor]:
     return new
 
 
+MEDIAN_SAMPLE = 1 << 16  # entries per layer above which medians (and plot histograms) use a strided sample
+_CHUNK = 1 << 22  # entries per chunk when scanning a parameter tensor for its extremes
+
+
 def layer_rows(analysis: Analysis) -> list[LayerRow]:
-    """Per-layer statistics before and after the rescaling, one row per node with parameters."""
+    """Per-layer figures before and after the rescaling, one row per node with parameters.
+
+    Cheap on large models: no float64 copy of a whole parameter tensor is made. The relative-step
+    factors come from ``u`` alone (closed forms over the groups, :func:`_role_bu_summary`); the extremes
+    of log10 g are exact, scanned in chunks of rows; the medians are exact up to :data:`MEDIAN_SAMPLE`
+    entries per layer and taken over an evenly strided sample of that many entries beyond
+    (``median_sample`` says how many)."""
     u = analysis.u
+    return [_layer_row(analysis, entries, u) for entries in layer_entries(analysis).values()]
+
+
+def layer_entries(analysis: Analysis) -> dict[str, list[tuple[Role, torch.Tensor]]]:
+    """node name -> its roles with their ln g, in the order of the roles (the layers' order)."""
     by_node: dict[str, list[tuple[Role, torch.Tensor]]] = {}
     for role, log_g in zip(analysis.groups.roles, analysis.stats.log_g):
-        by_node.setdefault(role.node.name, []).append((role, log_g.detach().cpu()))
-    rows = []
-    for name, entries in by_node.items():
-        node = entries[0][0].node
-        before = torch.cat([lg.reshape(-1) for _, lg in entries])
-        after = torch.cat([(lg - 2.0 * role_log_factor(r, u)).reshape(-1) for r, lg in entries])
-        out = entries[0][0].out_idx
-        rows.append(
-            LayerRow(
-                node=name,
-                op=node.op,
-                width=int(analysis.graph.shapes[node.output][1]),
-                params=sum(r.numel for r, _ in entries),
-                log10_g_before=role_summary(before),
-                log10_g_after=role_summary(after),
-                mean_log_scale=float(u[out].mean()),
-            )
-        )
-    return rows
+        by_node.setdefault(role.node.name, []).append((role, log_g))
+    return by_node
 
 
-__all__ = ["Analysis", "LayerRow", "Pinned", "analyze", "layer_rows", "rescaled_params", "resolve_device"]
+def _layer_row(analysis: Analysis, entries: list[tuple[Role, torch.Tensor]], u: torch.Tensor) -> LayerRow:
+    node = entries[0][0].node
+    sample_b, sample_a = layer_samples(entries, u)
+    extremes = [_role_extremes(role, log_g, u) for role, log_g in entries]
+    before = _summary([e[0] for e in extremes], sample_b)
+    after = _summary([e[1] for e in extremes], sample_a)
+    return LayerRow(
+        node=node.name,
+        op=node.op,
+        width=int(analysis.graph.shapes[node.output][1]),
+        params=sum(r.numel for r, _ in entries),
+        log10_g_before=before,
+        log10_g_after=after,
+        mean_log_scale=float(u[entries[0][0].out_idx].mean()),
+        relative_step=relative_step([r for r, _ in entries], u),
+        median_sample=int(sample_b.numel()),
+    )
+
+
+def relative_step(roles: list[Role], u: torch.Tensor) -> RelativeStep:
+    """g_after/g_before = e^{-2(Bu)_i} over the roles' parameters: geometric mean and extremes (exact)."""
+    total, weighted, lo, hi = 0, 0.0, math.inf, -math.inf
+    for role in roles:
+        mean, bu_min, bu_max = _role_bu_summary(role, u)
+        total += role.numel
+        weighted += role.numel * mean
+        lo, hi = min(lo, bu_min), max(hi, bu_max)
+    if not total:
+        return RelativeStep(1.0, 1.0, 1.0)
+    return RelativeStep(_exp(-2.0 * weighted / total), _exp(-2.0 * hi), _exp(-2.0 * lo))
+
+
+def _exp(x: float) -> float:
+    """e^x, or inf past float64's range (the report turns it into null)."""
+    return math.exp(x) if x < 709.0 else math.inf
+
+
+def _role_bu_summary(role: Role, u: torch.Tensor) -> tuple[float, float, float]:
+    """(mean, min, max) of (Bu)_i over a role's entries, without its (out, in) matrix for a dense role:
+    every output channel meets every input channel, so the mean is mean(u_out) - mean(u_in) and the
+    extremes pair the extremes. Kernel positions repeat each (out, in) pair equally often."""
+    out = u[role.out_idx]
+    if role.in_idx is None:
+        return float(out.mean()), float(out.min()), float(out.max())
+    if role.in_idx.dim() == 1:
+        inp = u[role.in_idx]
+        return (float(out.mean() - inp.mean()), float(out.min() - inp.max()), float(out.max() - inp.min()))
+    pairs = out[:, None] - u[role.in_idx]  # (O, I per group): the size of the kernel without its positions
+    return float(pairs.mean()), float(pairs.min()), float(pairs.max())
+
+
+def _rows(role: Role, start: int, stop: int) -> Role:
+    """The role restricted to output channels start:stop (a view of its indices)."""
+    in_idx = role.in_idx if role.in_idx is None or role.in_idx.dim() == 1 else role.in_idx[start:stop]
+    return replace(role, shape=(stop - start,) + tuple(role.shape[1:]), out_idx=role.out_idx[start:stop],
+                   in_idx=in_idx)
+
+
+def _role_extremes(role: Role, log_g: torch.Tensor, u: torch.Tensor) -> tuple[tuple[float, float], tuple[float, float]]:
+    """((min, max) of ln g before, (min, max) after) over entries with g > 0, scanned in chunks of rows."""
+    if role.numel == 0:
+        return (math.inf, -math.inf), (math.inf, -math.inf)
+    u = u.to(log_g.device)
+    log_g = log_g.detach().reshape(role.shape)
+    per_row = max(1, role.numel // role.shape[0])
+    step = max(1, _CHUNK // per_row)
+    b_lo = a_lo = math.inf
+    b_hi = a_hi = -math.inf
+    for start in range(0, role.shape[0], step):
+        stop = min(start + step, role.shape[0])
+        before = log_g[start:stop]
+        after = before - 2.0 * role_log_factor(_rows(role, start, stop), u)
+        lo, hi = (float(v) for v in torch.aminmax(before))
+        if lo == -math.inf:  # entries with g = 0 (rare): leave them out of both
+            keep = before > -math.inf
+            if not bool(keep.any()):
+                continue
+            (lo, hi), (a_lo_c, a_hi_c) = _masked_extremes(before, keep), _masked_extremes(after, keep)
+        else:
+            a_lo_c, a_hi_c = (float(v) for v in torch.aminmax(after))
+        b_lo, b_hi = min(b_lo, lo), max(b_hi, hi)
+        a_lo, a_hi = min(a_lo, a_lo_c), max(a_hi, a_hi_c)
+    return (b_lo, b_hi), (a_lo, a_hi)
+
+
+def _masked_extremes(values: torch.Tensor, keep: torch.Tensor) -> tuple[float, float]:
+    values = values.expand(keep.shape)
+    lo = torch.where(keep, values, math.inf).min()
+    hi = torch.where(keep, values, -math.inf).max()
+    return float(lo), float(hi)
+
+
+def layer_samples(entries: list[tuple[Role, torch.Tensor]], u: torch.Tensor,
+                  size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ln g before and after at up to ``size`` entries of one layer's roles (all of them when they are
+    fewer; else evenly strided, each role in proportion to its size), entries with g = 0 left out; CPU
+    float64, for medians and histograms."""
+    size = MEDIAN_SAMPLE if size is None else size
+    total = sum(r.numel for r, _ in entries)
+    befores, afters = [], []
+    for role, log_g in entries:
+        n = role.numel if total <= size else max(1, (role.numel * size) // total)
+        if role.numel == 0:
+            continue
+        idx = (torch.arange(n, dtype=torch.int64) * role.numel) // n
+        before = log_g.detach().reshape(-1)[idx.to(log_g.device)].to("cpu", torch.float64)
+        after = before - 2.0 * _log_factor_at(role, u, idx)
+        keep = before > -math.inf
+        befores.append(before[keep])
+        afters.append(after[keep])
+    if not befores:
+        return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+    return torch.cat(befores), torch.cat(afters)
+
+
+def _log_factor_at(role: Role, u: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """(Bu)_i at flat (row-major) indices of a role's stored shape: axis 0 is the output channel, the
+    input channel (if any) comes next, kernel positions last (:func:`role_log_factor` without the matrix)."""
+    per_row = role.numel // role.shape[0]
+    row, rest = flat // per_row, flat % per_row
+    value = u[role.out_idx[row]].to(torch.float64)
+    if role.in_idx is None:
+        return value
+    width = role.in_idx.shape[-1]
+    col = rest // (per_row // width)
+    idx = role.in_idx[col] if role.in_idx.dim() == 1 else role.in_idx[row, col]
+    return value - u[idx]
+
+
+def _summary(extremes: list[tuple[float, float]], sample: torch.Tensor) -> tuple[float | None, float | None, float | None]:
+    """(min, median, max) of log10 g: exact extremes, the lower median of the sample."""
+    lo, hi = min(e[0] for e in extremes), max(e[1] for e in extremes)
+    if not math.isfinite(lo):
+        return None, None, None
+    if sample.numel() == 0:  # a strided sample of a mostly-zero layer can miss every g > 0
+        return lo / LOG10, None, hi / LOG10
+    median = float(torch.kthvalue(sample, (sample.numel() + 1) // 2).values)
+    return lo / LOG10, median / LOG10, hi / LOG10
+
+
+__all__ = ["Analysis", "LayerRow", "Pinned", "RelativeStep", "analyze", "layer_entries", "layer_rows", "layer_samples", "relative_step",
+           "rescaled_params", "resolve_device"]

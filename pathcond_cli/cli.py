@@ -98,6 +98,10 @@ Tol = Annotated[float, typer.Option(help="Optimality tolerance: largest |ln x| o
 Solver = Annotated[SolverMethod, typer.Option(help="auto (layer-ordered sweeps + coarse correction), bcd, "
                                                        "sequential (the slow reference), or lbfgs (BCD + L-BFGS).")]
 Layers = Annotated[bool, typer.Option("--layers", help="Also print the per-layer table.")]
+Plot = Annotated[Optional[Path], typer.Option("--plot", metavar="FILE.png",
+                                              help="Also draw, per layer, the distribution of log10 diag(G) before "
+                                                   "and after and the relative SGD step factors, into this PNG "
+                                                   "(needs matplotlib: pip install \"pathcond\\[plot]\").")]
 Json = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout, nothing else.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display and no tables.")]
 Partial = Annotated[bool, typer.Option("--partial", help="Keep ops that are not positively homogeneous (LayerNorm, "
@@ -146,6 +150,7 @@ class DisplayOptions:
     """What the commands print: the tables, JSON, or nothing."""
 
     layers: Layers = False
+    plot: Plot = None
     as_json: Json = False
     quiet: Quiet = False
 
@@ -337,11 +342,16 @@ def inspect(
     output = Output(as_json=display.as_json, quiet=display.quiet)
 
     def job():
+        if display.plot:
+            _check_plot(display.plot, model)
         from .jobs import inspect_model
 
         load, solve = options.checked()
         with output.progress() as notify:
-            return inspect_model(model, load, solve, notify)
+            result = inspect_model(model, load, solve, notify)
+        if display.plot:
+            _write_plot(result, display.plot)
+        return result
 
     result = _run(output, job)
     output.report(result.report, layers=display.layers)
@@ -366,16 +376,55 @@ def rescale(
     output = Output(as_json=display.as_json, quiet=display.quiet)
 
     def job():
+        if display.plot:
+            _check_plot(display.plot, source, target=target, report=report, force=force)
         from .jobs import RescaleOptions, rescale_model
 
         load, solve = options.checked()
         check_tolerances(options.tol, rtol)
         how = RescaleOptions(force=force, report_path=report, rtol=rtol, verify_inputs=verify_inputs, seed=seed)
         with output.progress() as notify:
-            return rescale_model(source, target, load, solve, how, notify)
+            result = rescale_model(source, target, load, solve, how, notify)
+        if display.plot:
+            _write_plot(result, display.plot, written=True)
+        return result
 
     result = _run(output, job)
     output.report(result.report, layers=display.layers)
+
+
+def _check_plot(plot: Path, source: Path, *, target: Path | None = None, report: Path | None = None,
+                force: bool = True) -> None:
+    """--plot, before any work: matplotlib importable, a .png name, no clash with the input's files (nor,
+    for rescale, with its outputs; an existing PNG is replaced only with --force there, while inspect,
+    which writes nothing else, replaces it)."""
+    from .outputs import check_outputs
+    from .plot import check_plot_path, require_matplotlib
+
+    require_matplotlib()
+    check_plot_path(plot)
+    from .jobs import default_report_path, file_roles
+
+    if target is None:  # inspect: only the input's files matter (file_roles' outputs are not used)
+        _, inputs = file_roles(source, plot, plot)
+        check_outputs([("the plot", plot)], inputs=inputs, force=True)
+        return
+    outputs, inputs = file_roles(source, target, report or default_report_path(target))
+    check_outputs(outputs + [("the plot", plot)], inputs=inputs, force=force)
+
+
+def _write_plot(result: Any, plot: Path, *, written: bool = False) -> None:
+    from .plot import write_plot
+
+    cond = result.report["conditioning"]
+    title = (f"pathcond — {result.report['input']['path']}: conditioning score {cond['score_before']:.3g} → "
+             f"{cond['score_after']:.3g}" if cond["score_before"] is not None and cond["score_after"] is not None
+             else f"pathcond — {result.report['input']['path']}")
+    try:
+        write_plot(result.analysis, plot, title)
+    except OSError as exc:
+        done = "the rescaled model and its report were written, but " if written else ""
+        raise UsageError(f"{done}the plot {plot} could not be written: {exc}") from None
 
 
 def _version(value: bool) -> None:

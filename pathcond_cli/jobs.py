@@ -46,6 +46,7 @@ class RescaleOptions:
 class JobResult:
     report: dict[str, Any]
     written: list[Path] = field(default_factory=list)
+    analysis: Analysis | None = None  # for what the report does not carry (--plot's distributions)
 
 
 def detect_format(path: Path) -> str:
@@ -103,7 +104,7 @@ def inspect_model(path: Path, load: LoadOptions, solve: SolveOptions, notify: No
     timings: dict[str, float] = {}
     model, analysis = _load_and_analyze(path, load, solve, notify or _silent, timings)
     report = build_report(analysis, input_info=_input_info(model), timings=timings, warnings=model.warnings)
-    return JobResult(report)
+    return JobResult(report, analysis=analysis)
 
 
 def default_report_path(output: Path) -> Path:
@@ -170,4 +171,4 @@ def rescale_model(
         report_stage.path.write_text(json.dumps(report, indent=2) + "\n")
         written = commit_all([stage, report_stage], force=options.force)
         notify("committed", {"paths": [str(p) for p in written]})  # from here, an interrupt keeps the files
-    return JobResult(report, written)
+    return JobResult(report, written, analysis)

@@ -7,10 +7,12 @@ from dataclasses import asdict
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__
-from .analysis import Analysis
+from .analysis import Analysis, LayerRow
 from .verify import Verification
 
 SCHEMA_VERSION = 1
@@ -26,11 +28,17 @@ def _score(log_score: float) -> float | None:
 
 
 def verdict(analysis: Analysis) -> str:
-    """One line on whether rescaling is likely to matter for this model (MATH §8)."""
+    """What the score is, what the rescaling changed, and what to do about training (MATH §8).
+
+    Never a promise of speed: the rescaled network computes the same function, and what changes is how
+    SGD's steps are spread over the parameters (a parameter scaled by s gets a relative step 1/s² as large).
+    Measured on small networks (benchmarks/bench_training.py, README "Does it help training?") that
+    helps or hurts depending on the net and the learning rate: the best learning rate moved up on two of
+    four nets and down on a CNN with BatchNorm, so the advice is to re-tune it."""
     sol = analysis.solution
     if analysis.groups.n_free - len(sol.degenerate) == 0:
         return "Nothing to rescale: every group is pinned."
-    line = _gain_line(sol.log_score_before, sol.log_score_after, sol.max_abs_log_scale)
+    line = _score_line(sol.log_score_before, sol.log_score_after, sol.max_abs_log_scale, analysis.layers)
     if sol.bounds_active:
         line += (
             f" Bounds were active: the best rescaling would take parameters outside their storage dtype's range, so "
@@ -40,22 +48,59 @@ def verdict(analysis: Analysis) -> str:
     return line
 
 
-def _gain_line(log_before: float, log_after: float, biggest: float) -> str:
+def _score_line(log_before: float, log_after: float, biggest: float, layers: list[LayerRow]) -> str:
     gain = (log_before - log_after) / LN10
-    if gain >= 0.1 or biggest >= math.log(2.0):
-        scale = f"{math.exp(biggest):.3g}x" if biggest < 700 else f"e^{biggest:.4g}"
-        return (
-            f"PathCond is likely to matter: the conditioning score drops {_times(gain)} and some units are "
-            f"rescaled by up to {scale}."
-        )
+    score = (f"The conditioning score (AM/GM of diag(G), 1 = every parameter weighs the same in the path kernel) "
+             f"goes from {_exp_text(log_before)} to {_exp_text(log_after)}.")
+    low, high = step_range(layers)
     if gain < 0.01 and biggest < 0.1:
-        return "PathCond is unlikely to matter: the diagonal of the path kernel is already nearly constant."
-    return f"PathCond may matter a little: the conditioning score drops {_times(gain)}."
+        return (f"{score} Already nearly balanced: rescaling changes no output and barely changes training "
+                f"(relative SGD steps change by at most ×{_factor(max(high[1], 1 / low[1]))}).")
+    if high[1] / low[1] < 1.1:
+        return (f"{score} The rescaling changes no output, and relative SGD steps change by ×{_factor(low[1])} to "
+                f"×{_factor(high[1])} per layer: training should behave as before.")
+    return (f"{score} The rescaling changes no output but, after rescaling, relative SGD steps change by "
+            f"×{_factor(low[1])} ({low[0]}) to ×{_factor(high[1])} ({high[0]}) (per-layer geometric means): "
+            "re-tune the learning rate, preferably with a sweep; rescaled networks often tolerate larger ones. "
+            "At an unchanged learning rate, training may get faster or slower, depending on the network.")
 
 
-def _times(log10_factor: float) -> str:
-    """10^x as "123x", or "10^456x" where the float would overflow."""
-    return f"{10 ** log10_factor:.3g}x" if log10_factor < 300 else f"10^{log10_factor:.4g}x"
+def step_range(layers: list[LayerRow]) -> tuple[tuple[str, float], tuple[str, float]]:
+    """The layers with the lowest and the highest geometric-mean relative-step factor."""
+    if not layers:
+        return ("-", 1.0), ("-", 1.0)
+    low = min(layers, key=lambda r: r.relative_step.geo_mean)
+    high = max(layers, key=lambda r: r.relative_step.geo_mean)
+    return (low.node, low.relative_step.geo_mean), (high.node, high.relative_step.geo_mean)
+
+
+def _factor(x: float) -> str:
+    return f"{x:.2g}" if math.isfinite(x) and x != 0 else ("∞" if x > 0 else "0")
+
+
+def _exp_text(log_x: float) -> str:
+    """e^x as "1.92", or "10^456" where the float would overflow."""
+    return f"{math.exp(log_x):.3g}" if log_x < 700 else f"10^{log_x / LN10:.4g}"
+
+
+def _relative_step_summary(layers: list[LayerRow]) -> dict[str, Any] | None:
+    """The report's top-level ``relative_step``: the layers whose relative SGD steps change the least and
+    the most (geometric means), and the extremes over every parameter."""
+    if not layers:
+        return None
+    (low_node, low), (high_node, high) = step_range(layers)
+    return {
+        "lowest": {"layer": low_node, "geo_mean": _finite(low)},
+        "highest": {"layer": high_node, "geo_mean": _finite(high)},
+        "min": _finite(min(r.relative_step.min for r in layers)),
+        "max": _finite(max(r.relative_step.max for r in layers)),
+    }
+
+
+def _layer_dict(row: LayerRow) -> dict[str, Any]:
+    out = asdict(row)
+    out["relative_step"] = {k: _finite(v) for k, v in out["relative_step"].items()}
+    return out
 
 
 def build_report(
@@ -100,8 +145,9 @@ def build_report(
             "bounded_groups": sol.bounded_groups,
         },
         "verdict": verdict(analysis) + ("" if partial is None else " " + partial_line(partial)),
+        "relative_step": _relative_step_summary(analysis.layers),
         "pinned": [asdict(p) for p in analysis.pinned],
-        "layers": [asdict(row) for row in analysis.layers],
+        "layers": [_layer_dict(row) for row in analysis.layers],
         "verification": None if verification is None else {
             "passed": verification.passed,
             "max_abs_error": _finite(verification.max_abs_error),
@@ -159,6 +205,7 @@ def render(report: dict[str, Any], console: Console, *, layers: bool = False) ->
         ("width ratio (max/min)", _fmt(model["width_ratio"])),
         ("conditioning score (AM/GM of diag G)", f"{_fmt(cond['score_before'])} → {_fmt(cond['score_after'])}"),
         ("largest |ln λ|", _fmt(cond["max_abs_log_scale"])),
+        ("relative SGD step after/before", _step_text(report.get("relative_step"))),
         ("solver", f"{cond['method']}, {cond['sweeps']} sweeps, " + ("converged" if cond["converged"] else "NOT converged")),
     ]
     if report.get("partial"):
@@ -197,17 +244,41 @@ def _pinned_table(pinned: list[dict[str, Any]]) -> Table:
     return table
 
 
+def _step_text(summary: dict[str, Any] | None) -> str:
+    """"×0.07 (fc3) … ×3.1 (conv1)": the per-layer geometric means at both ends."""
+    if not summary:
+        return "-"
+    low, high = summary["lowest"], summary["highest"]
+    return (f"×{_fmt(low['geo_mean'], 2)} ({escape(low['layer'])}) … ×{_fmt(high['geo_mean'], 2)} "
+            f"({escape(high['layer'])}), per-layer geometric means")
+
+
+BAR_WIDTH = 24
+
+
 def _layers_table(layers: list[dict[str, Any]]) -> Table:
-    table = Table(title="layers: log10 diag(G) as min median max")
+    """One row per layer: log10 diag(G) before and after (min median max), a bar of that spread on one
+    axis shared by every layer (red: before, green: after; ● the median), and the relative-step factors."""
+    table = Table(title="layers: log10 diag(G) as min median max; bar: its spread before (red) → after (green), "
+                        "● median; relative SGD step after/before: geometric mean [min, max]")
     table.add_column("node", overflow="fold")
     table.add_column("op")
-    for col in ("width", "params", "before", "after", "mean ln λ"):
+    for col in ("width", "params", "before", "after"):
         table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("spread", no_wrap=True)
+    table.add_column("rel. step", justify="right", no_wrap=True)
+    axis = _axis(layers)
     for row in layers:
         triple = lambda t: " ".join("-" if v is None else f"{v:.2f}" for v in t)  # noqa: E731
+        bar = Text()
+        bar.append_text(_bar(row["log10_g_before"], axis, "red"))
+        bar.append("\n")
+        bar.append_text(_bar(row["log10_g_after"], axis, "green"))
+        step = row["relative_step"]
         table.add_row(
             row["node"], row["op"], str(row["width"]), f"{row['params']:,}",
-            triple(row["log10_g_before"]), triple(row["log10_g_after"]), f"{row['mean_log_scale']:.3g}",
+            triple(row["log10_g_before"]), triple(row["log10_g_after"]), bar,
+            f"×{_fmt(step['geo_mean'], 2)} [{_fmt(step['min'], 2)}, {_fmt(step['max'], 2)}]",
         )
     return table
 
@@ -223,3 +294,27 @@ def _segments_table(segments: list[dict[str, Any]]) -> Table:
             f"{_fmt(seg['log10_score_before'], 3)} → {_fmt(seg['log10_score_after'], 3)}",
         )
     return table
+
+
+def _axis(layers: list[dict[str, Any]]) -> tuple[float, float]:
+    """The log10 range every bar is drawn on: all layers, before and after."""
+    values = [v for row in layers for key in ("log10_g_before", "log10_g_after")
+              for v in row[key] if v is not None and math.isfinite(v)]
+    if not values:
+        return 0.0, 1.0
+    lo, hi = min(values), max(values)
+    return (lo, hi) if hi > lo else (lo - 0.5, hi + 0.5)
+
+
+def _bar(triple, axis: tuple[float, float], style: str) -> Text:
+    """A ━ segment from min to max with ● at the median, on ``BAR_WIDTH`` cells spanning ``axis``."""
+    lo, med, hi = triple
+    cells = [" "] * BAR_WIDTH
+    if lo is None or hi is None:
+        return Text("".join(cells))
+    pos = lambda v: min(BAR_WIDTH - 1, max(0, round((v - axis[0]) / (axis[1] - axis[0]) * (BAR_WIDTH - 1))))  # noqa: E731
+    for i in range(pos(lo), pos(hi) + 1):
+        cells[i] = "━"
+    if med is not None:
+        cells[pos(med)] = "●"
+    return Text("".join(cells), style=style)

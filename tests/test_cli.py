@@ -75,7 +75,8 @@ def test_inspect_tables_and_layers(mlp_onnx):
     result = invoke("inspect", mlp_onnx, "--layers", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert "conditioning score" in result.output and "log10 diag(G)" in result.output
-    assert "PathCond" in result.output  # the verdict line
+    assert "relative SGD steps change by" in result.output and "re-tune the learning rate" in result.output
+    assert "rel. step" in result.output and "●" in result.output  # the per-layer bars and factors
 
 
 def test_rescale_is_equivalent_and_better_conditioned(mlp_onnx, tmp_path):

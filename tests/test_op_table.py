@@ -260,7 +260,7 @@ def test_a_shape_that_does_not_fit_is_a_graph_error():
 LAYERS = [
     {"errors", "timing", "ir", "__version__"},  # utilities, the IR, the package's version string
     {"frontends", "groups", "stats", "solver", "analysis", "segments"},
-    {"verify", "outputs", "report", "jobs", "api"},
+    {"verify", "outputs", "report", "jobs", "api", "plot"},
     {"cli", "__main__", "__init__"},
 ]
 CORE = {"groups", "stats", "solver", "analysis"}
