@@ -85,8 +85,19 @@ def _state_dict_from_onnx(module: nn.Module, path: Path) -> tuple[dict[str, torc
     return {k: torch.from_numpy(values[k].copy()) if k in found else v for k, v in state.items()}, found
 
 
+def token_twins() -> nn.Module:
+    """Linear layers on (batch, tokens, features) with two equal hidden layers: the TorchScript exporter
+    shares the second's tensors as ``Identity`` of the first's and reads each through a ``Transpose``."""
+    hidden = nn.Linear(8, 8)
+    with torch.no_grad():
+        hidden.weight.mul_(torch.linspace(0.2, 5.0, 8)[:, None])
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), hidden, nn.ReLU(), copy.deepcopy(hidden), nn.ReLU(),
+                         nn.Linear(8, 3))
+
+
 @pytest.mark.parametrize(("factory", "shape", "variant"), [
     (nets.resnet_like_default_init, (1, 3, 8, 8), "torchscript"),
+    (token_twins, (1, 5, 6), "torchscript"),
     (nets.resnet_like_default_init, (1, 3, 8, 8), "torchscript_preserve"),
     (nets.resnet_like_default_init, (1, 3, 8, 8), "torchscript_inputs"),
     (nets.resnet_like_default_init, (1, 3, 8, 8), "dynamo_noopt"),

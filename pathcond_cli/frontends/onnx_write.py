@@ -65,8 +65,16 @@ def _plan_names(names: _Names, wanted: Mapping[tuple[int, int], np.ndarray | Non
         own = [wanted.get(r, names.values[name]) for r in names.readers.get(name, [])]
         return [w for w in own if w is not None]
 
+    def alias(child: str) -> bool:
+        """A view that only gives its parent's value another name (``Identity``): a name of its own,
+        shared by the exporter; a layout view (``Transpose``, ``Reshape``) is the same tensor."""
+        return child not in names.perm and names.values[child].shape == names.values[names.parent[child][1]].shape
+
     def below(name: str) -> list[np.ndarray]:
-        return wants(name) + [names.up(child, w) for child in children.get(name, []) for w in below(child)]
+        """Values wanted by the readers of ``name`` and of its views, in its layout: its own readers
+        first, then those reading it through layout views, then through other names (aliases)."""
+        kids = sorted(children.get(name, []), key=alias)
+        return wants(name) + [names.up(child, w) for child in kids for w in below(child)]
 
     def visit(name: str, inherited: np.ndarray) -> None:
         original, own = names.values[name], wants(name)
