@@ -164,10 +164,25 @@ def _stored_tensors(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 
 def _changed_onnx(a: Path, b: Path) -> set[str]:
-    """Names of the stored tensors whose bytes differ."""
-    before, after = _stored_tensors(onnx.load(str(a))), _stored_tensors(onnx.load(str(b)))
-    assert before.keys() == after.keys()
-    return {k for k in before if before[k].tobytes() != after[k].tobytes()}
+    """Names of the stored tensors whose bytes differ. A name the exporter shared as ``Identity`` of a
+    stored tensor may become a stored tensor of its own (when its role now needs another value), and a
+    name read by roles that now need different values gets a new one: either is compared with, and
+    reported as, the tensor it comes from."""
+    source = onnx.load(str(a))
+    before, after = _stored_tensors(source), _stored_tensors(onnx.load(str(b)))
+    shared = {n.output[0]: n.input[0] for n in source.graph.node if n.op_type == "Identity"}
+
+    def origin(name: str) -> str:
+        # a role that now needs another value than the other readers of its name gets a new name
+        # (NAME.pathcond.SLOT, with a warning): the dynamo exporter merges the equal tensors of
+        # deep-copied layers into one name
+        name = name.split(".pathcond.")[0]
+        while name in shared:
+            name = shared[name]
+        return name
+
+    assert before.keys() <= after.keys() and all(origin(k) in before for k in after.keys() - before.keys())
+    return {origin(k) for k in after if before[origin(k)].tobytes() != after[k].tobytes()}
 
 
 def _free_hidden(graph, width: int) -> tuple[int, int]:
