@@ -108,8 +108,12 @@ def analyze(
     tol: float = 1e-3,
     max_sweeps: int = 2000,
     progress: Callable[[str, dict], None] | None = None,
+    path_counts: bool = True,
 ) -> Analysis:
-    """Groups, path statistics and the optimal rescaling of ``graph`` (nothing is modified)."""
+    """Groups, path statistics and the optimal rescaling of ``graph`` (nothing is modified).
+
+    ``path_counts=False`` skips the number of paths and the path-1 norm (``stats.log10_paths`` and
+    ``log10_path1_norm`` are None): two forward passes that only feed the report."""
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     notify = progress or (lambda stage, info: None)
     timings: dict[str, float] = {}
@@ -120,7 +124,7 @@ def analyze(
 
     notify("statistics", {})
     with timed(timings, "statistics"):
-        stats = path_statistics(graph, groups, dev)
+        stats = path_statistics(graph, groups, dev, path_counts=path_counts)
 
     notify("solve", {"max_sweeps": max_sweeps})
     with timed(timings, "solve"):

@@ -43,13 +43,14 @@ def _shapes(input_shape: Shape | dict[str, Shape]) -> dict[str, Shape] | list[tu
     return input_shape if isinstance(input_shape, dict) else [tuple(input_shape)]
 
 
-def _analyze(module: nn.Module, input_shape, device: str, tol: float, max_sweeps: int) -> tuple[Analysis, Translation]:
+def _analyze(module: nn.Module, input_shape, device: str, tol: float, max_sweeps: int,
+             path_counts: bool) -> tuple[Analysis, Translation]:
     """The analysis and the translation it was made from (inputs, IR keys held in another layout)."""
     was_training = module.training
     module.eval()
     try:
         tr = _translation(module, input_shape)
-        return analyze(tr.graph, device=device, tol=tol, max_sweeps=max_sweeps), tr
+        return analyze(tr.graph, device=device, tol=tol, max_sweeps=max_sweeps, path_counts=path_counts), tr
     finally:
         module.train(was_training)
 
@@ -64,7 +65,7 @@ def inspect_module(
 ) -> dict[str, Any]:
     """Path statistics and the conditioning score before/after the optimal rescaling (the same report as
     ``pathcond inspect --json``). ``input_shape`` is the shape of one example input, batch 1 included."""
-    analysis, _ = _analyze(module, input_shape, device, tol, max_sweeps)
+    analysis, _ = _analyze(module, input_shape, device, tol, max_sweeps, path_counts=True)
     return build_report(analysis, input_info=_module_info(module), timings=analysis.timings)
 
 
@@ -119,8 +120,9 @@ def rescale_module_(
     max_sweeps: int = 2000, rtol: float | None = None, verify_inputs: int = 3, seed: int = 0,
 ) -> dict[str, Any]:
     """Rescale ``module``'s parameters in place with the optimal PathCond rescaling; the function it
-    computes is unchanged. Returns the report (the same schema as ``pathcond rescale``'s), with
-    ``changed`` listing the state_dict entries that were rescaled.
+    computes is unchanged. Returns the report (the same schema as ``pathcond rescale``'s: the number of
+    paths and the path-1 norm are null, :func:`inspect_module` gives them), with ``changed`` listing the
+    state_dict entries that were rescaled.
 
     Verified like the CLI verifies a file: the module's outputs before and after, on ``verify_inputs``
     seeded random inputs in eval mode, plus one batch in training mode when it has BatchNorm (its
@@ -132,7 +134,7 @@ def rescale_module_(
     """
     from .frontends.torch_module import floating_dtypes, input_specs, ordered_shapes, stored_layout
 
-    analysis, tr = _analyze(module, input_shape, device, tol, max_sweeps)
+    analysis, tr = _analyze(module, input_shape, device, tol, max_sweeps, path_counts=False)
     timings = dict(analysis.timings)
     new = stored_layout(rescaled_params(analysis), tr.swapped)
     _, full_shapes = ordered_shapes(module, _shapes(input_shape))

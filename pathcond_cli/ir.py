@@ -401,7 +401,7 @@ def combine(terms: list[Scaled]) -> Scaled:
     if top == -math.inf:
         top = max(t.s for t in terms)
     total = sum(t.t * scale_factor(t.s, top) for t in terms)
-    shape = torch.broadcast_shapes(*(t.t.shape for t in terms))
+    shape = broadcast_shapes(*(t.t.shape for t in terms))
     return normalize(Scaled(total.expand(shape), top))
 
 
@@ -740,10 +740,24 @@ def _path_pad(ctx: PathContext, node: Node, xs: list[Scaled]) -> Scaled:
 # -- structure ------------------------------------------------------------------------------------
 
 
+def broadcast_shapes(*shapes: Sequence[int]) -> tuple[int, ...]:
+    """numpy's broadcasting rule in closed form. ``torch.broadcast_shapes`` gives the same result but
+    imports sympy (symbolic shapes) on its first call: half a second of every run's start-up."""
+    rank = max((len(s) for s in shapes), default=0)
+    out = [1] * rank
+    for shape in shapes:
+        for i, d in enumerate(shape, start=rank - len(shape)):
+            if d != out[i] and d != 1:
+                if out[i] != 1:
+                    raise ValueError(f"shapes {[tuple(s) for s in shapes]} do not broadcast")
+                out[i] = int(d)
+    return tuple(out)
+
+
 def _shape_add(node: Node, shapes: list[Shape], param_shape) -> Shape:
     try:
-        return tuple(torch.broadcast_shapes(*shapes))
-    except RuntimeError as exc:
+        return broadcast_shapes(*shapes)
+    except ValueError as exc:
         raise _unfit(node, f"it adds {[tuple(s) for s in shapes]}") from exc
 
 

@@ -650,3 +650,19 @@ def test_groups_parameter_shared_in_different_roles_is_pinned():
     assert all("'t'" in p.reason and lin.name in p.reason and aff.name in p.reason for p in pins)
     assert (groups.value_groups[lin.output] == 0).all() and (groups.value_groups[aff.output] == 0).all()
     assert groups.n_free == 0
+
+
+def test_broadcast_shapes_is_numpys_rule():
+    """The closed-form broadcast rule used for shapes (torch's imports sympy) against numpy's own."""
+    from pathcond_cli.ir import broadcast_shapes
+
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        shapes = [tuple(int(d) for d in rng.integers(0, 4, size=rng.integers(0, 5))) for _ in range(rng.integers(1, 4))]
+        try:
+            want = np.broadcast_shapes(*shapes)
+        except ValueError:
+            with pytest.raises(ValueError):
+                broadcast_shapes(*shapes)
+        else:
+            assert broadcast_shapes(*shapes) == want, shapes
