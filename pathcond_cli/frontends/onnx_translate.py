@@ -100,7 +100,8 @@ class _Context:
         if not np.all(np.isfinite(value)):  # the path statistics would overflow without saying where
             raise _Refuse(f"its input {slot} ({name!r}) holds inf or NaN")
         self.refs[key] = _ParamRef(key, kind, base, self.index, slot, stored, transform, name)
-        self.params[key] = torch.from_numpy(np.ascontiguousarray(value)).to(_torch_dtype(stored.dtype))
+        # one copy, in the stored dtype (``value`` may be the read-only stored array itself)
+        self.params[key] = torch.from_numpy(np.array(value, dtype=stored.dtype, order="C"))
         return key
 
     def emit(self, op: str, inputs: Sequence[str], params=None, attrs=None, step: str = "") -> str:
@@ -114,10 +115,6 @@ class _Context:
             name, output = f"{name}:{step}", f"{output}:{step}"
         self.nodes.append(Node(name, op, tuple(inputs), output, dict(params or {}), dict(attrs or {}), node.op_type))
         return output
-
-
-def _torch_dtype(dtype: np.dtype) -> torch.dtype:
-    return torch.from_numpy(np.zeros(1, dtype=dtype)).dtype
 
 
 # --------------------------------------------------------------------------------------------------
