@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -78,7 +79,11 @@ def _input_info(model: LoadedModel) -> dict[str, Any]:
 
 def _load_and_analyze(path: Path, load: LoadOptions, solve: SolveOptions, notify: Notify,
                       timings: dict[str, float], path_counts: bool) -> tuple[LoadedModel, Analysis]:
-    notify("load", {"path": str(path)})
+    info = {"path": str(path)}
+    if detect_format(path) == "torch" and "torch._dynamo" not in sys.modules:
+        # every torch format goes through torch.export, whose first use imports torch._dynamo
+        info["detail"] = "first use of torch.export in this process: importing torch._dynamo takes a few seconds"
+    notify("load", info)
     with timed(timings, "load"):
         model = load_model(path, load)
     analysis = analyze(model.graph, device=solve.device, method=solve.method, tol=solve.tol,

@@ -355,3 +355,26 @@ def test_path_counts_are_inspects_and_match_enumeration(tmp_path):
     again = json.loads(invoke("inspect", tmp_path / "out.onnx", "--json", "--device", "cpu").stdout)["model"]
     assert again["log10_paths"] == pytest.approx(inspected["log10_paths"], rel=1e-12)
     assert again["log10_path1_norm"] == pytest.approx(inspected["log10_path1_norm"], abs=1e-6)
+
+
+def test_first_torch_load_says_it_imports_dynamo(tmp_path, mlp_onnx):
+    """The load event of a torch file says that torch._dynamo is being imported when it is not yet (a
+    fresh process), so the progress line explains the wait; an ONNX file's never does."""
+    source = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(nets.mlp(), (torch.randn(1, 8),)), str(source))
+    code = ("import sys\n"
+            "from pathlib import Path\n"
+            "from pathcond_cli import jobs\n"
+            "from pathcond_cli.frontends.base import LoadOptions\n"
+            "for path in sys.argv[1:]:\n"
+            "    events = []\n"
+            "    jobs.inspect_model(Path(path), LoadOptions(), jobs.SolveOptions(device='cpu'),\n"
+            "                       lambda stage, info: events.append((stage, info)))\n"
+            "    print(Path(path).suffix, [info.get('detail') for stage, info in events if stage == 'load'])\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(source), str(source), str(mlp_onnx)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    first, second, onnx_line = proc.stdout.splitlines()
+    assert onnx_line == ".onnx [None]"
+    assert first.startswith(".pt2 ['first use of torch.export") and "torch._dynamo" in first
+    assert second == ".pt2 [None]"  # imported by then
