@@ -376,12 +376,21 @@ def log_max(x: Scaled) -> float:
     return x.s + math.log(m) if m > 0 else -math.inf
 
 
+#: a tensor whose largest entry lies within [1/BAND, BAND] is left as it is by :func:`normalize`: the
+#: next op still has a factor 1e278 of headroom before float64 overflows (as much as after a division),
+#: and the division by the maximum, a full pass over every value and adjoint, is skipped
+NORMAL_BAND = 1e30
+
+
 def normalize(x: Scaled) -> Scaled:
-    """Divide by the (detached) maximum and add its log to the scale, so nothing overflows."""
+    """Divide by the (detached) maximum and add its log to the scale, so nothing overflows; a tensor
+    already in range (:data:`NORMAL_BAND`) is kept (the same value, without a rounding)."""
     m = float(x.t.detach().max()) if x.t.numel() else 0.0
     if not math.isfinite(m):
         raise NumericalError("path statistics overflowed despite log-scaling")
     if m <= 0:  # all zero: keep the scale, gradients through this value still need it
+        return x
+    if 1.0 / NORMAL_BAND <= m <= NORMAL_BAND:
         return x
     return Scaled(x.t / m, x.s + math.log(m))
 
