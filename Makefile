@@ -33,7 +33,9 @@ demo: install
 samples: install
 	$(BIN)/python sample_models/make_samples.py
 
+# bench_floor: rescale against the floor (load + float64 squared forward/backward + save), start-up and peak RSS
 bench: install
+	$(BIN)/python benchmarks/bench_floor.py --models resnet50 vgg16
 	$(BIN)/python benchmarks/bench_solver.py
 	$(BIN)/python benchmarks/bench_models.py
 

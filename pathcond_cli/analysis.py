@@ -126,8 +126,12 @@ def analyze(
     tol: float = 1e-3,
     max_sweeps: int = 2000,
     progress: Callable[[str, dict], None] | None = None,
+    path_counts: bool = True,
 ) -> Analysis:
-    """Groups, path statistics and the optimal rescaling of ``graph`` (nothing is modified)."""
+    """Groups, path statistics and the optimal rescaling of ``graph`` (nothing is modified).
+
+    ``path_counts=False`` skips the number of paths and the path-1 norm (``stats.log10_paths`` and
+    ``log10_path1_norm`` are None): two forward passes that only feed the report."""
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     notify = progress or (lambda stage, info: None)
     timings: dict[str, float] = {}
@@ -144,7 +148,7 @@ def analyze(
 
     notify("statistics", {})
     with timed(timings, "statistics"):
-        stats = path_statistics(graph, groups, dev)
+        stats = path_statistics(graph, groups, dev, path_counts=path_counts)
 
     notify("solve", {"max_sweeps": max_sweeps})
     with timed(timings, "solve"):
@@ -199,12 +203,36 @@ def _moves(role: Role, u: torch.Tensor) -> bool:
     return bool((touched != 0).any())
 
 
+#: rows of a parameter rescaled at once: float64 temporaries stay about this many entries, whatever the
+#: tensor's size (VGG-16's fc6 alone is 102.8M entries)
+CHUNK_ENTRIES = 1 << 20
+
+
+def _rows_log_factor(role: Role, u: torch.Tensor, rows: slice) -> torch.Tensor:
+    """:func:`role_log_factor` for the output channels ``rows`` only (axis 0 of the stored tensor)."""
+    out = u[role.out_idx[rows]]
+    if role.in_idx is None:
+        log_f = out
+    elif role.in_idx.dim() == 1:
+        log_f = out[:, None] - u[role.in_idx][None, :]
+    else:
+        log_f = out[:, None] - u[role.in_idx[rows]]
+    shape = (log_f.shape[0],) + tuple(role.shape[1:])
+    if log_f.numel() == math.prod(shape):
+        return log_f.reshape(shape)
+    return log_f.reshape(log_f.shape + (1,) * (len(shape) - log_f.dim()))
+
+
 def rescaled_params(analysis: Analysis) -> dict[str, torch.Tensor]:
     """New values of every parameter the rescaling changes, each in its stored dtype and device.
 
     BatchNorm roles stand for a and b; their factor is applied to the stored γ and β (MATH §7).
     The solve is bounded so that every value stays finite and normal in its dtype (``ParamBox``); the
     finiteness check below is a safety net for a ``u`` set by other means.
+
+    Each value is computed in float64 and rounded once to its dtype (the same bits as a whole-tensor
+    float64 product), a block of output channels at a time: the float64 temporaries stay small, so the
+    only full-size tensor made per parameter is its new value.
     """
     u = analysis.u
     new: dict[str, torch.Tensor] = {}
@@ -212,11 +240,21 @@ def rescaled_params(analysis: Analysis) -> dict[str, torch.Tensor]:
         if not _moves(role, u):
             continue
         stored = analysis.graph.params[role.key]
-        value = stored.detach().to("cpu", torch.float64, copy=True).mul_(torch.exp(role_log_factor(role, u)))
-        value = value.to(stored.dtype)  # checked after the cast: float16 overflows long before float64
-        # float64 keeps every value of every dtype (inf and NaN included); float32 would overflow float64 values
-        extremes = [float(x) for x in torch.aminmax(value.to(torch.float64))] if value.numel() else []
-        if not all(math.isfinite(x) for x in extremes):
+        value = torch.empty(stored.shape, dtype=stored.dtype)
+        source = stored.detach()
+        if stored.dim() and stored.shape[0] == role.out_idx.numel():
+            step = max(1, CHUNK_ENTRIES // max(1, math.prod(stored.shape[1:])))
+            blocks = [slice(i, min(i + step, stored.shape[0])) for i in range(0, stored.shape[0], step)]
+        else:  # not laid out by output channel (a scalar): one block
+            blocks = [...]
+        finite = True
+        for rows in blocks:  # type: ignore[assignment]
+            log_f = role_log_factor(role, u) if rows is Ellipsis else _rows_log_factor(role, u, rows)
+            part = source[rows].to("cpu", torch.float64, copy=True).mul_(torch.exp(log_f))  # never the stored tensor
+            value[rows] = part  # rounded once to the stored dtype
+            # checked after the cast: float16 overflows long before float64
+            finite = finite and bool(torch.isfinite(value[rows]).all())
+        if not finite:
             raise NumericalError(
                 f"rescaled parameter {role.key!r} is not finite in {stored.dtype}; nothing was written"
             )

@@ -49,13 +49,13 @@ def _shapes(input_shape: Shape | dict[str, Shape]) -> dict[str, Shape] | list[tu
 
 
 def _analyze(module: nn.Module, input_shape, device: str, tol: float, max_sweeps: int,
-             partial: bool = False) -> tuple[Analysis, Translation]:
+             path_counts: bool, partial: bool = False) -> tuple[Analysis, Translation]:
     """The analysis and the translation it was made from (inputs, IR keys held in another layout)."""
     was_training = module.training
     module.eval()
     try:
         tr = _translation(module, input_shape, partial)
-        return analyze(tr.graph, device=device, tol=tol, max_sweeps=max_sweeps), tr
+        return analyze(tr.graph, device=device, tol=tol, max_sweeps=max_sweeps, path_counts=path_counts), tr
     finally:
         module.train(was_training)
 
@@ -71,7 +71,7 @@ def inspect_module(
     """Path statistics and the conditioning score before/after the optimal rescaling (the same report as
     ``pathcond inspect --json``). ``input_shape`` is the shape of one example input, batch 1 included.
     ``partial``: keep ops that are not positively homogeneous as opaque (``--partial``)."""
-    analysis, _ = _analyze(module, input_shape, device, tol, max_sweeps, partial)
+    analysis, _ = _analyze(module, input_shape, device, tol, max_sweeps, path_counts=True, partial=partial)
     return build_report(analysis, input_info=_module_info(module), timings=analysis.timings)
 
 
@@ -127,8 +127,9 @@ def rescale_module_(
     partial: bool = False,
 ) -> dict[str, Any]:
     """Rescale ``module``'s parameters in place with the optimal PathCond rescaling; the function it
-    computes is unchanged. Returns the report (the same schema as ``pathcond rescale``'s), with
-    ``changed`` listing the state_dict entries that were rescaled.
+    computes is unchanged. Returns the report (the same schema as ``pathcond rescale``'s: the number of
+    paths and the path-1 norm are null, :func:`inspect_module` gives them), with ``changed`` listing the
+    state_dict entries that were rescaled.
 
     Verified like the CLI verifies a file: the module's outputs before and after, on ``verify_inputs``
     seeded random inputs in eval mode, plus one batch in training mode when it has BatchNorm (its
@@ -143,7 +144,7 @@ def rescale_module_(
     """
     from .frontends.torch_module import floating_dtypes, input_specs, ordered_shapes, stored_layout
 
-    analysis, tr = _analyze(module, input_shape, device, tol, max_sweeps, partial)
+    analysis, tr = _analyze(module, input_shape, device, tol, max_sweeps, path_counts=False, partial=partial)
     timings = dict(analysis.timings)
     new = stored_layout(rescaled_params(analysis), tr.swapped)
     _, full_shapes = ordered_shapes(module, _shapes(input_shape))

@@ -231,7 +231,8 @@ class Output:
                 elif stage == "sweep":
                     status.update(f"solving: sweep {info['sweep']}, largest |ln x| {info['gap']:.2e}")
                 else:
-                    status.update(labels.get(stage, stage))
+                    detail = f" ({info['detail']})" if info.get("detail") else ""
+                    status.update(labels.get(stage, stage) + detail)
             yield notify
 
     def report(self, report: dict[str, Any], *, layers: bool) -> None:

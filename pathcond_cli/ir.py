@@ -376,12 +376,21 @@ def log_max(x: Scaled) -> float:
     return x.s + math.log(m) if m > 0 else -math.inf
 
 
+#: a tensor whose largest entry lies within [1/BAND, BAND] is left as it is by :func:`normalize`: the
+#: next op still has a factor 1e278 of headroom before float64 overflows (as much as after a division),
+#: and the division by the maximum, a full pass over every value and adjoint, is skipped
+NORMAL_BAND = 1e30
+
+
 def normalize(x: Scaled) -> Scaled:
-    """Divide by the (detached) maximum and add its log to the scale, so nothing overflows."""
+    """Divide by the (detached) maximum and add its log to the scale, so nothing overflows; a tensor
+    already in range (:data:`NORMAL_BAND`) is kept (the same value, without a rounding)."""
     m = float(x.t.detach().max()) if x.t.numel() else 0.0
     if not math.isfinite(m):
         raise NumericalError("path statistics overflowed despite log-scaling")
     if m <= 0:  # all zero: keep the scale, gradients through this value still need it
+        return x
+    if 1.0 / NORMAL_BAND <= m <= NORMAL_BAND:
         return x
     return Scaled(x.t / m, x.s + math.log(m))
 
@@ -401,7 +410,7 @@ def combine(terms: list[Scaled]) -> Scaled:
     if top == -math.inf:
         top = max(t.s for t in terms)
     total = sum(t.t * scale_factor(t.s, top) for t in terms)
-    shape = torch.broadcast_shapes(*(t.t.shape for t in terms))
+    shape = broadcast_shapes(*(t.t.shape for t in terms))
     return normalize(Scaled(total.expand(shape), top))
 
 
@@ -740,10 +749,24 @@ def _path_pad(ctx: PathContext, node: Node, xs: list[Scaled]) -> Scaled:
 # -- structure ------------------------------------------------------------------------------------
 
 
+def broadcast_shapes(*shapes: Sequence[int]) -> tuple[int, ...]:
+    """numpy's broadcasting rule in closed form. ``torch.broadcast_shapes`` gives the same result but
+    imports sympy (symbolic shapes) on its first call: half a second of every run's start-up."""
+    rank = max((len(s) for s in shapes), default=0)
+    out = [1] * rank
+    for shape in shapes:
+        for i, d in enumerate(shape, start=rank - len(shape)):
+            if d != out[i] and d != 1:
+                if out[i] != 1:
+                    raise ValueError(f"shapes {[tuple(s) for s in shapes]} do not broadcast")
+                out[i] = int(d)
+    return tuple(out)
+
+
 def _shape_add(node: Node, shapes: list[Shape], param_shape) -> Shape:
     try:
-        return tuple(torch.broadcast_shapes(*shapes))
-    except RuntimeError as exc:
+        return broadcast_shapes(*shapes)
+    except ValueError as exc:
         raise _unfit(node, f"it adds {[tuple(s) for s in shapes]}") from exc
 
 

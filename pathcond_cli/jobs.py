@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -90,19 +91,23 @@ def _input_info(model: LoadedModel) -> dict[str, Any]:
 
 
 def _load_and_analyze(path: Path, load: LoadOptions, solve: SolveOptions, notify: Notify,
-                      timings: dict[str, float]) -> tuple[LoadedModel, Analysis]:
-    notify("load", {"path": str(path)})
+                      timings: dict[str, float], path_counts: bool) -> tuple[LoadedModel, Analysis]:
+    info = {"path": str(path)}
+    if detect_format(path) == "torch" and "torch._dynamo" not in sys.modules:
+        # every torch format goes through torch.export, whose first use imports torch._dynamo
+        info["detail"] = "first use of torch.export in this process: importing torch._dynamo takes a few seconds"
+    notify("load", info)
     with timed(timings, "load"):
         model = load_model(path, load)
     analysis = analyze(model.graph, device=solve.device, method=solve.method, tol=solve.tol,
-                       max_sweeps=solve.max_sweeps, progress=notify)
+                       max_sweeps=solve.max_sweeps, progress=notify, path_counts=path_counts)
     timings.update(analysis.timings)
     return model, analysis
 
 
 def inspect_model(path: Path, load: LoadOptions, solve: SolveOptions, notify: Notify | None = None) -> JobResult:
     timings: dict[str, float] = {}
-    model, analysis = _load_and_analyze(path, load, solve, notify or _silent, timings)
+    model, analysis = _load_and_analyze(path, load, solve, notify or _silent, timings, path_counts=True)
     report = build_report(analysis, input_info=_input_info(model), timings=timings, warnings=model.warnings)
     return JobResult(report, analysis=analysis)
 
@@ -152,7 +157,9 @@ def rescale_model(
         notify("warning", {"message": message})
     timings: dict[str, float] = {}
     with StagedOutput(target) as stage, StagedOutput(report_path) as report_stage:  # folders writable?
-        model, analysis = _load_and_analyze(source, load, solve, notify, timings)
+        # the number of paths and the path-1 norm are left to inspect: they cost two forward passes and
+        # a rescaling leaves them unchanged (the report's values are null)
+        model, analysis = _load_and_analyze(source, load, solve, notify, timings, path_counts=False)
         notify("write", {"path": str(target)})
         with timed(timings, "write"):
             model.save(rescaled_params(analysis), stage.path)

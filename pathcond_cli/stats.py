@@ -74,10 +74,11 @@ class PathForward:
     def _power(self, value: torch.Tensor) -> torch.Tensor:
         if self.q == 0.0:  # 0^0 = 1: every connection counts as a path
             return torch.ones(value.shape, dtype=torch.float64, device=self.device)
-        value = value.detach().to(self.device, torch.float64)
+        # one new float64 tensor, powered in place: these are full-size weights
+        value = value.detach().to(self.device, torch.float64, copy=True)
         if self.q == 2.0:
-            return torch.square(value)  # one pass each: these are full-size weights
-        return value.abs() if self.q == 1.0 else value.abs().pow(self.q)
+            return value.square_()
+        return value.abs_() if self.q == 1.0 else value.abs_().pow_(self.q)
 
     def param(self, node: Node, role: str, value: torch.Tensor | None = None) -> torch.Tensor | None:
         """|θ|^q for one role of ``node``: a shared leaf when it is an objective parameter."""
@@ -116,36 +117,58 @@ class PathForward:
         """ln g for every leaf (absolute, not up to a constant) after :meth:`run` with ``grad=True``.
 
         Reverse pass node by node: the adjoint of each value w.r.t. its normalised tensor is kept as
-        ``â · e^r`` and renormalised after every node, so g is right even far outside float64's range."""
+        ``â · e^r`` and renormalised after every node, so g is right even far outside float64's range.
+
+        The tape is consumed as it goes (each node's activations and autograd graph are freed once its
+        step is done), a leaf's gradient becomes its logarithm in place, and a leaf is dropped after its
+        last reader: the pass never holds |θ|², ∂Ψ/∂θ² and ln g of the whole model at once."""
         adjoints: dict[str, list[Scaled]] = {}
         for name, out in zip(self.graph.outputs, self.outputs):
             adjoints.setdefault(name, []).append(Scaled(torch.ones_like(out.t), out.s))
-        parts: dict[str, list[Scaled]] = {}
-        for node, xs, out in reversed(self.tape):
+        self.outputs = []
+        readers: dict[str, int] = {}
+        for node, _, _ in self.tape:
+            for key in dict.fromkeys(self.node_leaves.get(node.name, [])):
+                readers[key] = readers.get(key, 0) + 1
+        parts: dict[str, list[torch.Tensor]] = {}
+        result: dict[str, torch.Tensor] = {}
+        while self.tape:
+            node, xs, out = self.tape.pop()
             pending = adjoints.pop(node.output, None)
-            if not pending:
-                continue  # nothing downstream reaches an output
-            adj = _sum_scaled(pending)
             keys = list(dict.fromkeys(self.node_leaves.get(node.name, [])))
-            targets = [x.t for x in xs] + [self.leaves[k] for k in keys]
-            grads = torch.autograd.grad(out.t, targets, grad_outputs=adj.t, allow_unused=True)
-            for value, grad in zip(node.inputs, grads[: len(xs)]):
-                if grad is not None and value not in self.graph.inputs:
-                    adjoints.setdefault(value, []).append(normalize(Scaled(grad, adj.s)))
-            for key, grad in zip(keys, grads[len(xs):]):
-                if grad is not None:
-                    parts.setdefault(key, []).append(Scaled(grad, adj.s))
-        result = {}
-        for key, leaf in self.leaves.items():
-            terms = parts.get(key)
-            if not terms:
-                result[key] = torch.full_like(leaf, -math.inf).detach()
-                continue
-            if len(terms) == 1:
-                result[key] = torch.log(terms[0].t).add_(terms[0].s)
-            else:
-                result[key] = torch.logsumexp(torch.stack([torch.log(t.t) + t.s for t in terms]), 0)
+            if pending:
+                adj = _sum_scaled(pending)
+                targets = [x.t for x in xs] + [self.leaves[k] for k in keys]
+                # the vector-Jacobian product as the gradient of the scalar Σ out·adj (exact: its gradient
+                # with respect to out is adj·1); autograd.grad with grad_outputs imports sympy on first use
+                grads = torch.autograd.grad(torch.sum(out.t * adj.t), targets, allow_unused=True)
+                del out, targets
+                for value, grad in zip(node.inputs, grads[: len(xs)]):
+                    if grad is not None and value not in self.graph.inputs:
+                        adjoints.setdefault(value, []).append(normalize(Scaled(grad, adj.s)))
+                shared = {g.data_ptr() for g in grads[: len(xs)] if g is not None} | {adj.t.data_ptr()}
+                for key, grad in zip(keys, grads[len(xs):]):
+                    if grad is not None:  # in place unless autograd handed the same tensor elsewhere
+                        log = torch.log(grad) if grad.data_ptr() in shared else grad.log_()
+                        shared.add(log.data_ptr())
+                        parts.setdefault(key, []).append(log.add_(adj.s))
+                del grads, adj
+            for key in keys:  # nothing upstream reads this leaf again: g is complete
+                readers[key] -= 1
+                if readers[key] == 0:
+                    result[key] = self._finish(key, parts.pop(key, []))
+        for key in list(self.leaves):  # leaves no node on the tape read
+            result[key] = self._finish(key, parts.pop(key, []))
         return result
+
+    def _finish(self, key: str, logs: list[torch.Tensor]) -> torch.Tensor:
+        """ln g of one leaf from its terms' logs (−inf when no path reaches an output); drops the leaf."""
+        leaf = self.leaves.pop(key)
+        if not logs:
+            return torch.full_like(leaf, -math.inf).detach()
+        if len(logs) == 1:
+            return logs[0]
+        return torch.logsumexp(torch.stack(logs), 0)
 
     def node(self, node: Node, xs: list[Scaled]) -> Scaled:
         """The node's image in the path forward: the ``path`` rule of its op's row (ir.OPS)."""
@@ -155,11 +178,15 @@ class PathForward:
 @dataclass
 class PathStats:
     """Path statistics of a graph. ``log_g[i]`` is ln g (absolute) for ``groups.roles[i]``, in the
-    parameter's stored shape; −inf where g = 0."""
+    parameter's stored shape; −inf where g = 0.
+
+    ``log10_paths`` and ``log10_path1_norm`` are None when they were not asked for: each costs a full
+    forward pass of its own, and neither changes under a rescaling (Φ is invariant), so ``rescale``
+    leaves them to ``inspect``. The path-2 norm comes with g for free (Ψ = ‖Φ‖₂²)."""
 
     log_g: list[torch.Tensor]
-    log10_paths: float
-    log10_path1_norm: float
+    log10_paths: float | None
+    log10_path1_norm: float | None
     log10_path2_norm: float
 
 
@@ -183,14 +210,16 @@ def diag_g(graph: Graph, groups: Groups, device: torch.device | str = "cpu") -> 
     return out, log_psi
 
 
-def path_statistics(graph: Graph, groups: Groups, device: torch.device | str = "cpu") -> PathStats:
+def path_statistics(graph: Graph, groups: Groups, device: torch.device | str = "cpu", *,
+                    path_counts: bool = True) -> PathStats:
+    """diag(G) and the path-2 norm; with ``path_counts`` also the number of paths and the path-1 norm
+    (two more forward passes: about a fifth of the stage on ResNet-50)."""
     log_g, log_psi = diag_g(graph, groups, device)
-    return PathStats(
-        log_g=log_g,
-        log10_paths=path_log_sum(graph, groups, 0.0, device) / LOG10,
-        log10_path1_norm=path_log_sum(graph, groups, 1.0, device) / LOG10,
-        log10_path2_norm=0.5 * log_psi / LOG10,
-    )
+    paths = path1 = None
+    if path_counts:
+        paths = path_log_sum(graph, groups, 0.0, device) / LOG10
+        path1 = path_log_sum(graph, groups, 1.0, device) / LOG10
+    return PathStats(log_g=log_g, log10_paths=paths, log10_path1_norm=path1, log10_path2_norm=0.5 * log_psi / LOG10)
 
 
 def role_summary(log_g: torch.Tensor) -> tuple[float | None, float | None, float | None]:

@@ -334,3 +334,48 @@ def test_error_messages_keep_long_paths_whole(mlp_onnx, tmp_path):
     result = invoke("rescale", mlp_onnx, out)
     assert result.exit_code == 2, result.output
     assert str(out) in result.stderr.splitlines()[0], result.stderr
+
+
+def test_path_counts_are_inspects_and_match_enumeration(tmp_path):
+    """inspect reports the number of paths and the path-1 norm, equal to brute-force enumeration of the
+    paths; rescale leaves both null (two forward passes, and a rescaling does not change them) and keeps
+    the path-2 norm, which comes with diag(G)."""
+    from pathcond_cli.frontends.onnx_frontend import load_onnx
+    from tests.reference import reference
+
+    source = export_onnx(nets.mlp(widths=(3, 5, 4, 2)), (1, 3), tmp_path / "small.onnx")
+    ref = reference(load_onnx(source).graph)
+    inspected = json.loads(invoke("inspect", source, "--json", "--device", "cpu").stdout)["model"]
+    assert 10 ** inspected["log10_paths"] == pytest.approx(ref.n_paths, rel=1e-9)
+    assert 10 ** inspected["log10_path1_norm"] == pytest.approx(np.abs(ref.phi).sum(), rel=1e-9)
+    assert 10 ** inspected["log10_path2_norm"] == pytest.approx(np.sqrt(np.square(ref.phi).sum()), rel=1e-9)
+    rescaled = _rescale_json(source, tmp_path / "out.onnx")["model"]
+    assert MODEL_KEYS <= set(rescaled)
+    assert rescaled["log10_paths"] is None and rescaled["log10_path1_norm"] is None
+    assert rescaled["log10_path2_norm"] == pytest.approx(inspected["log10_path2_norm"], rel=1e-12)
+    again = json.loads(invoke("inspect", tmp_path / "out.onnx", "--json", "--device", "cpu").stdout)["model"]
+    assert again["log10_paths"] == pytest.approx(inspected["log10_paths"], rel=1e-12)
+    assert again["log10_path1_norm"] == pytest.approx(inspected["log10_path1_norm"], abs=1e-6)
+
+
+def test_first_torch_load_says_it_imports_dynamo(tmp_path, mlp_onnx):
+    """The load event of a torch file says that torch._dynamo is being imported when it is not yet (a
+    fresh process), so the progress line explains the wait; an ONNX file's never does."""
+    source = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(nets.mlp(), (torch.randn(1, 8),)), str(source))
+    code = ("import sys\n"
+            "from pathlib import Path\n"
+            "from pathcond_cli import jobs\n"
+            "from pathcond_cli.frontends.base import LoadOptions\n"
+            "for path in sys.argv[1:]:\n"
+            "    events = []\n"
+            "    jobs.inspect_model(Path(path), LoadOptions(), jobs.SolveOptions(device='cpu'),\n"
+            "                       lambda stage, info: events.append((stage, info)))\n"
+            "    print(Path(path).suffix, [info.get('detail') for stage, info in events if stage == 'load'])\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(source), str(source), str(mlp_onnx)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    first, second, onnx_line = proc.stdout.splitlines()
+    assert onnx_line == ".onnx [None]"
+    assert first.startswith(".pt2 ['first use of torch.export") and "torch._dynamo" in first
+    assert second == ".pt2 [None]"  # imported by then

@@ -650,3 +650,45 @@ def test_groups_parameter_shared_in_different_roles_is_pinned():
     assert all("'t'" in p.reason and lin.name in p.reason and aff.name in p.reason for p in pins)
     assert (groups.value_groups[lin.output] == 0).all() and (groups.value_groups[aff.output] == 0).all()
     assert groups.n_free == 0
+
+
+def test_broadcast_shapes_is_numpys_rule():
+    """The closed-form broadcast rule used for shapes (torch's imports sympy) against numpy's own."""
+    from pathcond_cli.ir import broadcast_shapes
+
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        shapes = [tuple(int(d) for d in rng.integers(0, 4, size=rng.integers(0, 5))) for _ in range(rng.integers(1, 4))]
+        try:
+            want = np.broadcast_shapes(*shapes)
+        except ValueError:
+            with pytest.raises(ValueError):
+                broadcast_shapes(*shapes)
+        else:
+            assert broadcast_shapes(*shapes) == want, shapes
+
+
+@pytest.mark.parametrize("name", sorted(DAGS))
+def test_rescaled_params_in_blocks_equal_the_whole_tensor_product(name, monkeypatch):
+    """New values are made a few output channels at a time (float64 temporaries stay small); they are
+    the same bits as the whole tensor times e^{(Bu)_i} in float64 rounded once, for every layout (dense,
+    grouped and depthwise conv, transposed conv, per-channel, BatchNorm, tied tensors)."""
+    import pathcond_cli.analysis as analysis_module
+
+    analysis = rescaled(name)[0]
+    monkeypatch.setattr(analysis_module, "CHUNK_ENTRIES", 7)  # many blocks, some of one row
+    before = {k: v.clone() for k, v in analysis.graph.params.items()}
+    new = rescaled_params(analysis)
+    assert all(torch.equal(v, before[k]) for k, v in analysis.graph.params.items())  # the model is untouched
+    want = {}
+    for role in analysis.groups.roles:
+        stored = analysis.graph.params[role.key]
+        exact = stored.to(torch.float64) * role_factor(role, analysis.u)
+        if not torch.equal(exact, stored.to(torch.float64)):
+            want[role.key] = exact.to(stored.dtype)
+    assert set(want) <= set(new)
+    for key, value in new.items():
+        stored = analysis.graph.params[key]
+        assert value.dtype == stored.dtype and value.shape == stored.shape
+        if key in want:
+            assert torch.equal(value, want[key]), key

@@ -434,3 +434,29 @@ def test_check_outputs_names_both_roles(tmp_path):
     with pytest.raises(UsageError, match="the report .* is also the output"):
         outputs.check_outputs([("the output", a), ("the report", tmp_path / "x" / ".." / "a")], inputs=[],
                               force=True)
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_rescale_parses_the_onnx_input_once(tmp_path, monkeypatch, external):
+    """The file checks (which files the input consists of) and the load share one parse of the input,
+    with or without external data; the output is still right (verified, and against the input)."""
+    from tests.conftest import export_onnx
+
+    source = export_onnx(nets.mlp(), (1, 8), tmp_path / "m.onnx")
+    if external:
+        model = onnx.load(str(source))
+        source = tmp_path / "ext.onnx"
+        onnx.save_model(model, str(source), save_as_external_data=True, location="ext.onnx.bin", size_threshold=0)
+    calls: list[str] = []
+    real = onnx.load
+
+    def counting(f, *args, **kwargs):
+        calls.append(str(f))
+        return real(f, *args, **kwargs)
+
+    monkeypatch.setattr(onnx, "load", counting)
+    result = jobs.rescale_model(source, tmp_path / "o.onnx", LoadOptions(), jobs.SolveOptions(device="cpu"),
+                                jobs.RescaleOptions())
+    assert calls.count(str(source)) == 1
+    assert result.report["verification"]["passed"] and (tmp_path / "o.onnx").exists()
+    assert (tmp_path / "o.onnx.data").exists() == external

@@ -433,25 +433,29 @@ def test_padding_that_is_not_homogeneous_or_moves_channels_is_refused(pad, kwarg
 
 def test_onnx_translation_and_statistics_import_no_dynamo():
     """Shapes are closed form: reading an ONNX file (BatchNorm included, whose meta kernel pulled in
-    torch._dynamo when shapes were inferred on meta tensors), its groups and its path statistics never
-    import the torch.export / compiler stack."""
+    torch._dynamo when shapes were inferred on meta tensors; a residual Add, whose broadcast rule pulled
+    in sympy through torch.broadcast_shapes), its groups and its path statistics never import the
+    torch.export / compiler stack nor sympy."""
     import subprocess
     import sys
 
-    source = Path(pathcond_cli.__file__).parent.parent / "sample_models" / "small_cnn.onnx"
+    folder = Path(pathcond_cli.__file__).parent.parent / "sample_models"
     code = ("import sys\n"
             "from pathlib import Path\n"
             "from pathcond_cli.frontends.base import LoadOptions\n"
             "from pathcond_cli.frontends.onnx_frontend import load_onnx\n"
             "from pathcond_cli.groups import build_groups\n"
             "from pathcond_cli.stats import path_statistics\n"
-            "graph = load_onnx(Path(sys.argv[1]), LoadOptions()).graph\n"
-            "assert any(n.op == 'batchnorm' for n in graph.nodes)\n"
-            "path_statistics(graph, build_groups(graph))\n"
-            "print('DYNAMO', 'torch._dynamo' in sys.modules)\n")
-    proc = subprocess.run([sys.executable, "-c", code, str(source)], capture_output=True, text=True, timeout=300)
+            "graphs = [load_onnx(Path(p), LoadOptions()).graph for p in sys.argv[1:]]\n"
+            "ops = {n.op for graph in graphs for n in graph.nodes}\n"
+            "assert {'batchnorm', 'add'} <= ops, ops\n"
+            "for graph in graphs:\n"
+            "    path_statistics(graph, build_groups(graph))\n"
+            "print('DYNAMO', 'torch._dynamo' in sys.modules, 'SYMPY', 'sympy' in sys.modules)\n")
+    files = [str(folder / "small_cnn.onnx"), str(folder / "resnet_like.onnx")]
+    proc = subprocess.run([sys.executable, "-c", code, *files], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "DYNAMO False" in proc.stdout
+    assert "DYNAMO False SYMPY False" in proc.stdout
 
 
 def test_both_front_ends_refuse_with_the_one_refusal_type():

@@ -94,3 +94,41 @@ def test_each_writer_loads_as_its_class(kind, tmp_path):
     with torch.no_grad():
         want = model(x).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["state_dict", "export"])
+def test_verification_loads_each_file_once_in_eval_mode(kind, tmp_path, monkeypatch):
+    """Verification runs every eval-mode input on one module per file version (as onnxruntime gets one
+    session per file); a training-mode run (BatchNorm: its statistics change) gets a module of its own,
+    and its outputs still match the saved module's own."""
+    from pathcond_cli.verify import verify
+
+    model = nets.small_cnn().eval() if kind == "state_dict" else nets.mlp().eval()
+    path = tmp_path / "model.bin"
+    if kind == "state_dict":
+        torch.save(model.state_dict(), path)
+        options = LoadOptions(arch="tests.arch_factories:small_cnn", input_shapes={"x": (1, 3, 16, 16)})
+    else:
+        options = _write(kind, model, path)
+    loaded = load_torch(path, options)
+    loads: list[Path] = []
+    real = type(loaded)._fresh_module
+
+    def counting(self, p):
+        loads.append(Path(p))
+        return real(self, p)
+
+    monkeypatch.setattr(type(loaded), "_fresh_module", counting)
+    copy = tmp_path / "copy.bin"
+    loaded.save({k: v * 1.0 for k, v in loaded.graph.params.items()}, copy)
+    result = verify(loaded, copy, n_inputs=3)
+    assert result.passed and result.max_abs_error == 0.0
+    train = loaded.has_batchnorm
+    assert train == (kind == "state_dict")
+    assert loads.count(path) == 1 + train and loads.count(copy) == 1 + train
+    # a cached module gives what a fresh one gives
+    x = np.random.default_rng(0).standard_normal(loaded.input_specs()[0].shape).astype(np.float32)
+    (cached,) = loaded.run(path, {loaded.input_specs()[0].name: x})
+    with torch.no_grad():
+        fresh = loaded._in_mode(real(loaded, path), False)(torch.from_numpy(x))
+    np.testing.assert_allclose(cached, fresh.numpy(), rtol=0, atol=0)

@@ -103,8 +103,6 @@ class OnnxModel:
         return ref.kind, ref.base
 
     def save(self, new_params: Mapping[str, torch.Tensor], path: Path) -> None:
-        model = onnx.ModelProto()
-        model.CopyFrom(self._model)
         wanted: dict[tuple[int, int], np.ndarray | None] = {}  # changed role -> value under its name
         layouts: dict[tuple[int, int], np.ndarray] = {}  # ... and as a tensor of its own
         for key, value in new_params.items():
@@ -113,11 +111,15 @@ class OnnxModel:
             ref = self._refs[key]
             new = value.detach().to("cpu", self.graph.params[key].dtype)
             if not torch.equal(new, self.graph.params[key]):
-                stored, same_dims = ref.transform.inverse(new.double().numpy(), ref.stored)
+                # a transform that only moves entries is undone in the stored dtype (no float64 copy)
+                exact = ref.transform.exact and new.dtype in _NUMPY_FLOATS
+                stored, same_dims = ref.transform.inverse(new.numpy() if exact else new.double().numpy(), ref.stored)
                 wanted[(ref.node_index, ref.slot)] = stored if same_dims else None
                 layouts[(ref.node_index, ref.slot)] = stored
+        plan = _plan_names(self._names, wanted)
+        model = _copy_model(self._model, replaced=set(plan.roots))
         node_names = _node_names(self._model)
-        for index, slot, old, new_name in _apply_plan(model, _plan_names(self._names, wanted), layouts):
+        for index, slot, old, new_name in _apply_plan(model, plan, layouts):
             self._note(_rewired_note(node_names[index], slot, old, new_name, self._names.origin[old][0]))
         _save_proto(model, Path(path), self._external)
 
@@ -166,6 +168,41 @@ class OnnxModel:
                 f"{str(exc).splitlines()[0][:200]}); it was run with its small tensors stored inline")
         self._note(note)
         return outputs
+
+
+_NUMPY_FLOATS = frozenset({torch.float16, torch.float32, torch.float64})
+
+
+def _copy_model(model: onnx.ModelProto, replaced: set[str]) -> onnx.ModelProto:
+    """A copy of ``model`` in which the initializers named in ``replaced`` are empty placeholders (their
+    new values are written next): the old values of the tensors being rewritten are never copied."""
+    if not replaced:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        return copy
+    copy = onnx.ModelProto()
+    _copy_fields(model, copy, skip="graph")
+    _copy_fields(model.graph, copy.graph, skip="initializer")
+    for tensor in model.graph.initializer:
+        if tensor.name in replaced:
+            copy.graph.initializer.add(name=tensor.name)
+        else:
+            copy.graph.initializer.add().CopyFrom(tensor)
+    return copy
+
+
+def _copy_fields(source, target, skip: str) -> None:
+    """Copy every set field of a protobuf message but one into ``target`` (field by field)."""
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+        if repeated:
+            getattr(target, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
 
 
 def _session(path: Path):
@@ -218,8 +255,7 @@ def load_onnx(path: Path, options: LoadOptions | None = None) -> OnnxModel:
     """
     path = Path(path)
     options = options or LoadOptions()
-    model = _read_model(path)
-    external = bool(external_data_files(path))
+    model, external = _read_model(path)
     shapes = _input_shapes(model, options)
     warnings: list[str] = []
     upgraded = _upgrade(model)

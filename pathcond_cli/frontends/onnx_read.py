@@ -36,7 +36,8 @@ _Refuse = Refusal  # raised by a converter: this node cannot be translated (the 
 
 def _swap_groups(a: np.ndarray, groups: int) -> np.ndarray:
     """numpy twin of ir.swap_group_axes: (A, B/groups, *k) -> (B, A/groups, *k), its own inverse."""
-    return swap_group_axes(torch.from_numpy(np.ascontiguousarray(a)), groups).numpy()
+    a = a if a.flags.writeable and a.flags.c_contiguous else np.array(a, order="C")  # stored arrays are read-only
+    return swap_group_axes(torch.from_numpy(a), groups).numpy()
 
 
 @dataclass(frozen=True)
@@ -50,24 +51,31 @@ class _Transform:
     reciprocal: bool = False
     expanded_shape: tuple[int, ...] | None = None  # stored layout to use when a broadcast scalar splits
 
+    @property
+    def exact(self) -> bool:
+        """Whether the transform only moves entries (transpose, group swap, reshape): it is then applied
+        in the stored dtype, without a float64 copy of the tensor."""
+        return self.factor == 1.0 and not self.reciprocal
+
     def forward(self, stored: np.ndarray) -> np.ndarray:
-        a = stored.astype(np.float64)
+        """The IR value: float64 when it is computed (factor, reciprocal), else in the stored dtype."""
+        a = stored if self.exact else stored.astype(np.float64)
         a = a.T if self.transpose else a
         a = _swap_groups(a, self.swap_groups) if self.swap_groups else a
         a = 1.0 / a if self.reciprocal else a
-        a = a * self.factor
+        a = a * self.factor if self.factor != 1.0 else a
         if a.size == math.prod(self.ir_shape):
             return a.reshape(self.ir_shape)
         return np.full(self.ir_shape, a.reshape(-1)[0])
 
     def inverse(self, new: np.ndarray, stored: np.ndarray) -> tuple[np.ndarray, bool]:
         """The value to store, and whether it keeps the stored dims (else it needs a new tensor)."""
-        b = new.astype(np.float64) / self.factor
+        b = new if self.exact else new.astype(np.float64) / self.factor
         b = 1.0 / b if self.reciprocal else b
         b = _swap_groups(b, self.swap_groups) if self.swap_groups else b
         b = b.T if self.transpose else b
         if b.size == stored.size:
-            return b.reshape(stored.shape).astype(stored.dtype), True
+            return b.reshape(stored.shape).astype(stored.dtype, copy=False), True
         flat = b.reshape(-1)
         if stored.size == 1 and np.all(flat == flat[0]):
             return np.full(stored.shape, flat[0]).astype(stored.dtype), True
@@ -156,33 +164,60 @@ def _names(model: onnx.ModelProto, folder: "_Folder") -> _Names:
 # Reading the file and fixing the input shapes.
 
 
-def _read_model(path: Path) -> onnx.ModelProto:
+#: the last file :func:`external_data_files` parsed, kept for the load that follows it (jobs.py checks
+#: the files a run involves, then loads): one parse per run instead of two. At most one entry, taken
+#: (removed) by :func:`_read_model`, keyed by the file's identity so that a changed file is parsed again.
+_PARSED: dict[tuple[str, int, int], onnx.ModelProto] = {}
+
+
+def _file_key(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return str(path.resolve()), stat.st_mtime_ns, stat.st_size
+
+
+def _parse(path: Path) -> onnx.ModelProto:
+    """The file's ModelProto without its external data (the one :func:`external_data_files` kept, if any)."""
+    proto = _PARSED.pop(_file_key(path), None)
+    return proto if proto is not None else onnx.load(str(path), load_external_data=False)
+
+
+def _external_locations(proto: onnx.ModelProto) -> list[str]:
+    tensors = list(proto.graph.initializer)
+    tensors += [a.t for n in proto.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    return sorted({e.value for t in tensors if onnx.external_data_helper.uses_external_data(t)
+                   for e in t.external_data if e.key == "location"})
+
+
+def _read_model(path: Path) -> tuple[onnx.ModelProto, bool]:
+    """The model with its external data loaded, and whether it had any (parsed once)."""
     if not path.is_file():
         raise UsageError(f"{path}: no such file")
     try:
-        model = onnx.load(str(path), load_external_data=True)
+        model = _parse(path)
+        external = bool(_external_locations(model))
+        if external:
+            onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
     except Exception as exc:  # protobuf DecodeError, missing external data, ...
         raise UsageError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
     if model.ir_version <= 0 or not model.graph.node or not model.graph.output:
         raise UsageError(f"{path} is not an ONNX model (no graph found in the file)")
-    return model
+    return model, external
 
 
 # -- pathcond's file checks (jobs.py): the files a model consists of, the side files a save writes ----
 
 
 def external_data_files(path: Path) -> list[Path]:
-    """The files holding ``path``'s external data, read from the graph alone (cheap: no tensor data is
-    loaded); [] for a file that is not a readable ONNX model (loading it says why)."""
+    """The files holding ``path``'s external data, read from the graph alone (no tensor data is
+    loaded); [] for a file that is not a readable ONNX model (loading it says why). The parsed graph is
+    kept for the next :func:`_read_model` of the same file."""
+    _PARSED.clear()
     try:
         proto = onnx.load(str(path), load_external_data=False)
+        _PARSED[_file_key(path)] = proto
     except Exception:  # noqa: BLE001 - not ONNX: the loader reports it
         return []
-    tensors = list(proto.graph.initializer)
-    tensors += [a.t for n in proto.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
-    locations = {e.value for t in tensors if onnx.external_data_helper.uses_external_data(t)
-                 for e in t.external_data if e.key == "location"}
-    return [path.parent / loc for loc in sorted(locations)]
+    return [path.parent / loc for loc in _external_locations(proto)]
 
 
 def data_file_for(path: Path) -> Path:
@@ -330,11 +365,12 @@ def _infer_probe(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]], 
 
 def _fold_graph(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]], opset: int):
     """Alternate folding and shape inference until no more value becomes static."""
-    folder = _Folder(model, {}, opset)
+    stored = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}  # once, shared by every pass
+    folder = _Folder(model, {}, opset, stored)
     for _ in range(8):
         info = _infer_probe(model, shapes, folder)
         before = len(folder.static_nodes)
-        folder = _Folder(model, info, opset)
+        folder = _Folder(model, info, opset, stored)
         if len(folder.static_nodes) == before:
             break
     return folder, info
@@ -371,9 +407,12 @@ def _constant_value(node: onnx.NodeProto) -> np.ndarray:
 class _Folder:
     """Evaluates the nodes whose outputs do not depend on the graph inputs."""
 
-    def __init__(self, model: onnx.ModelProto, info, opset: int):
+    def __init__(self, model: onnx.ModelProto, info, opset: int, stored: Mapping[str, np.ndarray] | None = None):
+        """``stored``: the initializers as arrays (read-only; read from the model when not given)."""
         self.model, self.info, self.opset = model, info, opset
-        self.values: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        if stored is None:
+            stored = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        self.values: dict[str, np.ndarray] = dict(stored)
         self.origin: dict[str, tuple[str, str]] = {n: ("initializer", n) for n in self.values}
         self.parent: dict[str, tuple[int, str]] = {}  # view output -> (view node index, the name it reads)
         self.perm: dict[str, tuple[int, ...]] = {}  # Transpose view output -> its permutation

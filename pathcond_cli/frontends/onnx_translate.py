@@ -7,6 +7,7 @@ model through :mod:`.onnx_read`."""
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -104,7 +105,7 @@ class _Context:
         if not np.all(np.isfinite(value)):  # the path statistics would overflow without saying where
             raise _Refuse(f"its input {slot} ({name!r}) holds inf or NaN")
         self.refs[key] = _ParamRef(key, kind, base, self.index, slot, stored, transform, name)
-        self.params[key] = torch.from_numpy(np.ascontiguousarray(value)).to(_torch_dtype(stored.dtype))
+        self.params[key] = _ir_tensor(value, stored.dtype)
         return key
 
     def emit(self, op: str, inputs: Sequence[str], params=None, attrs=None, step: str = "") -> str:
@@ -120,8 +121,16 @@ class _Context:
         return output
 
 
-def _torch_dtype(dtype: np.dtype) -> torch.dtype:
-    return torch.from_numpy(np.zeros(1, dtype=dtype)).dtype
+def _ir_tensor(value: np.ndarray, dtype: np.dtype) -> torch.Tensor:
+    """The IR tensor of a parameter, in its stored dtype. A stored tensor used as it is (the common case)
+    is shared, not copied: the arrays read from the file are read-only, and nothing writes into an IR
+    parameter (the engine makes its own copies: path statistics, ``rescaled_params``)."""
+    array = value if value.dtype == dtype else value.astype(dtype)
+    if not array.flags.c_contiguous:
+        return torch.from_numpy(np.array(array, order="C"))
+    with warnings.catch_warnings():  # torch warns once about read-only arrays; these are never written
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
 
 
 # --------------------------------------------------------------------------------------------------

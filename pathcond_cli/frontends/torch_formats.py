@@ -105,6 +105,7 @@ class TorchModel:
         self._input_dtypes: list[torch.dtype] = []  # the model's own (the specs hold numpy's closest)
         self._swapped: dict[str, int] = {}
         self._aliases: dict[str, list[str]] = {}
+        self._last_run: tuple[tuple[str, int, int], Any] | None = None  # (file version, its module)
 
     # ---- what each format provides
 
@@ -171,11 +172,25 @@ class TorchModel:
         return self.trains and _has_batchnorm(self.graph)
 
     def run(self, path: Path, inputs: Mapping[str, np.ndarray], *, train: bool = False) -> list[np.ndarray]:
-        model = self._in_mode(self._fresh_module(Path(path)), train)
+        model = self._in_mode(self._module_for(Path(path), train), train)
         args = as_model_inputs(self._specs, self._input_dtypes, inputs)
         with torch.no_grad():
             out = model(*args)
         return flatten_outputs(out)
+
+    def _module_for(self, path: Path, train: bool) -> Any:
+        """The module of ``path`` for one run. Eval-mode runs of the same file version share one module
+        (verification runs every input on the original, then on the rewritten file: one load each, as
+        onnxruntime gets one session per file); a training-mode run, which may change buffers (BatchNorm
+        statistics) and other module state, gets a module of its own."""
+        if train:
+            return self._fresh_module(path)
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        if self._last_run is None or self._last_run[0] != key:
+            self._last_run = None  # the previous module goes before the next one is loaded
+            self._last_run = (key, self._fresh_module(path))
+        return self._last_run[1]
 
     def save(self, new_params: Mapping[str, torch.Tensor], path: Path) -> None:
         unknown = [k for k in new_params if k not in self.graph.params]
