@@ -37,8 +37,9 @@ if TYPE_CHECKING:  # imported inside the commands: torch comes with them
     from .jobs import SolveOptions
 
 EXIT_CODES = """Exit codes: 0 ok · 1 verification failed (nothing written) · 2 usage error or unreadable input ·
-3 unsupported model (not a ReLU network, or an op pathcond does not know) · 4 internal error (a bug in
-pathcond; nothing written) · 130 interrupted (Ctrl-C / SIGINT; nothing written)."""
+3 unsupported model (not a ReLU network, or an op pathcond does not know; --partial rescales around such
+ops) · 4 internal error (a bug in pathcond; nothing written) · 130 interrupted (Ctrl-C / SIGINT; nothing
+written)."""
 
 INTERRUPTED = "interrupted; nothing was written"
 
@@ -83,7 +84,7 @@ InputShape = Annotated[
                       "TorchScript."),
 ]
 Arch = Annotated[Optional[str], typer.Option(metavar="PACKAGE.MODULE:FACTORY",
-                                             help="PyTorch state_dict: an importable callable that builds the nn.Module.")]
+                                             help="PyTorch state_dict or safetensors: an importable callable that builds the nn.Module.")]
 ArchKwargs = Annotated[Optional[str], typer.Option(metavar="JSON", help="Keyword arguments for --arch, as a JSON object.")]
 Key = Annotated[Optional[str], typer.Option(help="PyTorch checkpoint dict: the entry holding the state_dict "
                                                  "(or, with --trust-pickle, the pickled nn.Module).")]
@@ -333,7 +334,7 @@ def check_tolerances(tol: float, rtol: float | None = None) -> None:
 @app.command(epilog=EXIT_CODES)
 @option_groups
 def inspect(
-    model: Annotated[Path, typer.Argument(help="An ONNX model or a PyTorch checkpoint.", show_default=False)],
+    model: Annotated[Path, typer.Argument(help="An ONNX model, a PyTorch checkpoint, or a safetensors file (or sharded index).", show_default=False)],
     *,
     options: ModelOptions,
     display: DisplayOptions,
@@ -361,7 +362,7 @@ def inspect(
 @app.command(epilog=EXIT_CODES)
 @option_groups
 def rescale(
-    source: Annotated[Path, typer.Argument(metavar="IN", help="An ONNX model or a PyTorch checkpoint.", show_default=False)],
+    source: Annotated[Path, typer.Argument(metavar="IN", help="An ONNX model, a PyTorch checkpoint, or a safetensors file (or sharded index).", show_default=False)],
     target: Annotated[Path, typer.Argument(metavar="OUT", help="Where to write the rescaled model (same format).", show_default=False)],
     *,
     options: ModelOptions,
