@@ -156,18 +156,12 @@ def _add(ctx, last: set[str]) -> None:
 
 
 def _mul(ctx, last: set[str]) -> None:
-    from .onnx_translate import _check_factor, _split_operands
+    from .onnx_translate import _factor_operands
 
-    xs, cs = _split_operands(ctx)
-    divide = ctx.node.op_type == "Div"
-    if divide and xs == 1:
-        raise _Refuse("it divides a constant by an activation")
-    c = ctx.const(ctx.node.input[cs])
-    _check_factor(c, divide)
-    if c.size == 1 and c.ndim <= len(ctx.shape(xs)):
-        value = float(c.reshape(-1)[0])
-        ctx.emit("scale", [ctx.x(xs)], attrs={"value": 1.0 / value if divide else value})
+    operands = _factor_operands(ctx)
+    if operands is None:
         return
+    xs, cs, divide = operands
     features = ctx.shape(xs)[-1]
     layout = _feature_vector(ctx, cs, features, "a per-feature factor")
     ctx.emit("affine", [ctx.x(xs)], {"weight": ctx.param(cs, _Transform((features,), reciprocal=divide,

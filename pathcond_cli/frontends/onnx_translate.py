@@ -515,7 +515,9 @@ def _check_factor(c: np.ndarray, divide: bool) -> None:
                       "does not reach the outputs through it")
 
 
-def _mul(ctx: _Context) -> None:
+def _factor_operands(ctx: _Context) -> tuple[int, int, bool] | None:
+    """Mul / Div of an activation by a constant: (activation slot, constant slot, divide), the constant
+    checked; None when the constant is a scalar, which is then emitted as a ``scale`` node."""
     xs, cs = _split_operands(ctx)
     divide = ctx.node.op_type == "Div"
     if divide and xs == 1:
@@ -525,7 +527,15 @@ def _mul(ctx: _Context) -> None:
     if c.size == 1 and c.ndim <= len(ctx.shape(xs)):
         value = float(c.reshape(-1)[0])
         ctx.emit("scale", [ctx.x(xs)], attrs={"value": 1.0 / value if divide else value})
+        return None
+    return xs, cs, divide
+
+
+def _mul(ctx: _Context) -> None:
+    operands = _factor_operands(ctx)
+    if operands is None:
         return
+    xs, cs, divide = operands
     channels, layout = _per_channel(ctx, xs, cs, "a per-channel factor")
     transform = _Transform((channels,), reciprocal=divide, expanded_shape=layout)
     ctx.emit("affine", [ctx.x(xs)], {"weight": ctx.param(cs, transform)})
