@@ -253,7 +253,8 @@ def rescaled_params(analysis: Analysis) -> dict[str, torch.Tensor]:
             part = source[rows].to("cpu", torch.float64, copy=True).mul_(torch.exp(log_f))  # never the stored tensor
             value[rows] = part  # rounded once to the stored dtype
             # checked after the cast: float16 overflows long before float64
-            finite = finite and bool(torch.isfinite(value[rows]).all())
+            # (8-bit floats as float32: torch has no isfinite for them, and their overflow is a NaN)
+            finite = finite and bool(torch.isfinite(value[rows].float() if value.dtype.itemsize == 1 else value[rows]).all())
         if not finite:
             raise NumericalError(
                 f"rescaled parameter {role.key!r} is not finite in {stored.dtype}; nothing was written"

@@ -127,10 +127,22 @@ def _ir_tensor(value: np.ndarray, dtype: np.dtype) -> torch.Tensor:
     parameter (the engine makes its own copies: path statistics, ``rescaled_params``)."""
     array = value if value.dtype == dtype else value.astype(dtype)
     if not array.flags.c_contiguous:
-        return torch.from_numpy(np.array(array, order="C"))
+        array = np.array(array, order="C")
+    torch_dtype = _ML_DTYPES.get(array.dtype.name)
     with warnings.catch_warnings():  # torch warns once about read-only arrays; these are never written
         warnings.simplefilter("ignore", UserWarning)
+        if torch_dtype is not None:  # an ml_dtypes array (bfloat16, float8): torch reads only its bits
+            bits = np.uint16 if array.dtype.itemsize == 2 else np.uint8
+            return torch.from_numpy(array.view(bits)).view(torch_dtype)
         return torch.from_numpy(array)
+
+
+#: the floating dtypes onnx reads as ml_dtypes arrays (numpy has none of them), by name: their torch dtype
+_ML_DTYPES = {
+    name: getattr(torch, name)
+    for name in ("bfloat16", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz")
+    if hasattr(torch, name)
+}
 
 
 # --------------------------------------------------------------------------------------------------
