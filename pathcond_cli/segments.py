@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import UnsupportedModelError
+from .errors import Offender, UnsupportedModelError
 from .ir import OPS, Graph, Node, Shape
 
 if TYPE_CHECKING:
@@ -221,6 +221,22 @@ def partial_hint(graph: Graph | None) -> str:
             "units in its homogeneous segments would be rescaled.")
 
 
+def hard_refusal(message: str, offenders: Sequence[Offender]) -> UnsupportedModelError | None:
+    """The refusal of a model that holds an offender ``--partial`` cannot keep opaque (a
+    :class:`~pathcond_cli.errors.HardRefusal`: its outputs are random), the same with or without
+    ``--partial`` and promising nothing of it; None when every offender may be kept opaque.
+    ``message``: the front end's refusal, which lists the offenders."""
+    hard = [o for o in offenders if not o.opaque_ok]
+    if not hard:
+        return None
+    names = ", ".join(f"{o.node} ({o.op})" for o in hard)
+    return UnsupportedModelError(
+        f"{message} --partial cannot keep {names} unchanged as opaque: "
+        f"{'it makes' if len(hard) == 1 else 'they make'} the model's outputs random (not a function of its "
+        "inputs), so no rescaled copy can be verified against it. Export or save the model in eval mode "
+        "(model.eval()).", list(offenders))
+
+
 def with_partial_hint(exc: UnsupportedModelError) -> UnsupportedModelError:
     """A front end's refusal, its message completed by what ``--partial`` would rescale (the front ends
     build the graph; counting its free units is the core's business, so it is done here)."""
@@ -323,4 +339,4 @@ def partial_summary(analysis: Analysis, source: Graph) -> dict[str, Any]:
 
 
 __all__ = ["OPAQUE", "OpaqueSource", "cut", "has_opaque", "opaque_graph", "partial_hint", "partial_summary",
-           "rescalable_hidden_units", "segment_nodes", "segment_rows", "with_partial_hint"]
+           "rescalable_hidden_units", "segment_nodes", "segment_rows", "with_partial_hint", "hard_refusal"]

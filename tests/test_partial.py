@@ -511,3 +511,58 @@ def test_safetensors_state_dict_with_arch_and_partial(tmp_path):
     model.load_state_dict(after)
     x = torch.randn(1, TOKENS, D)
     torch.testing.assert_close(model(x), encoder()(x), rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Random ops: --partial cannot keep them opaque
+
+
+def _dropout_block(path: Path, ratio: float, training: bool = True) -> Path:
+    """x (1, 8) -> Gemm -> LayerNorm -> Gemm -> Relu -> Dropout(ratio, training_mode) -> Gemm -> y."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(4)
+    f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    inits = {"w1": f32(16, 8), "b1": f32(16), "g": np.ones(16, np.float32), "beta": np.zeros(16, np.float32),
+             "w2": f32(32, 16), "b2": f32(32), "w3": f32(3, 32), "b3": f32(3),
+             "ratio": np.array(ratio, np.float32), "train": np.array(training)}
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h1"], "fc1", transB=1),
+             helper.make_node("LayerNormalization", ["h1", "g", "beta"], ["n"], "ln", axis=-1),
+             helper.make_node("Gemm", ["n", "w2", "b2"], ["h2"], "fc2", transB=1),
+             helper.make_node("Relu", ["h2"], ["r"], "relu"),
+             helper.make_node("Dropout", ["r", "ratio", "train"], ["d"], "drop"),
+             helper.make_node("Gemm", ["d", "w3", "b3"], ["y"], "fc3", transB=1)]
+    graph = helper.make_graph(nodes, "drop", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_dropout_in_training_mode_is_refused_with_and_without_partial(tmp_path):
+    """onnxruntime draws a new mask on every run: the model has no function to keep, so --partial refuses
+    it too (it used to say "nothing to rescale", then fail verification), and the refusal promises
+    nothing of --partial."""
+    source = _dropout_block(tmp_path / "drop.onnx", 0.5)
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 8)).astype(np.float32)}
+    runs = [_onnx_outputs(source, feeds)[0] for _ in range(4)]
+    assert any(not np.array_equal(runs[0], r) for r in runs[1:])  # the reference: it is random
+    for extra in ([], ["--partial"]):
+        for command in ("inspect", "rescale"):
+            args = [source] if command == "inspect" else [source, tmp_path / "out.onnx"]
+            result = invoke(command, *args, *extra)
+            assert result.exit_code == 3, (command, extra, result.output)
+            said = " ".join(result.stderr.split())
+            assert "drop (Dropout): it runs in training mode" in said
+            assert "--partial cannot keep drop (Dropout) unchanged as opaque" in said
+            assert "With --partial" not in said and "ln (LayerNormalization)" in said
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["drop.onnx"]
+
+
+def test_dropout_in_training_mode_that_drops_nothing_is_an_identity(tmp_path):
+    source = _dropout_block(tmp_path / "drop.onnx", 0.0)
+    out, report = _rescale(source, tmp_path)
+    assert report["partial"]["opaque_ops"] == 1 and report["partial"]["hidden_units_rescaled"] == 32
+    feeds = {"x": np.random.default_rng(1).standard_normal((5, 8)).astype(np.float32)[:1]}
+    _assert_same_function_onnx(source, out, feeds)
+    assert _changed_onnx(source, out) >= {"w2", "w3"}
