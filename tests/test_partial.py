@@ -487,8 +487,26 @@ def test_partial_on_a_relu_network_changes_nothing(tmp_path):
                          (1, 6), tmp_path / "mlp.onnx")
     plain = json.loads(invoke("inspect", source, "--json").stdout)
     partial = json.loads(invoke("inspect", source, "--json", "--partial").stdout)
-    assert "segments" not in partial and "partial" not in partial
     assert partial["conditioning"] == plain["conditioning"] and partial["layers"] == plain["layers"]
+    assert "segments" not in plain and "partial" not in plain
+    # --partial always reports its keys: no opaque op, and the whole network as its one segment
+    assert partial["partial"] == {"opaque_ops": 0, "hidden_units": 24 + 3 + 2, "hidden_units_rescaled": 27,
+                                  "share_rescaled": 27 / 29}
+    [segment] = partial["segments"]
+    assert segment["nodes"] == 5 and segment["parameters"] == plain["model"]["parameters"]
+    assert segment["inputs_from"] == segment["outputs_to"] == []
+    for when in ("before", "after"):
+        assert math.isclose(segment[f"log10_score_{when}"], plain["conditioning"][f"log10_score_{when}"], rel_tol=1e-9)
+
+
+def test_partial_keys_through_torch_export_without_opaque_ops(tmp_path):
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 2)).eval()
+    source = tmp_path / "mlp.pt2"
+    torch.export.save(torch.export.export(model, (torch.randn(1, 5),)), source)
+    out, report = _rescale(source, tmp_path)
+    assert report["partial"]["opaque_ops"] == 0 and report["partial"]["hidden_units_rescaled"] == 12
+    assert len(report["segments"]) == 1 and report["segments"][0]["hidden_units_free"] == 12
 
 
 def test_safetensors_state_dict_with_arch_and_partial(tmp_path):

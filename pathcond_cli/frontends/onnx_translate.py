@@ -848,7 +848,7 @@ def _translate(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], warni
     used = {key for node in nodes for key in node.params.values()}
     try:
         graph = Graph(ir_inputs, nodes, [ctx.alias.get(o, o) for o in outputs],
-                      {k: v for k, v in ctx.params.items() if k in used})
+                      {k: v for k, v in ctx.params.items() if k in used}, partial=partial)
     except GraphError as exc:
         raise UnsupportedModelError(f"the model cannot be represented: {exc}") from exc
     return graph, ctx.refs, stored

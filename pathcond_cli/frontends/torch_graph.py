@@ -370,7 +370,7 @@ class _Translator:
         if self.offenders:
             return self._partial(outputs)
         try:
-            return Graph(dict(self.inputs), list(self.nodes), outputs, dict(self.used_params))
+            return Graph(dict(self.inputs), list(self.nodes), outputs, dict(self.used_params), partial=self.partial)
         except GraphError as exc:  # a translation bug or a shape the IR cannot hold
             raise UnsupportedModelError(f"the translated graph is not valid: {exc}",
                                         [Offender("<graph>", "torch.export", str(exc))]) from exc
