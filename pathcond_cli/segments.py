@@ -55,6 +55,13 @@ def has_opaque(graph: Graph) -> bool:
     return any(node.op == OPAQUE for node in graph.nodes)
 
 
+def opaque_op_count(graph: Graph) -> int:
+    """How many of the model's ops are kept unchanged as opaque: those in the opaque regions the
+    model's outputs depend on (an op whose result nothing reads, such as an RNN's unused final state,
+    is in none). The one count of the front ends' warning and of the report's ``partial.opaque_ops``."""
+    return len({name for n in graph.nodes if n.op == OPAQUE for name in n.attrs.get("ops", [n.name])})
+
+
 # --------------------------------------------------------------------------------------------------
 # Building a graph with opaque nodes (front ends)
 
@@ -328,9 +335,8 @@ def partial_summary(analysis: Analysis, source: Graph) -> dict[str, Any]:
     """The report's ``partial`` block: segments, opaque ops, and the share of hidden units rescaled."""
     degenerate = frozenset(j for j, _ in analysis.solution.degenerate)
     free, total = free_hidden_units(analysis.graph.nodes, analysis.groups, degenerate)
-    opaque = [n for n in source.nodes if n.op == OPAQUE]
     return {
-        "opaque_ops": len({name for n in opaque for name in n.attrs.get("ops", [n.name])}),
+        "opaque_ops": opaque_op_count(source),
         "hidden_units": total,
         "hidden_units_rescaled": free,
         "share_rescaled": free / total if total else 0.0,
@@ -338,5 +344,5 @@ def partial_summary(analysis: Analysis, source: Graph) -> dict[str, Any]:
     }
 
 
-__all__ = ["OPAQUE", "OpaqueSource", "cut", "has_opaque", "opaque_graph", "partial_hint", "partial_summary",
+__all__ = ["OPAQUE", "OpaqueSource", "cut", "has_opaque", "opaque_graph", "opaque_op_count", "partial_hint", "partial_summary",
            "rescalable_hidden_units", "segment_nodes", "segment_rows", "with_partial_hint", "hard_refusal"]

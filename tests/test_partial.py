@@ -584,3 +584,40 @@ def test_dropout_in_training_mode_that_drops_nothing_is_an_identity(tmp_path):
     feeds = {"x": np.random.default_rng(1).standard_normal((5, 8)).astype(np.float32)[:1]}
     _assert_same_function_onnx(source, out, feeds)
     assert _changed_onnx(source, out) >= {"w2", "w3"}
+
+
+class RNNHead(nn.Module):
+    """A GRU / LSTM whose final state is unused, then a ReLU MLP on its last output."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        torch.manual_seed(2)
+        self.rnn = (nn.GRU if kind == "gru" else nn.LSTM)(6, 12, batch_first=True)
+        self.f1, self.f2 = nn.Linear(12, 24), nn.Linear(24, 3)
+
+    def forward(self, x):
+        o, _ = self.rnn(x)
+        return self.f2(torch.relu(self.f1(o[:, -1])))
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_opaque_op_count_is_one_count(kind, tmp_path):
+    """The warning and partial.opaque_ops count the same ops: those the outputs depend on (the unused
+    final state's getitem is in no opaque region, and was counted by the warning only)."""
+    import re
+    import warnings as py_warnings
+
+    source = tmp_path / f"{kind}.pt2"
+    with py_warnings.catch_warnings():
+        py_warnings.simplefilter("ignore")
+        torch.export.save(torch.export.export(RNNHead(kind).eval(), (torch.randn(1, 5, 6),)), source)
+    result = invoke("inspect", source, "--partial", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    [warning] = [w for w in report["warnings"] if "kept unchanged as opaque" in w]
+    counted = int(re.search(r"(\d+) operation\(s\) kept unchanged", warning).group(1))
+    model = load_torch(source, LoadOptions(partial=True))
+    regions = {name for n in model.graph.nodes if n.op == "opaque" for name in n.attrs["ops"]}
+    assert counted == report["partial"]["opaque_ops"] == len(regions)
+    assert not any(name.endswith("getitem_1") for name in regions)  # the unused final state
+    assert report["partial"]["hidden_units_rescaled"] == 24

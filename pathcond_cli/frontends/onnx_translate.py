@@ -17,7 +17,7 @@ import torch
 
 from ..errors import HardRefusal, Offender, UnsupportedModelError
 from ..ir import Graph, GraphError, Node
-from ..segments import OpaqueSource, hard_refusal, opaque_graph
+from ..segments import OpaqueSource, hard_refusal, opaque_graph, opaque_op_count
 from .onnx_read import (_attr, _Folder, _fold_graph, _Names, _names, _opset, _ParamRef, _Refuse,
                         _text_attr, _Transform)
 from .onnx_tokens import channels_last, convert_token_major, ir_shape, reads_token_major
@@ -876,7 +876,7 @@ def _partial(ctx: _Context, ir_inputs: dict[str, tuple[int, ...]], outputs: list
     if not partial:
         raise UnsupportedModelError(f"the model is not a ReLU network pathcond can rescale: {listing}.", ctx.offenders,
                                     graph)
-    warnings.append(f"partial rescaling: {len(ctx.offenders)} node(s) kept unchanged as opaque (not positively "
+    warnings.append(f"partial rescaling: {opaque_op_count(graph)} node(s) kept unchanged as opaque (not positively "
                     "homogeneous or not supported); the homogeneous segments between them are rescaled")
     return graph
 
