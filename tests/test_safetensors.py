@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -236,8 +237,50 @@ def test_truncations_never_reach_exit_4(tmp_path):
         bad.write_bytes(data[:cut])
         result = invoke("inspect", bad, "--arch", MLP[0], "--input-shape", MLP[1], "--device", "cpu")
         assert result.exit_code in (2, 3), (cut, result.output)
-        if cut >= 9:
-            assert said(result, "safetensors"), (cut, result.stderr)
+        assert said(result, "safetensors"), (cut, result.stderr)  # a cut at <= 8 bytes too, not "ONNX"
+        assert not said(result, "ONNX"), (cut, result.stderr)
+
+
+@pytest.mark.parametrize("content, why", [
+    (b"", "shorter than its 8-byte header length"),
+    (b"\x38" + b"\0" * 7, "its header needs 56 bytes"),
+    (b"\xff" * 8 + b"{}", "header length 18446744073709551615"),
+], ids=["empty", "length-only", "bogus-length"])
+def test_unreadable_safetensors_name_says_safetensors(tmp_path, content, why):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(content)
+    result = invoke("inspect", bad, "--arch", MLP[0], "--input-shape", MLP[1], "--device", "cpu")
+    assert result.exit_code == 2, result.output
+    assert said(result, f"{bad} is not a readable safetensors file", why), result.stderr
+    assert not said(result, "ONNX")
+
+
+def test_unreadable_index_name_says_safetensors_index(tmp_path):
+    bad = tmp_path / "model.safetensors.index.json"
+    bad.write_text('{"metadata": {}}')
+    result = invoke("inspect", bad, "--arch", MLP[0], "--input-shape", MLP[1], "--device", "cpu")
+    assert result.exit_code == 2, result.output
+    assert said(result, "is not a readable safetensors index", "weight_map"), result.stderr
+
+
+def test_detection_stays_by_content_for_a_safetensors_name(tmp_path):
+    """An ONNX model named .safetensors is read as what it holds."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], "fc1", transB=1), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], "fc2", transB=1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+         for n, s in (("w1", (6, 4)), ("b1", (6,)), ("w2", (2, 6)), ("b2", (2,)))])
+    named = tmp_path / "onnx.safetensors"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), named)
+    result = invoke("inspect", named, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["input"]["format"] == "onnx"
 
 
 # -- tied parameters -------------------------------------------------------------------------------------
