@@ -621,3 +621,20 @@ def test_opaque_op_count_is_one_count(kind, tmp_path):
     assert counted == report["partial"]["opaque_ops"] == len(regions)
     assert not any(name.endswith("getitem_1") for name in regions)  # the unused final state
     assert report["partial"]["hidden_units_rescaled"] == 24
+
+
+def test_segments_table_shows_rounding_noise_as_zero():
+    """A segment whose g entries are all equal has log10 score 0, computed as ±1e-16: shown as 0."""
+    from rich.console import Console
+
+    from pathcond_cli.report import _segments_table
+
+    rows = [{"index": i, "first_node": f"a{i}", "last_node": f"b{i}", "parameters": 10, "hidden_units_free": 1,
+             "hidden_units": 2, "log10_score_before": before, "log10_score_after": after}
+            for i, (before, after) in enumerate([(-1.93e-16, -1.93e-16), (0.25, 2.2e-17), (None, None)])]
+    console = Console(record=True, width=200)
+    console.print(_segments_table(rows))
+    text = console.export_text()
+    lines = {line.split("│")[1].strip(): line for line in text.splitlines() if line.count("│") > 2}
+    assert "0 → 0" in lines["0"] and "0.25 → 0" in lines["1"] and "- → -" in lines["2"]
+    assert "e-1" not in text
