@@ -256,7 +256,8 @@ def rescaled_params(analysis: Analysis) -> dict[str, torch.Tensor]:
             value[rows] = part  # rounded once to the stored dtype
             # checked after the cast: float16 overflows long before float64
             # (8-bit floats as float32: torch has no isfinite for them, and their overflow is a NaN)
-            finite = finite and bool(torch.isfinite(value[rows].float() if value.dtype.itemsize == 1 else value[rows]).all())
+            block = value[rows].float() if value.dtype.itemsize == 1 else value[rows]
+            finite = finite and bool(torch.isfinite(block).all())
         if not finite:
             raise NumericalError(
                 f"rescaled parameter {role.key!r} is not finite in {stored.dtype}; nothing was written"

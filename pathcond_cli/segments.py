@@ -344,5 +344,6 @@ def partial_summary(analysis: Analysis, source: Graph) -> dict[str, Any]:
     }
 
 
-__all__ = ["OPAQUE", "OpaqueSource", "cut", "has_opaque", "opaque_graph", "opaque_op_count", "partial_hint", "partial_summary",
-           "rescalable_hidden_units", "segment_nodes", "segment_rows", "with_partial_hint", "hard_refusal"]
+__all__ = ["OPAQUE", "OpaqueSource", "cut", "hard_refusal", "has_opaque", "opaque_graph", "opaque_op_count",
+           "partial_hint", "partial_summary", "rescalable_hidden_units", "segment_nodes", "segment_rows",
+           "with_partial_hint"]

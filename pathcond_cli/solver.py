@@ -524,8 +524,9 @@ class ParamBox:
         self.log_min, self.log_max, self.ranges = [], [], []
         for role, value in zip(self.roles, self.values):
             if not value.dtype.is_floating_point:  # a front end lets no such tensor through: never a math error
-                raise UnsupportedModelError(f"parameter {role.key!r} is stored as {str(value.dtype).removeprefix('torch.')}, "
-                                            "not as a floating-point tensor: pathcond cannot rescale it")
+                dtype = str(value.dtype).removeprefix("torch.")
+                raise UnsupportedModelError(f"parameter {role.key!r} is stored as {dtype}, not as a floating-point "
+                                            "tensor: pathcond cannot rescale it")
             lo_hi = dtype_log_range(value.dtype)
             floor = math.exp(lo_hi[0])
             magnitude = _magnitude(value)

@@ -173,7 +173,8 @@ def _check_dtypes(module: nn.Module, sd: Mapping[str, torch.Tensor], shown: int 
     bad = [(k, v.dtype, own[k].dtype) for k, v in sd.items()
            if k in own and own[k].is_floating_point() and not (v.is_floating_point() or v.is_complex())]
     if bad:
-        listed = "; ".join(f"{k} is {_dtype_name(a)} in the file, {_dtype_name(b)} in the module" for k, a, b in bad[:shown])
+        listed = "; ".join(f"{k} is {_dtype_name(a)} in the file, {_dtype_name(b)} in the module"
+                           for k, a, b in bad[:shown])
         more = f" (and {len(bad) - shown} more)" if len(bad) > shown else ""
         raise UsageError(f"the state_dict does not match the --arch module: {listed}{more}. A parameter must be "
                          "stored as a floating-point tensor")
