@@ -141,7 +141,7 @@ def analyze(
     with timed(timings, "groups"):
         groups = build_groups(graph)
     if source is not None:
-        if not groups.roles:
+        if not groups.roles and has_opaque(source):
             raise UnsupportedModelError("partial rescaling: no homogeneous segment of this model holds a parameter "
                                         "(every layer is inside an opaque op)")
         relabel_pins(groups, source)
@@ -169,8 +169,10 @@ def analyze(
 
 
 def _segments_of(graph: Graph) -> tuple[Graph | None, Graph]:
-    """(the graph with opaque nodes or None, the homogeneous graph to analyse): see pathcond_cli.segments."""
-    return (graph, cut(graph)) if has_opaque(graph) else (None, graph)
+    """(the graph with opaque nodes or None, the homogeneous graph to analyse): see pathcond_cli.segments.
+    A graph built for --partial is analysed by segments even with no opaque node (its segments are then
+    the connected parts of the whole network, usually one), so that the report always has them."""
+    return (graph, cut(graph)) if has_opaque(graph) or graph.partial else (None, graph)
 
 
 def role_log_factor(role: Role, u: torch.Tensor) -> torch.Tensor:
@@ -253,7 +255,9 @@ def rescaled_params(analysis: Analysis) -> dict[str, torch.Tensor]:
             part = source[rows].to("cpu", torch.float64, copy=True).mul_(torch.exp(log_f))  # never the stored tensor
             value[rows] = part  # rounded once to the stored dtype
             # checked after the cast: float16 overflows long before float64
-            finite = finite and bool(torch.isfinite(value[rows]).all())
+            # (8-bit floats as float32: torch has no isfinite for them, and their overflow is a NaN)
+            block = value[rows].float() if value.dtype.itemsize == 1 else value[rows]
+            finite = finite and bool(torch.isfinite(block).all())
         if not finite:
             raise NumericalError(
                 f"rescaled parameter {role.key!r} is not finite in {stored.dtype}; nothing was written"

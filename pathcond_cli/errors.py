@@ -31,11 +31,13 @@ class UsageError(PathcondError):
 
 @dataclass(frozen=True)
 class Offender:
-    """One node that keeps a model from being treated as a ReLU network."""
+    """One node that keeps a model from being treated as a ReLU network. ``opaque_ok``: whether
+    ``--partial`` may keep it unchanged as an opaque op (False for a :class:`HardRefusal`)."""
 
     node: str
     op: str
     why: str
+    opaque_ok: bool = True
 
 
 class Refusal(Exception):
@@ -44,6 +46,14 @@ class Refusal(Exception):
     Front ends catch it node by node and collect each as an :class:`Offender` (the node, its op, the
     message) into the offenders table of one :class:`UnsupportedModelError`, so that a run names every
     unsupported node at once. It is not a :class:`PathcondError`: one that escapes a front end is a bug."""
+
+
+class HardRefusal(Refusal):
+    """A :class:`Refusal` that ``--partial`` cannot absorb either: the node draws random values (Dropout in
+    training mode, a random generator), so the model's outputs are not a function of its inputs and no
+    rescaled copy can be verified against it, whether the node is translated or kept opaque. The front
+    ends record it as an :class:`Offender` with ``opaque_ok=False``, and refuse the model in both modes
+    (:func:`pathcond_cli.segments.hard_refusal`)."""
 
 
 class UnsupportedModelError(PathcondError):

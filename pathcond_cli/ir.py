@@ -118,6 +118,8 @@ class Graph:
     params: dict[str, torch.Tensor]
     # parameters the container cannot store a new value for (key -> why): their channels are pinned
     frozen: dict[str, str] = field(default_factory=dict)
+    # built for --partial: analysed and reported by segments (pathcond_cli.segments) even without an opaque node
+    partial: bool = False
 
     def __post_init__(self) -> None:
         self.producer: dict[str, Node] = {}
@@ -162,7 +164,7 @@ class Graph:
         """The same graph with some parameters replaced."""
         new = dict(self.params)
         new.update(params)
-        return Graph(dict(self.inputs), list(self.nodes), list(self.outputs), new, dict(self.frozen))
+        return Graph(dict(self.inputs), list(self.nodes), list(self.outputs), new, dict(self.frozen), self.partial)
 
     def with_frozen(self, frozen: Mapping[str, str]) -> Graph:
         """The same graph with more parameters marked as not writable (key -> why)."""
@@ -170,7 +172,7 @@ class Graph:
         if unknown:
             raise GraphError(f"frozen keys {unknown} are not parameters of the graph")
         return Graph(dict(self.inputs), list(self.nodes), list(self.outputs), dict(self.params),
-                     {**self.frozen, **frozen})
+                     {**self.frozen, **frozen}, self.partial)
 
 
 

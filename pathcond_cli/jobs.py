@@ -13,6 +13,7 @@ from typing import Any
 from .analysis import Analysis, analyze, rescaled_params
 from .errors import UnsupportedModelError, UsageError, VerificationError
 from .frontends.base import LoadedModel, LoadOptions
+from .frontends.safetensors_io import misnamed as safetensors_misnamed
 from .frontends.safetensors_io import sniff as sniff_safetensors
 from .outputs import Role, StagedOutput, check_outputs, clear_stale_stages, commit_all, sha256
 from .report import build_report
@@ -64,6 +65,9 @@ def detect_format(path: Path) -> str:
         head = fh.read(2)
     if head[:1] == b"\x80":  # a pickle protocol header: legacy torch.save
         return "torch"
+    why = safetensors_misnamed(path)  # no format matched: a .safetensors name picks the message
+    if why is not None:
+        raise UsageError(why)
     return "onnx"
 
 

@@ -291,9 +291,18 @@ def _segments_table(segments: list[dict[str, Any]]) -> Table:
         table.add_row(
             str(seg["index"]), seg["first_node"], seg["last_node"], f"{seg['parameters']:,}",
             f"{seg['hidden_units_free']:,}/{seg['hidden_units']:,}",
-            f"{_fmt(seg['log10_score_before'], 3)} → {_fmt(seg['log10_score_after'], 3)}",
+            f"{_log_score_text(seg['log10_score_before'])} → {_log_score_text(seg['log10_score_after'])}",
         )
     return table
+
+
+#: below this, a log10 score (≥ 0: AM ≥ GM) is rounding noise of a segment whose entries are all equal
+_LOG_SCORE_NOISE = 1e-9
+
+
+def _log_score_text(x: float | None) -> str:
+    """A segment's log10 score for the table: rounding noise shown as 0 (the JSON keeps the value)."""
+    return "0" if x is not None and abs(x) < _LOG_SCORE_NOISE else _fmt(x, 3)
 
 
 def _axis(layers: list[dict[str, Any]]) -> tuple[float, float]:

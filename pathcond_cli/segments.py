@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import UnsupportedModelError
+from .errors import Offender, UnsupportedModelError
 from .ir import OPS, Graph, Node, Shape
 
 if TYPE_CHECKING:
@@ -53,6 +53,13 @@ class OpaqueSource:
 
 def has_opaque(graph: Graph) -> bool:
     return any(node.op == OPAQUE for node in graph.nodes)
+
+
+def opaque_op_count(graph: Graph) -> int:
+    """How many of the model's ops are kept unchanged as opaque: those in the opaque regions the
+    model's outputs depend on (an op whose result nothing reads, such as an RNN's unused final state,
+    is in none). The one count of the front ends' warning and of the report's ``partial.opaque_ops``."""
+    return len({name for n in graph.nodes if n.op == OPAQUE for name in n.attrs.get("ops", [n.name])})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -221,6 +228,22 @@ def partial_hint(graph: Graph | None) -> str:
             "units in its homogeneous segments would be rescaled.")
 
 
+def hard_refusal(message: str, offenders: Sequence[Offender]) -> UnsupportedModelError | None:
+    """The refusal of a model that holds an offender ``--partial`` cannot keep opaque (a
+    :class:`~pathcond_cli.errors.HardRefusal`: its outputs are random), the same with or without
+    ``--partial`` and promising nothing of it; None when every offender may be kept opaque.
+    ``message``: the front end's refusal, which lists the offenders."""
+    hard = [o for o in offenders if not o.opaque_ok]
+    if not hard:
+        return None
+    names = ", ".join(f"{o.node} ({o.op})" for o in hard)
+    return UnsupportedModelError(
+        f"{message} --partial cannot keep {names} unchanged as opaque: "
+        f"{'it makes' if len(hard) == 1 else 'they make'} the model's outputs random (not a function of its "
+        "inputs), so no rescaled copy can be verified against it. Export or save the model in eval mode "
+        "(model.eval()).", list(offenders))
+
+
 def with_partial_hint(exc: UnsupportedModelError) -> UnsupportedModelError:
     """A front end's refusal, its message completed by what ``--partial`` would rescale (the front ends
     build the graph; counting its free units is the core's business, so it is done here)."""
@@ -312,9 +335,8 @@ def partial_summary(analysis: Analysis, source: Graph) -> dict[str, Any]:
     """The report's ``partial`` block: segments, opaque ops, and the share of hidden units rescaled."""
     degenerate = frozenset(j for j, _ in analysis.solution.degenerate)
     free, total = free_hidden_units(analysis.graph.nodes, analysis.groups, degenerate)
-    opaque = [n for n in source.nodes if n.op == OPAQUE]
     return {
-        "opaque_ops": len({name for n in opaque for name in n.attrs.get("ops", [n.name])}),
+        "opaque_ops": opaque_op_count(source),
         "hidden_units": total,
         "hidden_units_rescaled": free,
         "share_rescaled": free / total if total else 0.0,
@@ -322,5 +344,6 @@ def partial_summary(analysis: Analysis, source: Graph) -> dict[str, Any]:
     }
 
 
-__all__ = ["OPAQUE", "OpaqueSource", "cut", "has_opaque", "opaque_graph", "partial_hint", "partial_summary",
-           "rescalable_hidden_units", "segment_nodes", "segment_rows", "with_partial_hint"]
+__all__ = ["OPAQUE", "OpaqueSource", "cut", "hard_refusal", "has_opaque", "opaque_graph", "opaque_op_count",
+           "partial_hint", "partial_summary", "rescalable_hidden_units", "segment_nodes", "segment_rows",
+           "with_partial_hint"]

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import UnsupportedModelError
 from .groups import Role
 
 LOG2 = math.log(2.0)
@@ -495,6 +496,12 @@ class DiffBounds:
         return torch.where(move, torch.minimum(torch.maximum(target, low), high), u)
 
 
+def _magnitude(value: torch.Tensor) -> torch.Tensor:
+    """|value|, a new tensor; 8-bit floats as float32 (exact: torch has no min, max or inf for them)."""
+    value = value.detach()
+    return value.float().abs() if value.dtype.itemsize == 1 else value.abs()
+
+
 @dataclass
 class ParamBox:
     """The stored parameter tensors behind the roles, for the bounds of the rescaling.
@@ -515,10 +522,14 @@ class ParamBox:
 
     def __post_init__(self) -> None:
         self.log_min, self.log_max, self.ranges = [], [], []
-        for value in self.values:
-            lo_hi = dtype_log_range(value.dtype) if value.dtype.is_floating_point else (-math.inf, math.inf)
+        for role, value in zip(self.roles, self.values):
+            if not value.dtype.is_floating_point:  # a front end lets no such tensor through: never a math error
+                dtype = str(value.dtype).removeprefix("torch.")
+                raise UnsupportedModelError(f"parameter {role.key!r} is stored as {dtype}, not as a floating-point "
+                                            "tensor: pathcond cannot rescale it")
+            lo_hi = dtype_log_range(value.dtype)
             floor = math.exp(lo_hi[0])
-            magnitude = value.detach().abs()
+            magnitude = _magnitude(value)
             bottom, top = (float(x) for x in torch.aminmax(magnitude)) if magnitude.numel() else (0.0, 0.0)
             if bottom < floor:  # zeros stay zero and values below L are not held: the smallest held value
                 bottom = float(magnitude.masked_fill_(magnitude < floor, math.inf).min()) if top >= floor else math.inf
@@ -556,7 +567,7 @@ class ParamBox:
         return DiffBounds(out[keep], inn[keep], lo[keep], hi[keep])
 
     def _role_constraints(self, r: int, role: Role, device: torch.device) -> tuple[torch.Tensor, ...]:
-        magnitude = self.values[r].detach().to(device).abs()
+        magnitude = _magnitude(self.values[r].detach().to(device))
         out_idx = role.out_idx.to(device)
         o = len(out_idx)
         n_in = 1 if role.in_idx is None else role.in_idx.shape[-1]

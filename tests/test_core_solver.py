@@ -318,3 +318,30 @@ def test_dead_unit_rescaled_network_same_outputs():
     x = random_inputs(graph, batch=6, seed=3)
     y0, y1 = evaluate(graph, x), evaluate(graph.with_params(new), x)
     assert rel_err(y1[graph.outputs[0]], y0[graph.outputs[0]]) < 1e-10
+
+
+def test_integer_parameter_is_a_clear_refusal_not_a_math_error():
+    """ParamBox (the dtype bounds) refuses a parameter stored as integers (a front end lets none through)."""
+    from pathcond_cli.errors import UnsupportedModelError
+
+    graph = mlp(3)
+    key = next(k for k in graph.params if k.endswith(".bias"))
+    graph = graph.with_params({key: torch.zeros(graph.params[key].shape, dtype=torch.int64)})
+    with pytest.raises(UnsupportedModelError, match=f"{key!r} is stored as int64"):
+        analyze(graph, device="cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_parameters_are_solved_within_their_range(dtype):
+    """8-bit floats: the bounds come from float32 copies (torch has no min/max/isfinite for them), and every
+    rescaled value stays finite and within the dtype's normal range, as computed here from finfo."""
+    graph = mlp(5, (4, 9, 6, 2))
+    graph = graph.with_params({k: v.to(dtype) for k, v in graph.params.items()})
+    analysis = analyze(graph, device="cpu")
+    new = rescaled_params(analysis)
+    assert new and all(v.dtype == dtype for v in new.values())
+    info = torch.finfo(dtype)
+    for value in new.values():
+        magnitude = value.float().abs()
+        assert bool(torch.isfinite(magnitude).all()) and float(magnitude.max()) <= info.max
+    assert analysis.solution.log_score_after <= analysis.solution.log_score_before

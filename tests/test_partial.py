@@ -487,8 +487,26 @@ def test_partial_on_a_relu_network_changes_nothing(tmp_path):
                          (1, 6), tmp_path / "mlp.onnx")
     plain = json.loads(invoke("inspect", source, "--json").stdout)
     partial = json.loads(invoke("inspect", source, "--json", "--partial").stdout)
-    assert "segments" not in partial and "partial" not in partial
     assert partial["conditioning"] == plain["conditioning"] and partial["layers"] == plain["layers"]
+    assert "segments" not in plain and "partial" not in plain
+    # --partial always reports its keys: no opaque op, and the whole network as its one segment
+    assert partial["partial"] == {"opaque_ops": 0, "hidden_units": 24 + 3 + 2, "hidden_units_rescaled": 27,
+                                  "share_rescaled": 27 / 29}
+    [segment] = partial["segments"]
+    assert segment["nodes"] == 5 and segment["parameters"] == plain["model"]["parameters"]
+    assert segment["inputs_from"] == segment["outputs_to"] == []
+    for when in ("before", "after"):
+        assert math.isclose(segment[f"log10_score_{when}"], plain["conditioning"][f"log10_score_{when}"], rel_tol=1e-9)
+
+
+def test_partial_keys_through_torch_export_without_opaque_ops(tmp_path):
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 2)).eval()
+    source = tmp_path / "mlp.pt2"
+    torch.export.save(torch.export.export(model, (torch.randn(1, 5),)), source)
+    out, report = _rescale(source, tmp_path)
+    assert report["partial"]["opaque_ops"] == 0 and report["partial"]["hidden_units_rescaled"] == 12
+    assert len(report["segments"]) == 1 and report["segments"][0]["hidden_units_free"] == 12
 
 
 def test_safetensors_state_dict_with_arch_and_partial(tmp_path):
@@ -511,3 +529,112 @@ def test_safetensors_state_dict_with_arch_and_partial(tmp_path):
     model.load_state_dict(after)
     x = torch.randn(1, TOKENS, D)
     torch.testing.assert_close(model(x), encoder()(x), rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Random ops: --partial cannot keep them opaque
+
+
+def _dropout_block(path: Path, ratio: float, training: bool = True) -> Path:
+    """x (1, 8) -> Gemm -> LayerNorm -> Gemm -> Relu -> Dropout(ratio, training_mode) -> Gemm -> y."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(4)
+    f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    inits = {"w1": f32(16, 8), "b1": f32(16), "g": np.ones(16, np.float32), "beta": np.zeros(16, np.float32),
+             "w2": f32(32, 16), "b2": f32(32), "w3": f32(3, 32), "b3": f32(3),
+             "ratio": np.array(ratio, np.float32), "train": np.array(training)}
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h1"], "fc1", transB=1),
+             helper.make_node("LayerNormalization", ["h1", "g", "beta"], ["n"], "ln", axis=-1),
+             helper.make_node("Gemm", ["n", "w2", "b2"], ["h2"], "fc2", transB=1),
+             helper.make_node("Relu", ["h2"], ["r"], "relu"),
+             helper.make_node("Dropout", ["r", "ratio", "train"], ["d"], "drop"),
+             helper.make_node("Gemm", ["d", "w3", "b3"], ["y"], "fc3", transB=1)]
+    graph = helper.make_graph(nodes, "drop", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_dropout_in_training_mode_is_refused_with_and_without_partial(tmp_path):
+    """onnxruntime draws a new mask on every run: the model has no function to keep, so --partial refuses
+    it too (it used to say "nothing to rescale", then fail verification), and the refusal promises
+    nothing of --partial."""
+    source = _dropout_block(tmp_path / "drop.onnx", 0.5)
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 8)).astype(np.float32)}
+    runs = [_onnx_outputs(source, feeds)[0] for _ in range(4)]
+    assert any(not np.array_equal(runs[0], r) for r in runs[1:])  # the reference: it is random
+    for extra in ([], ["--partial"]):
+        for command in ("inspect", "rescale"):
+            args = [source] if command == "inspect" else [source, tmp_path / "out.onnx"]
+            result = invoke(command, *args, *extra)
+            assert result.exit_code == 3, (command, extra, result.output)
+            said = " ".join(result.stderr.split())
+            assert "drop (Dropout): it runs in training mode" in said
+            assert "--partial cannot keep drop (Dropout) unchanged as opaque" in said
+            assert "With --partial" not in said and "ln (LayerNormalization)" in said
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["drop.onnx"]
+
+
+def test_dropout_in_training_mode_that_drops_nothing_is_an_identity(tmp_path):
+    source = _dropout_block(tmp_path / "drop.onnx", 0.0)
+    out, report = _rescale(source, tmp_path)
+    assert report["partial"]["opaque_ops"] == 1 and report["partial"]["hidden_units_rescaled"] == 32
+    feeds = {"x": np.random.default_rng(1).standard_normal((5, 8)).astype(np.float32)[:1]}
+    _assert_same_function_onnx(source, out, feeds)
+    assert _changed_onnx(source, out) >= {"w2", "w3"}
+
+
+class RNNHead(nn.Module):
+    """A GRU / LSTM whose final state is unused, then a ReLU MLP on its last output."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        torch.manual_seed(2)
+        self.rnn = (nn.GRU if kind == "gru" else nn.LSTM)(6, 12, batch_first=True)
+        self.f1, self.f2 = nn.Linear(12, 24), nn.Linear(24, 3)
+
+    def forward(self, x):
+        o, _ = self.rnn(x)
+        return self.f2(torch.relu(self.f1(o[:, -1])))
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_opaque_op_count_is_one_count(kind, tmp_path):
+    """The warning and partial.opaque_ops count the same ops: those the outputs depend on (the unused
+    final state's getitem is in no opaque region, and was counted by the warning only)."""
+    import re
+    import warnings as py_warnings
+
+    source = tmp_path / f"{kind}.pt2"
+    with py_warnings.catch_warnings():
+        py_warnings.simplefilter("ignore")
+        torch.export.save(torch.export.export(RNNHead(kind).eval(), (torch.randn(1, 5, 6),)), source)
+    result = invoke("inspect", source, "--partial", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    [warning] = [w for w in report["warnings"] if "kept unchanged as opaque" in w]
+    counted = int(re.search(r"(\d+) operation\(s\) kept unchanged", warning).group(1))
+    model = load_torch(source, LoadOptions(partial=True))
+    regions = {name for n in model.graph.nodes if n.op == "opaque" for name in n.attrs["ops"]}
+    assert counted == report["partial"]["opaque_ops"] == len(regions)
+    assert not any(name.endswith("getitem_1") for name in regions)  # the unused final state
+    assert report["partial"]["hidden_units_rescaled"] == 24
+
+
+def test_segments_table_shows_rounding_noise_as_zero():
+    """A segment whose g entries are all equal has log10 score 0, computed as ±1e-16: shown as 0."""
+    from rich.console import Console
+
+    from pathcond_cli.report import _segments_table
+
+    rows = [{"index": i, "first_node": f"a{i}", "last_node": f"b{i}", "parameters": 10, "hidden_units_free": 1,
+             "hidden_units": 2, "log10_score_before": before, "log10_score_after": after}
+            for i, (before, after) in enumerate([(-1.93e-16, -1.93e-16), (0.25, 2.2e-17), (None, None)])]
+    console = Console(record=True, width=200)
+    console.print(_segments_table(rows))
+    text = console.export_text()
+    lines = {line.split("│")[1].strip(): line for line in text.splitlines() if line.count("│") > 2}
+    assert "0 → 0" in lines["0"] and "0.25 → 0" in lines["1"] and "- → -" in lines["2"]
+    assert "e-1" not in text

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -85,7 +86,7 @@ def assert_rescaled(source: dict[str, torch.Tensor], out: dict[str, torch.Tensor
     assert sorted(out) == sorted(source)
     for k in source:
         assert out[k].dtype == source[k].dtype and out[k].shape == source[k].shape, k
-    assert any(not torch.equal(out[k], source[k]) for k in source)
+    assert any(not torch.equal(out[k].float(), source[k].float()) for k in source)  # float8: no equal
 
 
 # -- one file --------------------------------------------------------------------------------------------
@@ -236,8 +237,50 @@ def test_truncations_never_reach_exit_4(tmp_path):
         bad.write_bytes(data[:cut])
         result = invoke("inspect", bad, "--arch", MLP[0], "--input-shape", MLP[1], "--device", "cpu")
         assert result.exit_code in (2, 3), (cut, result.output)
-        if cut >= 9:
-            assert said(result, "safetensors"), (cut, result.stderr)
+        assert said(result, "safetensors"), (cut, result.stderr)  # a cut at <= 8 bytes too, not "ONNX"
+        assert not said(result, "ONNX"), (cut, result.stderr)
+
+
+@pytest.mark.parametrize("content, why", [
+    (b"", "shorter than its 8-byte header length"),
+    (b"\x38" + b"\0" * 7, "its header needs 56 bytes"),
+    (b"\xff" * 8 + b"{}", "header length 18446744073709551615"),
+], ids=["empty", "length-only", "bogus-length"])
+def test_unreadable_safetensors_name_says_safetensors(tmp_path, content, why):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(content)
+    result = invoke("inspect", bad, "--arch", MLP[0], "--input-shape", MLP[1], "--device", "cpu")
+    assert result.exit_code == 2, result.output
+    assert said(result, f"{bad} is not a readable safetensors file", why), result.stderr
+    assert not said(result, "ONNX")
+
+
+def test_unreadable_index_name_says_safetensors_index(tmp_path):
+    bad = tmp_path / "model.safetensors.index.json"
+    bad.write_text('{"metadata": {}}')
+    result = invoke("inspect", bad, "--arch", MLP[0], "--input-shape", MLP[1], "--device", "cpu")
+    assert result.exit_code == 2, result.output
+    assert said(result, "is not a readable safetensors index", "weight_map"), result.stderr
+
+
+def test_detection_stays_by_content_for_a_safetensors_name(tmp_path):
+    """An ONNX model named .safetensors is read as what it holds."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], "fc1", transB=1), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], "fc2", transB=1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+         for n, s in (("w1", (6, 4)), ("b1", (6,)), ("w2", (2, 6)), ("b2", (2,)))])
+    named = tmp_path / "onnx.safetensors"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), named)
+    result = invoke("inspect", named, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["input"]["format"] == "onnx"
 
 
 # -- tied parameters -------------------------------------------------------------------------------------
@@ -505,3 +548,62 @@ def test_key_is_refused_for_a_flat_file(tmp_path):
     result = rescale(source, tmp_path / "o.safetensors", MLP, "--key", "model")
     assert result.exit_code == 2, result.output
     assert said(result, "leave --key out")
+
+
+# -- dtypes ----------------------------------------------------------------------------------------------
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file(tensors, path) if path.suffix == ".safetensors" else torch.save(tensors, path)
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path) if path.suffix == ".safetensors" else torch.load(path)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3fn", "e5m2"])
+def test_float8_state_dict_is_rescaled_in_float8(tmp_path, suffix, dtype):
+    """8-bit floats (no min, max, isfinite or equal in torch) are solved and written in their own dtype,
+    verified at the documented 0.125 tolerance."""
+    model = nets.mlp(seed=7)
+    source, out = tmp_path / f"mlp{suffix}", tmp_path / f"out{suffix}"
+    tensors = state(model, dtype=dtype)
+    _save(tensors, source)
+    result = rescale(source, out, MLP)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["verification"]["passed"] and report["verification"]["rtol"] == 0.125
+    assert report["conditioning"]["score_after"] < report["conditioning"]["score_before"]
+    written = _load(out)
+    assert_rescaled(tensors, written)
+    reference, rescaled = nets.mlp(), nets.mlp()
+    reference.load_state_dict({k: v.float() for k, v in tensors.items()})
+    rescaled.load_state_dict({k: v.float() for k, v in written.items()})
+    assert_same_function(reference, rescaled, (1, 8), rtol=0.125)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_float_parameter_stored_as_integers_is_named(tmp_path, suffix):
+    source = tmp_path / f"mlp{suffix}"
+    tensors = state(nets.mlp())
+    bias = next(k for k in tensors if k.endswith("bias"))
+    tensors[bias] = torch.zeros(tensors[bias].shape, dtype=torch.int64)
+    _save(tensors, source)
+    for command in ("inspect", "rescale"):
+        args = [source] if command == "inspect" else [source, tmp_path / f"out{suffix}"]
+        result = invoke(command, *args, "--arch", MLP[0], "--input-shape", MLP[1], "--device", "cpu")
+        assert result.exit_code == 2, result.output
+        assert said(result, f"{bias} is int64 in the file, float32 in the module"), result.stderr
+    assert listing(tmp_path) == [source.name]
+
+
+def test_integer_buffer_stays_fine(tmp_path):
+    """BatchNorm's num_batches_tracked is int64 in the file and in the module: no refusal."""
+    source, out = tmp_path / "cnn.safetensors", tmp_path / "out.safetensors"
+    tensors = state(nets.small_cnn(seed=3))
+    assert any(not v.is_floating_point() for v in tensors.values())
+    save_file(tensors, source)
+    result = rescale(source, out, CNN)
+    assert result.exit_code == 0, result.output
+    assert all(_load(out)[k].dtype == v.dtype for k, v in tensors.items())

@@ -15,14 +15,17 @@ import numpy as np
 import onnx
 import torch
 
-from ..errors import Offender, UnsupportedModelError
+from ..errors import HardRefusal, Offender, UnsupportedModelError
 from ..ir import Graph, GraphError, Node
-from ..segments import OpaqueSource, opaque_graph
+from ..segments import OpaqueSource, hard_refusal, opaque_graph, opaque_op_count
 from .onnx_read import (_attr, _Folder, _fold_graph, _Names, _names, _opset, _ParamRef, _Refuse,
                         _text_attr, _Transform)
 from .onnx_tokens import channels_last, convert_token_major, ir_shape, reads_token_major
 
 HEAD_OPS = frozenset({"Softmax", "LogSoftmax", "Sigmoid"})
+#: ops that draw random values: the model's outputs are not a function of its inputs, even under --partial
+RANDOM_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Bernoulli",
+                        "Multinomial"})
 #: ops known not to be positively homogeneous (f(a x) != a f(x) for some a > 0)
 NOT_HOMOGENEOUS = frozenset(
     {
@@ -127,10 +130,22 @@ def _ir_tensor(value: np.ndarray, dtype: np.dtype) -> torch.Tensor:
     parameter (the engine makes its own copies: path statistics, ``rescaled_params``)."""
     array = value if value.dtype == dtype else value.astype(dtype)
     if not array.flags.c_contiguous:
-        return torch.from_numpy(np.array(array, order="C"))
+        array = np.array(array, order="C")
+    torch_dtype = _ML_DTYPES.get(array.dtype.name)
     with warnings.catch_warnings():  # torch warns once about read-only arrays; these are never written
         warnings.simplefilter("ignore", UserWarning)
+        if torch_dtype is not None:  # an ml_dtypes array (bfloat16, float8): torch reads only its bits
+            bits = np.uint16 if array.dtype.itemsize == 2 else np.uint8
+            return torch.from_numpy(array.view(bits)).view(torch_dtype)
         return torch.from_numpy(array)
+
+
+#: the floating dtypes onnx reads as ml_dtypes arrays (numpy has none of them), by name: their torch dtype
+_ML_DTYPES = {
+    name: getattr(torch, name)
+    for name in ("bfloat16", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz")
+    if hasattr(torch, name)
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -462,8 +477,10 @@ def _identity(ctx: _Context) -> None:
     if node.op_type == "Dropout":
         if len(node.output) > 1 and _is_read(ctx.model, node.output[1]):
             raise _Refuse("its mask output is used")
-        if len(node.input) > 2 and node.input[2] and bool(ctx.static(2, "training_mode").reshape(-1)[0]):
-            raise _Refuse("it runs in training mode")
+        ratio = ctx.const(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+        zero = ratio is not None and ratio.size == 1 and float(ratio.reshape(-1)[0]) == 0.0  # drops nothing
+        if len(node.input) > 2 and node.input[2] and bool(ctx.static(2, "training_mode").reshape(-1)[0]) and not zero:
+            raise HardRefusal("it runs in training mode: it zeroes values at random")
     ctx.emit("identity", [ctx.x(0)])
 
 
@@ -726,6 +743,8 @@ def _convert(ctx: _Context, live: list[int]) -> None:
         converter = CONVERTERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         emitted = len(ctx.nodes)
         try:
+            if node.op_type in RANDOM_OPS and node.domain in ("", "ai.onnx"):
+                raise HardRefusal("it draws random values")
             if converter is None:
                 raise _Refuse(_why_unsupported(node))
             if reads_token_major(ctx, ctx.last):
@@ -736,7 +755,8 @@ def _convert(ctx: _Context, live: list[int]) -> None:
                 converter(ctx)
         except _Refuse as exc:  # keep going so that every offender is reported
             del ctx.nodes[emitted:]  # a converter that emitted a first step before refusing
-            ctx.offenders.append(Offender(ctx.node_names[index], node.op_type, str(exc)))
+            ctx.offenders.append(Offender(ctx.node_names[index], node.op_type, str(exc),
+                                          opaque_ok=not isinstance(exc, HardRefusal)))
             ctx.offender_nodes.append(index)
             acts = tuple(ctx.alias.get(n, n) for n in node.input if n and n not in ctx.folder.values)
             ctx.opaque.append(OpaqueSource(ctx.node_names[index], node.op_type, str(exc), acts,
@@ -838,7 +858,7 @@ def _translate(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], warni
     used = {key for node in nodes for key in node.params.values()}
     try:
         graph = Graph(ir_inputs, nodes, [ctx.alias.get(o, o) for o in outputs],
-                      {k: v for k, v in ctx.params.items() if k in used})
+                      {k: v for k, v in ctx.params.items() if k in used}, partial=partial)
     except GraphError as exc:
         raise UnsupportedModelError(f"the model cannot be represented: {exc}") from exc
     return graph, ctx.refs, stored
@@ -849,6 +869,9 @@ def _partial(ctx: _Context, ir_inputs: dict[str, tuple[int, ...]], outputs: list
     """The graph with every offender kept as opaque (pathcond_cli.segments) under ``--partial``; else
     the refusal, saying how many hidden units ``--partial`` would rescale."""
     listing = "; ".join(f"{o.node} ({o.op}): {o.why}" for o in ctx.offenders)
+    hard = hard_refusal(f"the model is not a ReLU network pathcond can rescale: {listing}.", ctx.offenders)
+    if hard is not None:
+        raise hard
     nodes = _fuse_linear_bias(ctx.nodes, outputs)
     # a stored tensor an opaque node reads too (a tied embedding, or equal tensors the exporter merged) needs
     # no freezing: the writer gives a rescaled role a tensor of its own (onnx_write._plan_names)
@@ -863,7 +886,7 @@ def _partial(ctx: _Context, ir_inputs: dict[str, tuple[int, ...]], outputs: list
     if not partial:
         raise UnsupportedModelError(f"the model is not a ReLU network pathcond can rescale: {listing}.", ctx.offenders,
                                     graph)
-    warnings.append(f"partial rescaling: {len(ctx.offenders)} node(s) kept unchanged as opaque (not positively "
+    warnings.append(f"partial rescaling: {opaque_op_count(graph)} node(s) kept unchanged as opaque (not positively "
                     "homogeneous or not supported); the homogeneous segments between them are rescaled")
     return graph
 

@@ -43,6 +43,33 @@ def sniff(path: Path) -> str | None:
     return None
 
 
+#: the names of safetensors files and of sharded checkpoints' indexes
+NAME_SUFFIXES = (".safetensors", ".safetensors.index.json")
+
+
+def misnamed(path: Path) -> str | None:
+    """Why a file named as safetensors (or as a sharded checkpoint's index) is not a readable one, when its
+    content is neither (:func:`sniff` does not recognise it) nor begins as an ONNX model does; else None.
+    Detection stays by content: the name only picks this message over the ONNX loader's."""
+    name = path.name.lower()
+    if not name.endswith(NAME_SUFFIXES) or sniff(path) is not None:
+        return None
+    try:
+        with open(path, "rb") as fh:
+            first = fh.read(1)
+    except OSError:
+        return None
+    if first == b"\x08":  # an ONNX ModelProto begins with its ir_version field (tag 0x08): the ONNX loader reads it
+        return None
+    try:
+        _index(path) if name.endswith(".index.json") else _header(path)
+    except UsageError as exc:
+        why = str(exc).removeprefix(f"{path}: ")
+    else:  # readable, though not as sniff expects it (a header that does not start with '{')
+        why = "its header does not start right after its 8-byte length with '{'"
+    return f"{path} is not a readable safetensors {'index' if name.endswith('.index.json') else 'file'} ({why})"
+
+
 @dataclass(frozen=True)
 class Shard:
     """One safetensors file: its name (beside the index; the file itself when not sharded), the

@@ -165,9 +165,29 @@ def _check_shapes(module: nn.Module, sd: Mapping[str, torch.Tensor], shown: int 
                          f"shapes: {listed}{more}. Check --arch and --arch-kwargs (width, depth, number of classes)")
 
 
+def _check_dtypes(module: nn.Module, sd: Mapping[str, torch.Tensor], shown: int = 5) -> None:
+    """Refuse a state_dict that stores as integers (or booleans) a tensor the --arch module holds as floats:
+    load_state_dict would cast it silently, and the rewritten file would keep integers where the
+    rescaling writes fractions. Integer buffers (BatchNorm's num_batches_tracked) stay integers in both."""
+    own = module.state_dict()
+    bad = [(k, v.dtype, own[k].dtype) for k, v in sd.items()
+           if k in own and own[k].is_floating_point() and not (v.is_floating_point() or v.is_complex())]
+    if bad:
+        listed = "; ".join(f"{k} is {_dtype_name(a)} in the file, {_dtype_name(b)} in the module"
+                           for k, a, b in bad[:shown])
+        more = f" (and {len(bad) - shown} more)" if len(bad) > shown else ""
+        raise UsageError(f"the state_dict does not match the --arch module: {listed}{more}. A parameter must be "
+                         "stored as a floating-point tensor")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _load_into(module: nn.Module, sd: Mapping[str, torch.Tensor], prefix: str) -> None:
     stripped = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     _check_shapes(module, stripped)
+    _check_dtypes(module, stripped)
     try:
         result = module.load_state_dict(stripped, strict=False)
     except RuntimeError as exc:  # anything else load_state_dict refuses is about the file, not pathcond

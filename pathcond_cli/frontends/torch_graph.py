@@ -24,7 +24,7 @@ import torch
 
 from ..errors import Offender, Refusal, UnsupportedModelError
 from ..ir import PAD_MODES, Graph, GraphError, Node, swap_group_axes
-from ..segments import OpaqueSource, opaque_graph
+from ..segments import OpaqueSource, opaque_graph, opaque_op_count
 from . import torch_tokens
 
 aten = torch.ops.aten
@@ -370,7 +370,7 @@ class _Translator:
         if self.offenders:
             return self._partial(outputs)
         try:
-            return Graph(dict(self.inputs), list(self.nodes), outputs, dict(self.used_params))
+            return Graph(dict(self.inputs), list(self.nodes), outputs, dict(self.used_params), partial=self.partial)
         except GraphError as exc:  # a translation bug or a shape the IR cannot hold
             raise UnsupportedModelError(f"the translated graph is not valid: {exc}",
                                         [Offender("<graph>", "torch.export", str(exc))]) from exc
@@ -397,7 +397,7 @@ class _Translator:
             graph = None
         if not self.partial:
             raise UnsupportedModelError(count + ".", self.offenders, graph)
-        self.warnings.append(f"partial rescaling: {len(self.offenders)} operation(s) kept unchanged as opaque (not "
+        self.warnings.append(f"partial rescaling: {opaque_op_count(graph)} operation(s) kept unchanged as opaque (not "
                              "positively homogeneous or not supported); the homogeneous segments between them are "
                              "rescaled")
         return graph
