@@ -253,13 +253,23 @@ def rescaled_params(analysis: Analysis) -> dict[str, torch.Tensor]:
             part = source[rows].to("cpu", torch.float64, copy=True).mul_(torch.exp(log_f))  # never the stored tensor
             value[rows] = part  # rounded once to the stored dtype
             # checked after the cast: float16 overflows long before float64
-            finite = finite and bool(torch.isfinite(value[rows]).all())
+            finite = finite and _all_finite(value[rows])
         if not finite:
             raise NumericalError(
                 f"rescaled parameter {role.key!r} is not finite in {stored.dtype}; nothing was written"
             )
         new[role.key] = value.to(stored.device)
     return new
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No inf or NaN in ``t``: its extremes are finite (NaN propagates into them); one pass, no mask."""
+    if t.numel() == 0:
+        return True
+    if not t.is_floating_point():
+        return True
+    lo, hi = torch.aminmax(t.reshape(-1))
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
 MEDIAN_SAMPLE = 1 << 16  # entries per layer above which medians (and plot histograms) use a strided sample

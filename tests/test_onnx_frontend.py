@@ -632,6 +632,22 @@ def test_verification_makes_one_session_per_model(tmp_path, monkeypatch):
     assert sorted(made) == ["in.onnx", "out.onnx"], made
 
 
+def test_onnx_runs_hold_one_session_at_a_time(tmp_path):
+    """Running another file drops the previous file's session (verification needs one at a time), and
+    running it again makes a new one that still gives the same outputs."""
+    source = tmp_path / "in.onnx"
+    torch.onnx.export(nets.mlp(), torch.randn(1, 8), str(source), dynamo=False)
+    other = tmp_path / "copy.onnx"
+    other.write_bytes(source.read_bytes())
+    model = load_onnx(source)
+    feeds = {model.input_specs()[0].name: np.ones((1, 8), np.float32)}
+    first = model.run(source, feeds)
+    model.run(other, feeds)
+    assert len(model._sessions) == 1
+    again = model.run(source, feeds)
+    assert len(model._sessions) == 1 and np.array_equal(first[0], again[0])
+
+
 def test_writer_same_is_bitwise_equality_wherever_the_difference_is():
     """The writer's chunked comparison against numpy's whole-array one: a difference in the first,
     a middle or the last byte, NaN equal to itself, -0.0 unlike 0.0."""
