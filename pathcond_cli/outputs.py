@@ -23,18 +23,12 @@ from pathlib import Path
 from .errors import UsageError
 
 
-#: digests of files whose bytes a front end already held (read to parse, or serialised to write), keyed
-#: by the file's identity (resolved path, mtime, size): :func:`sha256` does not read such a file again.
-_DIGESTS: dict[tuple[str, int, int], str] = {}
-
-
-def _identity(path: Path) -> tuple[str, int, int]:
-    stat = Path(path).stat()
-    return str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size
-
-
 def sha256(path: Path) -> str:
-    known = _DIGESTS.get(_identity(path))
+    """The file's sha256; from the bytes a front end already held when it read or wrote this version
+    of the file (:func:`.frontends.base.known_digest`), else read here."""
+    from .frontends.base import known_digest
+
+    known = known_digest(path)
     if known is not None:
         return known
     digest = hashlib.sha256()
@@ -42,25 +36,6 @@ def sha256(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-class DigestInBackground:
-    """The sha256 of bytes already in memory, computed in a thread (hashlib releases the GIL on large
-    buffers) while the caller parses or writes them; :meth:`record` files it under the file's identity."""
-
-    def __init__(self, data: bytes):
-        import threading
-
-        self._digest = hashlib.sha256()
-        self._thread = threading.Thread(target=self._digest.update, args=(memoryview(data),), daemon=True)
-        self._thread.start()
-
-    def record(self, path: Path) -> str:
-        """Wait for the digest and remember it for ``path`` as it is now (call once its bytes are on disk)."""
-        self._thread.join()
-        value = self._digest.hexdigest()
-        _DIGESTS[_identity(path)] = value
-        return value
 
 
 # -- checks before any work -------------------------------------------------------------------------

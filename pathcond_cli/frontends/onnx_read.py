@@ -184,7 +184,7 @@ def _parse(path: Path) -> onnx.ModelProto:
 def _load_hashed(path: Path) -> onnx.ModelProto:
     """``onnx.load`` without external data, from the bytes read once: their sha256 (for the report) is
     computed in a thread while they are parsed, so the file is not read again to hash it."""
-    from ..outputs import DigestInBackground
+    from .base import DigestInBackground
 
     data = path.read_bytes()
     digest = DigestInBackground(data)

@@ -229,7 +229,7 @@ def _save_proto(model: onnx.ModelProto, path: Path, external: bool) -> None:
                 onnx.external_data_helper.set_external_data(tensor, location)
         onnx.save_model(model, str(path))
         return
-    from ..outputs import DigestInBackground
+    from .base import DigestInBackground
 
     # serialised once here so that the report's sha256 comes from these bytes, hashed while they are
     # written, instead of a second read of the file
