@@ -255,15 +255,25 @@ def rescaled_params(analysis: Analysis) -> dict[str, torch.Tensor]:
             part = source[rows].to("cpu", torch.float64, copy=True).mul_(torch.exp(log_f))  # never the stored tensor
             value[rows] = part  # rounded once to the stored dtype
             # checked after the cast: float16 overflows long before float64
-            # (8-bit floats as float32: torch has no isfinite for them, and their overflow is a NaN)
-            block = value[rows].float() if value.dtype.itemsize == 1 else value[rows]
-            finite = finite and bool(torch.isfinite(block).all())
+            finite = finite and _all_finite(value[rows])
         if not finite:
             raise NumericalError(
                 f"rescaled parameter {role.key!r} is not finite in {stored.dtype}; nothing was written"
             )
         new[role.key] = value.to(stored.device)
     return new
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No inf or NaN in ``t``: its extremes are finite (NaN propagates into them); one pass, no mask."""
+    if t.numel() == 0:
+        return True
+    if not t.is_floating_point():
+        return True
+    if t.dtype.itemsize == 1:  # 8-bit floats: torch has no aminmax for them, and their overflow is a NaN
+        t = t.float()
+    lo, hi = torch.aminmax(t.reshape(-1))
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
 MEDIAN_SAMPLE = 1 << 16  # entries per layer above which medians (and plot histograms) use a strided sample

@@ -149,8 +149,9 @@ def _role_blocks(role: Role, log_g: torch.Tensor, dense_min: float) -> tuple[tup
     ``DenseBlocks`` matrix. Boolean masks over the whole tensor are avoided where no g is 0: on
     full-size networks they cost more than everything else here."""
     device = log_g.device
-    top = float(log_g.max()) if log_g.numel() else -math.inf
-    has_zero = log_g.numel() > 0 and float(log_g.min()) == -math.inf
+    # both extremes in one pass over the tensor (max gives the scale, min = -inf says some g is 0)
+    lo, hi = (float(v) for v in torch.aminmax(log_g)) if log_g.numel() else (math.inf, -math.inf)
+    top, has_zero = hi, lo == -math.inf
     if top == -math.inf:
         top = 0.0
     value = torch.sub(log_g, top).exp_()

@@ -692,3 +692,17 @@ def test_rescaled_params_in_blocks_equal_the_whole_tensor_product(name, monkeypa
         assert value.dtype == stored.dtype and value.shape == stored.shape
         if key in want:
             assert torch.equal(value, want[key]), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_finds_any_inf_or_nan(dtype):
+    """The finiteness check on rescaled values (extremes, one pass) against torch.isfinite on every entry."""
+    from pathcond_cli.analysis import _all_finite
+
+    t = torch.randn(1000).to(dtype)
+    assert _all_finite(t) == bool(torch.isfinite(t).all()) is True
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        u = t.clone()
+        u[517] = bad
+        assert _all_finite(u) == bool(torch.isfinite(u).all()) is False
+    assert _all_finite(t[:0])

@@ -448,15 +448,24 @@ def test_rescale_parses_the_onnx_input_once(tmp_path, monkeypatch, external):
         source = tmp_path / "ext.onnx"
         onnx.save_model(model, str(source), save_as_external_data=True, location="ext.onnx.bin", size_threshold=0)
     calls: list[str] = []
-    real = onnx.load
+    real, real_bytes = onnx.load, onnx.load_model_from_string
+    source_bytes = source.read_bytes()
 
     def counting(f, *args, **kwargs):
         calls.append(str(f))
         return real(f, *args, **kwargs)
 
+    def counting_bytes(data, *args, **kwargs):  # the reader parses the bytes it read (and hashed)
+        calls.append(str(source) if bytes(data) == source_bytes else "other bytes")
+        return real_bytes(data, *args, **kwargs)
+
     monkeypatch.setattr(onnx, "load", counting)
+    monkeypatch.setattr(onnx, "load_model_from_string", counting_bytes)
     result = jobs.rescale_model(source, tmp_path / "o.onnx", LoadOptions(), jobs.SolveOptions(device="cpu"),
                                 jobs.RescaleOptions())
     assert calls.count(str(source)) == 1
     assert result.report["verification"]["passed"] and (tmp_path / "o.onnx").exists()
     assert (tmp_path / "o.onnx.data").exists() == external
+    # the digests come from the bytes held in memory (read to parse, serialised to write): still the files'
+    assert result.report["input"]["sha256"] == hashlib.sha256(source_bytes).hexdigest()
+    assert result.report["output"]["sha256"] == hashlib.sha256((tmp_path / "o.onnx").read_bytes()).hexdigest()

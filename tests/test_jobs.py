@@ -167,3 +167,24 @@ def test_cuda_index_beyond_the_machine_is_a_usage_error(monkeypatch):
     assert resolve_device("cuda:0") == torch.device("cuda:0")
     with pytest.raises(UsageError, match="1 CUDA device"):
         resolve_device("cuda:7")
+
+
+def test_rescale_keeps_ln_g_in_float32_after_the_layers_table(fake_source, tmp_path):
+    """After the solve and the layers table, rescale keeps ln g in float32 (it only feeds --plot): the
+    values are the float64 ones rounded, the layers table is inspect's, and the plot's samples agree."""
+    from pathcond_cli.analysis import layer_entries, layer_samples
+
+    source, _ = fake_source
+    result = _rescale(source, tmp_path / "out.fake")
+    reference = jobs.inspect_model(source, LoadOptions(), jobs.SolveOptions(device="cpu")).analysis
+    assert all(lg.dtype == torch.float32 for lg in result.analysis.stats.log_g)
+    for narrow, wide in zip(result.analysis.stats.log_g, reference.stats.log_g, strict=True):
+        assert wide.dtype == torch.float64 and torch.equal(narrow, wide.to(torch.float32))
+    layers = jobs.build_report(reference, input_info={}, timings={})["layers"]
+    assert json.loads(json.dumps(result.report["layers"])) == json.loads(json.dumps(layers))
+    u = result.analysis.u
+    for name, entries in layer_entries(result.analysis).items():
+        got = layer_samples(entries, u)
+        want = layer_samples(layer_entries(reference)[name], reference.u)
+        for a, b in zip(got, want):
+            assert torch.allclose(a, b, rtol=1e-6, atol=1e-5)

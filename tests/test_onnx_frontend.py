@@ -710,3 +710,54 @@ def test_bfloat16_model_inspects_and_rescale_is_a_clear_refusal(tmp_path, partia
         assert result.exit_code == 3, result.output
         assert "onnxruntime cannot run" in " ".join(result.stderr.split())
         assert sorted(p.name for p in tmp_path.iterdir()) == ["bf16.onnx"]
+
+
+def test_onnx_runs_hold_one_session_at_a_time(tmp_path):
+    """Running another file drops the previous file's session (verification needs one at a time), and
+    running it again makes a new one that still gives the same outputs."""
+    source = tmp_path / "in.onnx"
+    torch.onnx.export(nets.mlp(), torch.randn(1, 8), str(source), dynamo=False)
+    other = tmp_path / "copy.onnx"
+    other.write_bytes(source.read_bytes())
+    model = load_onnx(source)
+    feeds = {model.input_specs()[0].name: np.ones((1, 8), np.float32)}
+    first = model.run(source, feeds)
+    model.run(other, feeds)
+    assert len(model._sessions) == 1
+    again = model.run(source, feeds)
+    assert len(model._sessions) == 1 and np.array_equal(first[0], again[0])
+
+
+def test_writer_same_is_bitwise_equality_wherever_the_difference_is():
+    """The writer's chunked comparison against numpy's whole-array one: a difference in the first,
+    a middle or the last byte, NaN equal to itself, -0.0 unlike 0.0."""
+    from pathcond_cli.frontends import onnx_write
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal(3 * onnx_write._SAME_CHUNK // 8 + 5)  # float64: spans several chunks
+    a[7] = np.nan
+    assert onnx_write._same(a, a.copy())
+    for index in (0, a.size // 2, a.size - 1):
+        b = a.copy()
+        b[index] = np.nextafter(b[index], np.inf) if index != 7 else 1.0
+        expected = np.array_equal(a.view(np.uint8), b.view(np.uint8))
+        assert onnx_write._same(a, b) is expected is False
+    z = np.zeros(4, np.float32)
+    assert not onnx_write._same(z, -z) and onnx_write._same(z, z.copy())
+    assert not onnx_write._same(z, z.astype(np.float64)) and not onnx_write._same(z, z.reshape(2, 2))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64", "int64", "bool"])
+def test_writer_set_tensor_matches_numpy_helper(dtype):
+    """An initializer given a new value in place reads back as that value, as onnx's from_array writes it."""
+    from onnx import numpy_helper
+
+    from pathcond_cli.frontends import onnx_write
+
+    value = (np.random.default_rng(1).standard_normal((3, 4, 2)) * 5).astype(dtype)
+    tensor = numpy_helper.from_array(np.ones((7,), np.float32), "w")
+    onnx_write._set_tensor(tensor, value)
+    assert tensor.name == "w" and list(tensor.dims) == [3, 4, 2]
+    back = numpy_helper.to_array(tensor)
+    assert back.dtype == value.dtype and np.array_equal(back, value)
+    assert tensor.SerializeToString() == numpy_helper.from_array(value, "w").SerializeToString()

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import hashlib
+import threading
+
 import numpy as np
 import torch
 
@@ -82,3 +85,41 @@ class LoadedModel(Protocol):
     @property
     def has_batchnorm(self) -> bool:
         """Whether verification should also run in training mode (torch front ends)."""
+
+
+# -- digests of files whose bytes a front end held ---------------------------------------------------
+
+#: sha256 of files a front end read to parse or serialised to write, keyed by the file's identity
+#: (resolved path, mtime, size): the report's digests (:func:`pathcond_cli.outputs.sha256`) do not read
+#: such a file a second time.
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _identity(path: Path) -> tuple[str, int, int]:
+    stat = Path(path).stat()
+    return str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size
+
+
+def known_digest(path: Path) -> str | None:
+    """The sha256 recorded for this version of the file, or None."""
+    try:
+        return _DIGESTS.get(_identity(path))
+    except OSError:
+        return None
+
+
+class DigestInBackground:
+    """The sha256 of bytes already in memory, computed in a thread (hashlib releases the GIL on large
+    buffers) while the caller parses or writes them; :meth:`record` files it under the file's identity."""
+
+    def __init__(self, data: bytes):
+        self._digest = hashlib.sha256()
+        self._thread = threading.Thread(target=self._digest.update, args=(memoryview(data),), daemon=True)
+        self._thread.start()
+
+    def record(self, path: Path) -> str:
+        """Wait for the digest and remember it for ``path`` as it is now (call once its bytes are on disk)."""
+        self._thread.join()
+        value = self._digest.hexdigest()
+        _DIGESTS[_identity(path)] = value
+        return value

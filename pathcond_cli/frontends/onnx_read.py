@@ -178,7 +178,20 @@ def _file_key(path: Path) -> tuple[str, int, int]:
 def _parse(path: Path) -> onnx.ModelProto:
     """The file's ModelProto without its external data (the one :func:`external_data_files` kept, if any)."""
     proto = _PARSED.pop(_file_key(path), None)
-    return proto if proto is not None else onnx.load(str(path), load_external_data=False)
+    return proto if proto is not None else _load_hashed(path)
+
+
+def _load_hashed(path: Path) -> onnx.ModelProto:
+    """``onnx.load`` without external data, from the bytes read once: their sha256 (for the report) is
+    computed in a thread while they are parsed, so the file is not read again to hash it."""
+    from .base import DigestInBackground
+
+    data = path.read_bytes()
+    digest = DigestInBackground(data)
+    proto = onnx.load_model_from_string(data)
+    del data
+    digest.record(path)
+    return proto
 
 
 def _external_locations(proto: onnx.ModelProto) -> list[str]:
@@ -213,7 +226,7 @@ def external_data_files(path: Path) -> list[Path]:
     kept for the next :func:`_read_model` of the same file."""
     _PARSED.clear()
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        proto = _load_hashed(path)
         _PARSED[_file_key(path)] = proto
     except Exception:  # noqa: BLE001 - not ONNX: the loader reports it
         return []
