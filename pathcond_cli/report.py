@@ -182,6 +182,11 @@ def partial_line(partial: dict[str, Any]) -> str:
             f"free to rescale; {partial['opaque_ops']:,} opaque op(s) and their parameters are left unchanged.")
 
 
+def _inspect_only(value: float | None) -> str:
+    """What a missing path count / path-1 norm means: rescale does not compute them (inspect does)."""
+    return " (computed by inspect)" if value is None else ""
+
+
 def _fmt(x: Any, digits: int = 4) -> str:
     if x is None:
         return "-"
@@ -200,8 +205,9 @@ def render(report: dict[str, Any], console: Console, *, layers: bool = False) ->
         ("parameters (in the objective)", f"{model['parameters']:,}"),
         ("hidden units", f"{model['hidden_units']:,}"),
         ("rescaling groups", f"{model['groups_free']:,} free, {model['groups_pinned']:,} pinned"),
-        ("log10 number of paths", _fmt(model["log10_paths"])),
-        ("log10 path-1 norm / path-2 norm", f"{_fmt(model['log10_path1_norm'])} / {_fmt(model['log10_path2_norm'])}"),
+        ("log10 number of paths", _fmt(model["log10_paths"]) + _inspect_only(model["log10_paths"])),
+        ("log10 path-1 norm / path-2 norm", f"{_fmt(model['log10_path1_norm'])} / {_fmt(model['log10_path2_norm'])}"
+                                            + _inspect_only(model["log10_path1_norm"])),
         ("width ratio (max/min)", _fmt(model["width_ratio"])),
         ("conditioning score (AM/GM of diag G)", f"{_fmt(cond['score_before'])} → {_fmt(cond['score_after'])}"),
         ("largest |ln λ|", _fmt(cond["max_abs_log_scale"])),
