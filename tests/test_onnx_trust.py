@@ -410,3 +410,36 @@ def test_weight_read_through_transpose_keeps_its_name(tmp_path):
     reloaded.load_state_dict(after)
     with torch.no_grad():
         _assert_close(reloaded(x).numpy(), module(x).numpy())
+
+
+class ScalarShift(nn.Module):
+    """``relu(h) + 1.5``: the exporter's scalar Constant is split per channel by the rescaling."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(32)
+        self.a, self.b = nn.Linear(6, 12), nn.Linear(12, 3)
+        with torch.no_grad():
+            self.a.weight.mul_(torch.linspace(0.1, 8.0, 12)[:, None])
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)) + 1.5)
+
+
+@pytest.mark.parametrize("variant", ["torchscript", "dynamo"])
+def test_a_constant_split_per_channel_leaves_no_unused_value_behind(variant, tmp_path):
+    """The role reading the scalar gets a per-channel tensor of its own; the scalar, read by nothing
+    any more, is removed with the nodes that only produced it (onnxruntime warns about each unused
+    initializer on every load), and the file computes what the module computes."""
+    module = ScalarShift().eval()
+    x = torch.randn(1, 6)
+    source = _export(module, x, tmp_path / "in.onnx", variant)
+    target = tmp_path / "out.onnx"
+    _rescale(source, target)
+    graph = onnx.load(str(target)).graph
+    read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    assert not [o for n in graph.node for o in n.output if o not in read], "a node's output is read by nothing"
+    assert not [t.name for t in graph.initializer if t.name not in read], "an initializer is read by nothing"
+    feeds = {graph.input[0].name: x.numpy()}
+    _assert_close(_ort(target, feeds)[0], module(x).detach().numpy())
+    _assert_close(_ort(target, feeds)[0], _ort(source, feeds)[0])

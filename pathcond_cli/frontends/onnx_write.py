@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from .onnx_read import _Names, data_file_for
+from .onnx_read import _Names, _subgraph_reads, data_file_for
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,7 +152,36 @@ def _apply_plan(model: onnx.ModelProto, plan: _NamePlan,
         _add_initializer(model, value, name)
     for index in sorted(dropped, reverse=True):
         del model.graph.node[index]
+    _drop_orphans(model, [old for _, _, old, _ in rewired])
     return rewired
+
+
+#: nodes that only hold or reshape a static value: removed when a rewiring leaves their output unread
+_STATIC_OPS = frozenset({"Constant", "Identity", "Transpose", "Reshape", "Cast", "Squeeze", "Unsqueeze", "Expand"})
+
+
+def _drop_orphans(model: onnx.ModelProto, names: list[str]) -> None:
+    """Remove the static values that rewired roles read before and that nothing reads now (a scalar
+    Constant split per channel, say), with the static nodes feeding only them, so that the output
+    holds no unused initializer or node (onnxruntime warns about each on every load). Graph inputs
+    and outputs are kept."""
+    graph = model.graph
+    keep = {v.name for v in graph.input} | {v.name for v in graph.output}
+    pending = list(dict.fromkeys(names))
+    while pending:
+        name = pending.pop()
+        read = {i for n in graph.node for i in n.input} | set().union(*(_subgraph_reads(n) for n in graph.node))
+        if not name or name in read or name in keep:
+            continue
+        producer = next((i for i, n in enumerate(graph.node) if name in n.output), None)
+        if producer is None:
+            for index, tensor in enumerate(graph.initializer):
+                if tensor.name == name:
+                    del graph.initializer[index]
+                    break
+        elif graph.node[producer].op_type in _STATIC_OPS and not set(graph.node[producer].output) & read:
+            pending.extend(graph.node[producer].input)
+            del graph.node[producer]
 
 
 def _set_tensor(tensor: TensorProto, value: np.ndarray) -> None:
