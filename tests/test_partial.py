@@ -389,6 +389,16 @@ def test_python_api_rescales_an_encoder_in_place_with_partial():
     assert all(torch.equal(model.state_dict()[k], v) for k, v in norms.items())
 
 
+def _assert_encoder_ffn_rescaled(before: dict, after: dict) -> None:
+    """Only FFN tensors of the encoder's state_dict changed, and it still computes what it computed."""
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("linear1" in k or "linear2" in k for k in changed)
+    model = encoder()
+    model.load_state_dict(after)
+    x = torch.randn(1, TOKENS, D)
+    torch.testing.assert_close(model(x), encoder()(x), rtol=1e-4, atol=1e-5)
+
+
 def test_state_dict_with_arch_and_inspect_report_segments(tmp_path):
     path = tmp_path / "enc.pt"
     torch.save(encoder().state_dict(), path)
@@ -403,12 +413,7 @@ def test_state_dict_with_arch_and_inspect_report_segments(tmp_path):
     result = invoke("rescale", path, out, *common)
     assert result.exit_code == 0, result.output
     before, after = torch.load(path), torch.load(out)
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed and all("linear1" in k or "linear2" in k for k in changed)
-    model = encoder()
-    model.load_state_dict(after)
-    x = torch.randn(1, TOKENS, D)
-    torch.testing.assert_close(model(x), encoder()(x), rtol=1e-4, atol=1e-5)
+    _assert_encoder_ffn_rescaled(before, after)
 
 
 @pytest.mark.slow
@@ -523,12 +528,7 @@ def test_safetensors_state_dict_with_arch_and_partial(tmp_path):
     assert report["input"]["format"] == "safetensors"
     assert report["partial"]["hidden_units_rescaled"] == LAYERS * FF
     before, after = load_file(str(path)), load_file(str(out))
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed and all("linear1" in k or "linear2" in k for k in changed)
-    model = encoder()
-    model.load_state_dict(after)
-    x = torch.randn(1, TOKENS, D)
-    torch.testing.assert_close(model(x), encoder()(x), rtol=1e-4, atol=1e-5)
+    _assert_encoder_ffn_rescaled(before, after)
 
 
 # --------------------------------------------------------------------------------------------------
