@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import re
+import signal
 import sys
 import traceback
 import typing
@@ -29,7 +30,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, PathcondError, UnsupportedModelError, UsageError,
+from .errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, PathcondError, UnsupportedModelError, UsageError,
                      VerificationError)
 
 if TYPE_CHECKING:  # imported inside the commands: torch comes with them
@@ -39,7 +40,7 @@ if TYPE_CHECKING:  # imported inside the commands: torch comes with them
 EXIT_CODES = """Exit codes: 0 ok · 1 verification failed (nothing written) · 2 usage error or unreadable input ·
 3 unsupported model (not a ReLU network, or an op pathcond does not know; --partial rescales around such
 ops) · 4 internal error (a bug in pathcond; nothing written) · 130 interrupted (Ctrl-C / SIGINT; nothing
-written)."""
+written) · 143 terminated (SIGTERM; nothing written)."""
 
 INTERRUPTED = "interrupted; nothing was written"
 
@@ -289,10 +290,12 @@ def _run(output: Output, job: Callable[[], Any]) -> Any:
     except PathcondError as exc:
         output.error(exc)
         raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:  # staged files were removed on the way out, committed ones taken back
-        message = INTERRUPTED if not output.written else f"interrupted; already written: {', '.join(output.written)}"
+    except KeyboardInterrupt as exc:  # staged files were removed on the way out, committed ones taken back
+        what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        message = (f"{what}; nothing was written" if not output.written
+                   else f"{what}; already written: {', '.join(output.written)}")
         output.err.print(message, markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        raise typer.Exit(EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED) from None
     except Exception as exc:  # noqa: BLE001 - a bug: say so, keep the traceback, and exit with its own code
         output.internal_error(exc, traceback.format_exc())
         raise typer.Exit(EXIT_INTERNAL) from None
@@ -442,9 +445,17 @@ def _main(
     pass
 
 
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)  # cleaned up like Ctrl-C, exit 143
     try:
         app()
+    except Terminated:
+        print("terminated; nothing was written", file=sys.stderr)
+        sys.exit(EXIT_TERMINATED)
     except KeyboardInterrupt:  # outside a job (typer exits 130 silently inside its own parsing)
         print(INTERRUPTED, file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)

@@ -15,6 +15,12 @@ EXIT_USAGE = 2
 EXIT_UNSUPPORTED = 3
 EXIT_INTERNAL = 4  # a bug in pathcond (not 1, which scripts read as "verification failed")
 EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C), the shell's 128 + 2; nothing written
+EXIT_TERMINATED = 143  # SIGTERM (kill, a CI runner's timeout), the shell's 128 + 15; nothing written
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised by the CLI's handler: a KeyboardInterrupt, so that every path that cleans up after
+    Ctrl-C (staged files removed, committed ones taken back) does so after SIGTERM too."""
 
 
 class PathcondError(Exception):

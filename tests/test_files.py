@@ -361,6 +361,18 @@ def test_sigint_prints_one_line_exits_130_and_leaves_nothing(slow_onnx, tmp_path
 
 
 @pytest.mark.slow  # a subprocess that loads torch, then a signal: seconds each
+def test_sigterm_cleans_up_like_sigint_and_exits_143(slow_onnx, tmp_path):
+    """`kill` or a CI runner's timeout: the staging folder goes, as after Ctrl-C (SIGKILL cannot do that)."""
+    out = tmp_path / "out.onnx"
+    proc = _start_slow_run(slow_onnx, out)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    assert stderr.splitlines() == ["terminated; nothing was written"] and stdout == ""
+    assert listing(tmp_path) == []
+
+
+@pytest.mark.slow  # a subprocess that loads torch, then a signal: seconds each
 def test_sigkilled_run_leaves_a_staging_folder_that_the_next_run_removes(slow_onnx, tmp_path):
     out = tmp_path / "out.onnx"
     proc = _start_slow_run(slow_onnx, out)
