@@ -479,6 +479,21 @@ def _path_identity(ctx: PathContext, node: Node, xs: list[Scaled]) -> Scaled:
     return xs[0]
 
 
+def _weight_layer_rules(apply: Callable[[Node, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]):
+    """(forward, path rule) of a layer ``y = apply(x, weight) + bias``: the forward applies it with the bias;
+    the path rule applies it to the scaled input without the bias, then adds the bias on a common scale."""
+
+    def forward(node: Node, xs: list[torch.Tensor], p) -> torch.Tensor:
+        return apply(node, xs[0], p("weight"), p("bias"))
+
+    def path(ctx: PathContext, node: Node, xs: list[Scaled]) -> Scaled:
+        x = xs[0]
+        y = apply(node, x.t, ctx.param(node, "weight"), None)
+        return _with_bias(ctx, Scaled(y, x.s), ctx.param(node, "bias"))
+
+    return forward, path
+
+
 # -- linear ------------------------------------------------------------------------------------------
 
 
@@ -489,40 +504,30 @@ def _shape_linear(node: Node, shapes: list[Shape], param_shape) -> Shape:
     return (x[0], w[0])
 
 
-def _forward_linear(node: Node, xs: list[torch.Tensor], p) -> torch.Tensor:
-    return F.linear(xs[0], p("weight"), p("bias"))
-
-
-def _path_linear(ctx: PathContext, node: Node, xs: list[Scaled]) -> Scaled:
-    x = xs[0]
-    y = F.linear(x.t, ctx.param(node, "weight"))
-    return _with_bias(ctx, Scaled(y, x.s), ctx.param(node, "bias"))
+_forward_linear, _path_linear = _weight_layer_rules(lambda node, x, w, b: F.linear(x, w, b))
 
 
 # -- conv ------------------------------------------------------------------------------------------
 
 
-def _shape_conv(node: Node, shapes: list[Shape], param_shape) -> Shape:
-    x, w = shapes[0], param_shape("weight")
-    d = _spatial_rank(node, x, (1, 2, 3))
+def _conv_setup(node: Node, x: Shape, w: Shape, ranks: tuple[int, ...], layout: str = ""):
+    """(spatial rank, stride, dilation, pads) of a convolution whose input and weight fit each other."""
+    d = _spatial_rank(node, x, ranks)
     groups = int(node.attrs.get("groups", 1))
     if len(w) != d + 2 or x[1] != w[1] * groups or w[0] % groups:
-        raise _unfit(node, f"input {tuple(x)} and weight {tuple(w)} with {groups} group(s)")
-    stride = node.attrs.get("stride") or [1] * d
-    dilation = node.attrs.get("dilation") or [1] * d
-    pads = node.attrs.get("pads") or [0] * (2 * d)
+        raise _unfit(node, f"input {tuple(x)} and weight {tuple(w)}{layout} with {groups} group(s)")
+    a = node.attrs
+    return d, a.get("stride") or [1] * d, a.get("dilation") or [1] * d, a.get("pads") or [0] * (2 * d)
+
+
+def _shape_conv(node: Node, shapes: list[Shape], param_shape) -> Shape:
+    x, w = shapes[0], param_shape("weight")
+    d, stride, dilation, pads = _conv_setup(node, x, w, (1, 2, 3))
     spatial = [_window_out(node, x[2 + i], w[2 + i], stride[i], dilation[i], pads[i], pads[d + i]) for i in range(d)]
     return (x[0], w[0], *spatial)
 
 
-def _forward_conv(node: Node, xs: list[torch.Tensor], p) -> torch.Tensor:
-    return conv_apply(node, xs[0], p("weight"), p("bias"))
-
-
-def _path_conv(ctx: PathContext, node: Node, xs: list[Scaled]) -> Scaled:
-    x = xs[0]
-    y = conv_apply(node, x.t, ctx.param(node, "weight"), None)
-    return _with_bias(ctx, Scaled(y, x.s), ctx.param(node, "bias"))
+_forward_conv, _path_conv = _weight_layer_rules(lambda node, x, w, b: conv_apply(node, x, w, b))
 
 
 # -- conv_transpose ----------------------------------------------------------------------------------
@@ -530,13 +535,8 @@ def _path_conv(ctx: PathContext, node: Node, xs: list[Scaled]) -> Scaled:
 
 def _shape_conv_transpose(node: Node, shapes: list[Shape], param_shape) -> Shape:
     x, w = shapes[0], param_shape("weight")
-    d = _spatial_rank(node, x, (1, 2))
-    a = node.attrs
-    groups = int(a.get("groups", 1))
-    if len(w) != d + 2 or x[1] != w[1] * groups or w[0] % groups:
-        raise _unfit(node, f"input {tuple(x)} and weight {tuple(w)} (IR layout (O, I/groups, *k)) with {groups} group(s)")
-    stride, dilation = a.get("stride") or [1] * d, a.get("dilation") or [1] * d
-    pads, extra = a.get("pads") or [0] * (2 * d), a.get("output_padding") or [0] * d
+    d, stride, dilation, pads = _conv_setup(node, x, w, (1, 2), " (IR layout (O, I/groups, *k))")
+    extra = node.attrs.get("output_padding") or [0] * d
     spatial = []
     for i in range(d):
         out = (x[2 + i] - 1) * stride[i] + dilation[i] * (w[2 + i] - 1) + 1 - pads[i] - pads[d + i] + extra[i]
@@ -546,14 +546,8 @@ def _shape_conv_transpose(node: Node, shapes: list[Shape], param_shape) -> Shape
     return (x[0], w[0], *spatial)
 
 
-def _forward_conv_transpose(node: Node, xs: list[torch.Tensor], p) -> torch.Tensor:
-    return conv_transpose_apply(node, xs[0], p("weight"), p("bias"))
-
-
-def _path_conv_transpose(ctx: PathContext, node: Node, xs: list[Scaled]) -> Scaled:
-    x = xs[0]
-    y = conv_transpose_apply(node, x.t, ctx.param(node, "weight"), None)
-    return _with_bias(ctx, Scaled(y, x.s), ctx.param(node, "bias"))
+_forward_conv_transpose, _path_conv_transpose = _weight_layer_rules(
+    lambda node, x, w, b: conv_transpose_apply(node, x, w, b))
 
 
 # -- batchnorm (inference: y = a·x + b per channel) -------------------------------------------------
@@ -842,14 +836,7 @@ def token_linear_apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return F.linear(x.movedim(1, -1), weight, bias).movedim(-1, 1)
 
 
-def _forward_token_linear(node: Node, xs: list[torch.Tensor], p) -> torch.Tensor:
-    return token_linear_apply(xs[0], p("weight"), p("bias"))
-
-
-def _path_token_linear(ctx: PathContext, node: Node, xs: list[Scaled]) -> Scaled:
-    x = xs[0]
-    y = token_linear_apply(x.t, ctx.param(node, "weight"), None)
-    return _with_bias(ctx, Scaled(y, x.s), ctx.param(node, "bias"))
+_forward_token_linear, _path_token_linear = _weight_layer_rules(lambda node, x, w, b: token_linear_apply(x, w, b))
 
 
 def _shape_opaque(node: Node, shapes: list[Shape], param_shape) -> Shape:
