@@ -9,7 +9,7 @@ class and a new entry there.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -348,6 +348,14 @@ class _SavedModule(TorchModel):
         tr = module_translation(module, shapes, partial=self.options.partial)
         return tr, ordered_shapes(module, shapes)[1]
 
+    def _bind_stored(self, module: nn.Module, in_file: Callable[[str], torch.Tensor | None]) -> None:
+        """Translate ``module`` (its values loaded from the file) and let the IR hold each parameter as
+        the file stores it, in its own dtype: ``in_file(name)`` is the stored tensor of a module name."""
+        tr, shapes = self._translate(module.eval())
+        held = {k: v for k in tr.graph.params if (v := in_file(k)) is not None}
+        tr.graph = tr.graph.with_params({k: v.detach().clone() for k, v in stored_layout(held, tr.swapped).items()})
+        self._bind_module(module, tr, shapes)
+
     def _bind_module(self, module: nn.Module, tr: Translation, shapes: Sequence[tuple[int, ...]]) -> None:
         self._set(tr, [*module.parameters(), *module.buffers()], full_shapes=shapes)
         self._bind_state(module.state_dict(keep_vars=True), dict(module.named_buffers()))
@@ -384,10 +392,7 @@ class StateDictCheckpoint(_SavedModule):
         module, stored = self._module_from_container(content.obj)
         if _has_optimizer_state(content.obj):
             self.warnings.append(_OPTIMIZER_WARNING)
-        tr, shapes = self._translate(module)
-        in_file = {k: stored[self._prefix + k] for k in tr.graph.params if self._prefix + k in stored}
-        tr.graph = tr.graph.with_params({k: v.detach().clone() for k, v in stored_layout(in_file, tr.swapped).items()})
-        self._bind_module(module, tr, shapes)
+        self._bind_stored(module, lambda name: stored.get(self._prefix + name))
 
     def _module_from_container(self, container: Mapping) -> tuple[nn.Module, Mapping[str, torch.Tensor]]:
         """The --arch module with the file's state_dict loaded (in eval mode), and that state_dict."""
@@ -522,10 +527,7 @@ class SafetensorsCheckpoint(_SavedModule):
             raise UsageError(f"{self.path}: none of its tensor names match the --arch module's parameter names "
                              f"(file: {_some(stored)}; module: {_some(expected)}): check --arch") from None
         in_file = self._load_file_into(module, stored, self.path)
-        tr, shapes = self._translate(module.eval())
-        held = {k: in_file[k] for k in tr.graph.params if k in in_file}
-        tr.graph = tr.graph.with_params({k: v.detach().clone() for k, v in stored_layout(held, tr.swapped).items()})
-        self._bind_module(module, tr, shapes)
+        self._bind_stored(module, in_file.get)
 
     def _load_file_into(self, module: nn.Module, stored: Mapping[str, torch.Tensor], path: Path) -> dict:
         """Load the file's tensors into ``module``; the tensors by module name (tied names filled in)."""
