@@ -123,3 +123,34 @@ class DigestInBackground:
         value = self._digest.hexdigest()
         _DIGESTS[_identity(path)] = value
         return value
+
+
+class SameLayout:
+    """Union-find over a front end's values (ONNX names, FX nodes) that share one layout: a token-major
+    value makes every value of its set token-major (see ``onnx_tokens`` / ``torch_tokens``)."""
+
+    def __init__(self) -> None:
+        self.parent: dict = {}
+
+    def find(self, a):
+        self.parent.setdefault(a, a)
+        while self.parent[a] != a:
+            self.parent[a] = self.parent[self.parent[a]]
+            a = self.parent[a]
+        return a
+
+    def union(self, a, b) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+    def token_major(self, seeds: set, products: list) -> set:
+        """Every value in the sets of ``seeds``, and of the outputs of ``products`` — (input, output)
+        pairs of linear layers, whose output is token-major when their input is — until none is added."""
+        seeds = set(seeds)
+        while True:
+            roots = {self.find(v) for v in seeds}
+            new = {out for x, out in products if self.find(x) in roots and self.find(out) not in roots}
+            if not new:
+                break
+            seeds |= new
+        roots = {self.find(v) for v in seeds}
+        return {v for v in list(self.parent) if self.find(v) in roots} | seeds

@@ -24,6 +24,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 
+from .base import SameLayout
 from .onnx_read import _Folder, _Refuse, _Transform
 
 # ops through which the last axis of an activation stays the last axis of the result
@@ -38,26 +39,11 @@ def _known(shape) -> bool:
     return shape is not None and all(isinstance(d, (int, np.integer)) and d >= 1 for d in shape)
 
 
-class _Sets:
-    def __init__(self) -> None:
-        self.parent: dict[str, str] = {}
-
-    def find(self, a: str) -> str:
-        self.parent.setdefault(a, a)
-        while self.parent[a] != a:
-            self.parent[a] = self.parent[self.parent[a]]
-            a = self.parent[a]
-        return a
-
-    def union(self, a: str, b: str) -> None:
-        self.parent[self.find(a)] = self.find(b)
-
-
 def channels_last(model: onnx.ModelProto, folder: _Folder, live: list[int], batch_one: bool) -> set[str]:
     """The ONNX values (activations) that are token-major, see the module's docstring. With every graph
     input at batch 1 (``batch_one``), a 2-D activation (N, D) with N > 1 read by a MatMul or Gemm holds
     N tokens (batch and tokens flattened together) and is token-major as well."""
-    sets = _Sets()
+    sets = SameLayout()
     products: list[tuple[str, str]] = []  # (activation input, output) of MatMul / Gemm on a constant
     seeds: set[str] = set()
     for index in live:
@@ -80,14 +66,7 @@ def channels_last(model: onnx.ModelProto, folder: _Folder, live: list[int], batc
                     continue
                 if node.op_type in _RESHAPES or len(shape) == len(out_shape):
                     sets.union(a, out)
-    while True:  # a product reading a token-major value writes one
-        roots = {sets.find(v) for v in seeds}
-        new = {out for act, out in products if sets.find(act) in roots and sets.find(out) not in roots}
-        if not new:
-            break
-        seeds |= new
-    roots = {sets.find(v) for v in seeds}
-    return {v for v in sets.parent if sets.find(v) in roots} | seeds
+    return sets.token_major(seeds, products)  # a product reading a token-major value writes one
 
 
 def ir_shape(folder: _Folder, last: set[str], name: str) -> tuple[int, ...] | None:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import Refusal
+from .base import SameLayout
 
 
 def _shape(node) -> tuple | None:
@@ -34,18 +35,6 @@ def _act_of(node, g) -> Any:
     return node.args[1] if node.target in g.ADDMM_OPS else node.args[0]
 
 
-class _Sets(dict):
-    def find(self, a):
-        self.setdefault(a, a)
-        while self[a] is not a:
-            self[a] = self[self[a]]
-            a = self[a]
-        return a
-
-    def union(self, a, b) -> None:
-        self[self.find(a)] = self.find(b)
-
-
 def channels_last(graph: torch.fx.Graph, activations: set, batch_one: bool) -> set:
     """The FX nodes holding token-major activations (``activations``: FX nodes that are activations,
     not parameters or constants)."""
@@ -54,7 +43,7 @@ def channels_last(graph: torch.fx.Graph, activations: set, batch_one: bool) -> s
     keep = g.RELU_OPS | g.LEAKY_OPS | g.IDENTITY_OPS | g.ADD_OPS | g.MUL_OPS | g.DIV_OPS
     views = g.FLATTEN_OPS | g.VIEW_OPS | g.ACTIVATION_VIEW_OPS
     products = g.LINEAR_OPS | g.ADDMM_OPS | g.MM_OPS
-    sets, seeds, pairs = _Sets(), set(), []
+    sets, seeds, pairs = SameLayout(), set(), []
     for node in graph.nodes:
         if node.op != "call_function":
             continue
@@ -76,14 +65,7 @@ def channels_last(graph: torch.fx.Graph, activations: set, batch_one: bool) -> s
                     continue
                 if node.target in views or len(shape) == len(out):
                     sets.union(a, node)
-    while True:
-        roots = {sets.find(v) for v in seeds}
-        new = {out for x, out in pairs if sets.find(x) in roots and sets.find(out) not in roots}
-        if not new:
-            break
-        seeds |= new
-    roots = {sets.find(v) for v in seeds}
-    return {v for v in list(sets) if sets.find(v) in roots} | seeds
+    return sets.token_major(seeds, pairs)  # a product reading a token-major value writes one
 
 
 def ir_shape(node, last: set) -> tuple[int, ...] | None:
