@@ -350,25 +350,18 @@ def _start_slow_run(source: Path, out: Path) -> subprocess.Popen:
 
 
 @pytest.mark.slow  # a subprocess that loads torch, then a signal: seconds each
-def test_sigint_prints_one_line_exits_130_and_leaves_nothing(slow_onnx, tmp_path):
+@pytest.mark.parametrize(("signum", "code", "line"), [
+    (signal.SIGINT, 130, "interrupted; nothing was written"),
+    # `kill` or a CI runner's timeout: the staging folder goes as after Ctrl-C (SIGKILL cannot do that)
+    (signal.SIGTERM, 143, "terminated; nothing was written"),
+])
+def test_sigint_and_sigterm_print_one_line_and_leave_nothing(signum, code, line, slow_onnx, tmp_path):
     out = tmp_path / "out.onnx"
     proc = _start_slow_run(slow_onnx, out)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr
-    assert stderr.splitlines() == ["interrupted; nothing was written"] and stdout == ""
-    assert listing(tmp_path) == []
-
-
-@pytest.mark.slow  # a subprocess that loads torch, then a signal: seconds each
-def test_sigterm_cleans_up_like_sigint_and_exits_143(slow_onnx, tmp_path):
-    """`kill` or a CI runner's timeout: the staging folder goes, as after Ctrl-C (SIGKILL cannot do that)."""
-    out = tmp_path / "out.onnx"
-    proc = _start_slow_run(slow_onnx, out)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 143, stderr
-    assert stderr.splitlines() == ["terminated; nothing was written"] and stdout == ""
+    assert proc.returncode == code, stderr
+    assert stderr.splitlines() == [line] and stdout == ""
     assert listing(tmp_path) == []
 
 
