@@ -30,8 +30,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, PathcondError, UnsupportedModelError, UsageError,
-                     VerificationError)
+from .errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, PathcondError, Terminated,
+                     UnsupportedModelError, UsageError, VerificationError)
 
 if TYPE_CHECKING:  # imported inside the commands: torch comes with them
     from .frontends.base import LoadOptions
@@ -43,6 +43,7 @@ ops) · 4 internal error (a bug in pathcond; nothing written) · 130 interrupted
 written) · 143 terminated (SIGTERM; nothing written)."""
 
 INTERRUPTED = "interrupted; nothing was written"
+TERMINATED = "terminated; nothing was written"
 
 app = typer.Typer(
     name="pathcond",
@@ -291,11 +292,11 @@ def _run(output: Output, job: Callable[[], Any]) -> Any:
         output.error(exc)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt as exc:  # staged files were removed on the way out, committed ones taken back
-        what = "terminated" if isinstance(exc, Terminated) else "interrupted"
-        message = (f"{what}; nothing was written" if not output.written
-                   else f"{what}; already written: {', '.join(output.written)}")
+        terminated = isinstance(exc, Terminated)
+        message = ((TERMINATED if terminated else INTERRUPTED) if not output.written else
+                   f"{'terminated' if terminated else 'interrupted'}; already written: {', '.join(output.written)}")
         output.err.print(message, markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED) from None
+        raise typer.Exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED) from None
     except Exception as exc:  # noqa: BLE001 - a bug: say so, keep the traceback, and exit with its own code
         output.internal_error(exc, traceback.format_exc())
         raise typer.Exit(EXIT_INTERNAL) from None
@@ -454,7 +455,7 @@ def main() -> None:
     try:
         app()
     except Terminated:
-        print("terminated; nothing was written", file=sys.stderr)
+        print(TERMINATED, file=sys.stderr)
         sys.exit(EXIT_TERMINATED)
     except KeyboardInterrupt:  # outside a job (typer exits 130 silently inside its own parsing)
         print(INTERRUPTED, file=sys.stderr)
