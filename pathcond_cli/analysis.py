@@ -19,10 +19,8 @@ from .groups import Groups, Role, build_groups
 from .ir import WEIGHT_LAYER_OPS, Graph
 from .segments import cut, has_opaque, relabel_pins
 from .solver import Blocks, ParamBox, Solution, build_blocks, solve
-from .stats import PathStats, path_statistics
+from .stats import LOG10, PathStats, path_statistics
 from .timing import timed
-
-LOG10 = math.log(10.0)
 
 
 def resolve_device(device: str = "auto") -> torch.device:

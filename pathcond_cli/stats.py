@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from .errors import NumericalError
@@ -222,21 +221,4 @@ def path_statistics(graph: Graph, groups: Groups, device: torch.device | str = "
     return PathStats(log_g=log_g, log10_paths=paths, log10_path1_norm=path1, log10_path2_norm=0.5 * log_psi / LOG10)
 
 
-def role_summary(log_g: torch.Tensor) -> tuple[float | None, float | None, float | None]:
-    """(min, median, max) of log10 g over a tensor's entries with g > 0 (None when all are 0).
-
-    The median is the lower one for an even count. A selection (numpy's partition), not a sort:
-    this runs on every weight of the model."""
-    flat = log_g.detach().reshape(-1).to("cpu", torch.float64)
-    if flat.numel() and float(flat.min()) == -math.inf:
-        flat = flat[flat > -math.inf]
-    if flat.numel() == 0:
-        return None, None, None
-    values = flat.numpy()
-    k = (values.size - 1) // 2
-    median = float(np.partition(values, k)[k])
-    return float(flat.min()) / LOG10, median / LOG10, float(flat.max()) / LOG10
-
-
-__all__ = ["PathForward", "PathStats", "Role", "Scaled", "bn_affine", "diag_g", "path_log_sum", "path_statistics",
-           "role_summary"]
+__all__ = ["PathForward", "PathStats", "Role", "Scaled", "bn_affine", "diag_g", "path_log_sum", "path_statistics"]

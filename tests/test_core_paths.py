@@ -19,7 +19,7 @@ from pathcond_cli.analysis import analyze, layer_rows, rescaled_params, role_fac
 from pathcond_cli.errors import NumericalError
 from pathcond_cli.groups import build_groups
 from pathcond_cli.ir import Graph, Node, evaluate
-from pathcond_cli.stats import LOG10, path_statistics, role_summary
+from pathcond_cli.stats import LOG10, path_statistics
 from tests import conftest
 from tests.reference import pool_windows, reference
 
@@ -396,12 +396,6 @@ def test_layer_rows_match_enumeration(name):
             values = np.sort(np.concatenate([enumeration.g_of(role_tag(r), r.shape).reshape(-1) for r in roles]))
             want = np.log10(values[[0, (len(values) - 1) // 2, -1]])
             np.testing.assert_allclose(figures, want, rtol=1e-9, atol=1e-12, err_msg=node_name)
-
-
-def test_role_summary_skips_zero_entries():
-    log_g = torch.tensor([[0.0, -math.inf, 2.0], [-math.inf, 1.0, 3.0]]) * LOG10
-    assert role_summary(log_g) == pytest.approx((0.0, 1.0, 3.0))  # lower median of 0, 1, 2, 3
-    assert role_summary(torch.full((4,), -math.inf)) == (None, None, None)
 
 
 # --------------------------------------------------------------------------------------------------
