@@ -208,21 +208,6 @@ def _moves(role: Role, u: torch.Tensor) -> bool:
 CHUNK_ENTRIES = 1 << 20
 
 
-def _rows_log_factor(role: Role, u: torch.Tensor, rows: slice) -> torch.Tensor:
-    """:func:`role_log_factor` for the output channels ``rows`` only (axis 0 of the stored tensor)."""
-    out = u[role.out_idx[rows]]
-    if role.in_idx is None:
-        log_f = out
-    elif role.in_idx.dim() == 1:
-        log_f = out[:, None] - u[role.in_idx][None, :]
-    else:
-        log_f = out[:, None] - u[role.in_idx[rows]]
-    shape = (log_f.shape[0],) + tuple(role.shape[1:])
-    if log_f.numel() == math.prod(shape):
-        return log_f.reshape(shape)
-    return log_f.reshape(log_f.shape + (1,) * (len(shape) - log_f.dim()))
-
-
 def rescaled_params(analysis: Analysis) -> dict[str, torch.Tensor]:
     """New values of every parameter the rescaling changes, each in its stored dtype and device.
 
@@ -249,7 +234,7 @@ def rescaled_params(analysis: Analysis) -> dict[str, torch.Tensor]:
             blocks = [...]
         finite = True
         for rows in blocks:  # type: ignore[assignment]
-            log_f = role_log_factor(role, u) if rows is Ellipsis else _rows_log_factor(role, u, rows)
+            log_f = role_log_factor(role if rows is Ellipsis else _rows(role, rows.start, rows.stop), u)
             part = source[rows].to("cpu", torch.float64, copy=True).mul_(torch.exp(log_f))  # never the stored tensor
             value[rows] = part  # rounded once to the stored dtype
             # checked after the cast: float16 overflows long before float64
