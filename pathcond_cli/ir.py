@@ -104,6 +104,24 @@ class Node:
         return self.params.get(role)
 
 
+class Sets:
+    """Union-find over hashable values (value names, nodes): which of them must share one property
+    (a segment, a layout)."""
+
+    def __init__(self) -> None:
+        self.parent: dict = {}
+
+    def find(self, a):
+        self.parent.setdefault(a, a)
+        while self.parent[a] != a:
+            self.parent[a] = self.parent[self.parent[a]]
+            a = self.parent[a]
+        return a
+
+    def union(self, a, b) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+
 class GraphError(ValueError):
     """The IR is malformed: a front-end bug or a graph pathcond cannot represent."""
 

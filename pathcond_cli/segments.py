@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import Offender, UnsupportedModelError
-from .ir import OPS, Graph, Node, Shape
+from .ir import OPS, Graph, Node, Sets, Shape
 
 if TYPE_CHECKING:
     from .analysis import Analysis
@@ -176,22 +176,15 @@ def segment_nodes(graph: Graph) -> list[list[Node]]:
     """The maximal homogeneous segments: homogeneous nodes joined by the values they pass each other
     (a value from an opaque node or a graph input joins nothing: it is pinned), in graph order."""
     kept = [n for n in graph.nodes if n.op != OPAQUE]
-    parent = {n.name: n.name for n in kept}
-
-    def find(a: str) -> str:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
+    sets = Sets()
     producer = {n.output: n for n in kept}
     for node in kept:
         for value in node.inputs:
             if value in producer:
-                parent[find(producer[value].name)] = find(node.name)
+                sets.union(producer[value].name, node.name)
     segments: dict[str, list[Node]] = {}
     for node in kept:
-        segments.setdefault(find(node.name), []).append(node)
+        segments.setdefault(sets.find(node.name), []).append(node)
     return list(segments.values())
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
-from ..ir import Graph
+from ..ir import Graph, Sets
 
 
 @dataclass(frozen=True)
@@ -125,22 +125,9 @@ class DigestInBackground:
         return value
 
 
-class SameLayout:
-    """Union-find over a front end's values (ONNX names, FX nodes) that share one layout: a token-major
-    value makes every value of its set token-major (see ``onnx_tokens`` / ``torch_tokens``)."""
-
-    def __init__(self) -> None:
-        self.parent: dict = {}
-
-    def find(self, a):
-        self.parent.setdefault(a, a)
-        while self.parent[a] != a:
-            self.parent[a] = self.parent[self.parent[a]]
-            a = self.parent[a]
-        return a
-
-    def union(self, a, b) -> None:
-        self.parent[self.find(a)] = self.find(b)
+class SameLayout(Sets):
+    """A front end's values (ONNX names, FX nodes) that share one layout: a token-major value makes
+    every value of its set token-major (see ``onnx_tokens`` / ``torch_tokens``)."""
 
     def token_major(self, seeds: set, products: list) -> set:
         """Every value in the sets of ``seeds``, and of the outputs of ``products`` — (input, output)
