@@ -341,20 +341,25 @@ def _rows(role: Role, start: int, stop: int) -> Role:
                    in_idx=in_idx)
 
 
-def _role_extremes(role: Role, log_g: torch.Tensor, u: torch.Tensor) -> tuple[tuple[float, float], tuple[float, float]]:
-    """((min, max) of ln g before, (min, max) after) over entries with g > 0, scanned in chunks of rows."""
+def role_chunks(role: Role, log_g: torch.Tensor, u: torch.Tensor):
+    """(ln g before, ln g after) of one role, a block of output channels at a time: no float64 copy of
+    the whole tensor is made (``log_g`` may be float32 after the solve; each block is promoted alone)."""
     if role.numel == 0:
-        return (math.inf, -math.inf), (math.inf, -math.inf)
+        return
     u = u.to(log_g.device)
     log_g = log_g.detach().reshape(role.shape)
-    per_row = max(1, role.numel // role.shape[0])
-    step = max(1, _CHUNK // per_row)
-    b_lo = a_lo = math.inf
-    b_hi = a_hi = -math.inf
+    step = max(1, _CHUNK // max(1, role.numel // role.shape[0]))
     for start in range(0, role.shape[0], step):
         stop = min(start + step, role.shape[0])
         before = log_g[start:stop]
-        after = before - 2.0 * role_log_factor(_rows(role, start, stop), u)
+        yield before, before - 2.0 * role_log_factor(_rows(role, start, stop), u)
+
+
+def _role_extremes(role: Role, log_g: torch.Tensor, u: torch.Tensor) -> tuple[tuple[float, float], tuple[float, float]]:
+    """((min, max) of ln g before, (min, max) after) over entries with g > 0, scanned in chunks of rows."""
+    b_lo = a_lo = math.inf
+    b_hi = a_hi = -math.inf
+    for before, after in role_chunks(role, log_g, u):
         lo, hi = (float(v) for v in torch.aminmax(before))
         if lo == -math.inf:  # entries with g = 0 (rare): leave them out of both
             keep = before > -math.inf

@@ -268,12 +268,23 @@ def relabel_pins(groups: Groups, source: Graph) -> None:
 # Per-segment figures for the report
 
 
-def _log_score(log_g: torch.Tensor) -> float | None:
-    """ln(AM/GM) of the entries with g > 0 (None when there are none)."""
-    lg = log_g[torch.isfinite(log_g)]
-    if lg.numel() == 0:
-        return None
-    return float(torch.logsumexp(lg, 0) - math.log(lg.numel()) - lg.mean())
+class _LogScore:
+    """ln(AM/GM) of the entries with g > 0 seen so far, from running sums (logsumexp, sum and count of
+    ln g), so that a segment's score needs no copy of all its entries at once."""
+
+    def __init__(self) -> None:
+        self.lse, self.total, self.count = -math.inf, 0.0, 0
+
+    def add(self, log_g: torch.Tensor) -> None:
+        lg = log_g[torch.isfinite(log_g)].double()
+        if lg.numel():
+            self.lse = float(torch.logaddexp(torch.tensor(self.lse, dtype=torch.float64), torch.logsumexp(lg, 0)))
+            self.total += float(lg.sum())
+            self.count += lg.numel()
+
+    def value(self) -> float | None:
+        """None when every entry has g = 0."""
+        return None if not self.count else self.lse - math.log(self.count) - self.total / self.count
 
 
 def _boundaries(source: Graph, names: set[str]) -> tuple[list[str], list[str]]:
@@ -289,24 +300,25 @@ def _boundaries(source: Graph, names: set[str]) -> tuple[list[str], list[str]]:
 def segment_rows(analysis: Analysis, source: Graph) -> list[dict[str, Any]]:
     """One row per segment with parameters: its boundaries, parameters, hidden units and its score
     (AM/GM of its own diag(G) entries with g > 0) before and after the rescaling."""
-    from .analysis import role_log_factor
+    from .analysis import layer_entries, role_chunks
 
     u = analysis.u
     degenerate = frozenset(j for j, _ in analysis.solution.degenerate)
-    by_node: dict[str, list[tuple[Any, torch.Tensor]]] = {}
-    for role, log_g in zip(analysis.groups.roles, analysis.stats.log_g):
-        by_node.setdefault(role.node.name, []).append((role, log_g.detach().cpu().double()))
+    by_node = layer_entries(analysis)
     rows = []
     for nodes in segment_nodes(source):
         names = {n.name for n in nodes}
         entries = [e for n in nodes for e in by_node.get(n.name, [])]
         if not entries:
             continue  # shape arithmetic between opaque ops: no parameter, nothing to report
-        before = torch.cat([lg.reshape(-1) for _, lg in entries])
-        after = torch.cat([(lg - 2.0 * role_log_factor(r, u)).reshape(-1) for r, lg in entries])
+        before, after = _LogScore(), _LogScore()
+        for role, log_g in entries:
+            for b, a in role_chunks(role, log_g, u):
+                before.add(b)
+                after.add(a.expand(b.shape))
         free, total = free_hidden_units(nodes, analysis.groups, degenerate)
         reads_from, read_by = _boundaries(source, names)
-        score_before, score_after = _log_score(before), _log_score(after)
+        score_before, score_after = before.value(), after.value()
         rows.append({
             "index": len(rows),
             "first_node": nodes[0].name,
@@ -314,7 +326,7 @@ def segment_rows(analysis: Analysis, source: Graph) -> list[dict[str, Any]]:
             "nodes": len(nodes),
             "inputs_from": reads_from,
             "outputs_to": read_by,
-            "parameters": int(before.numel()),
+            "parameters": sum(role.numel for role, _ in entries),
             "hidden_units": total,
             "hidden_units_free": free,
             "hidden_units_pinned": total - free,
