@@ -159,6 +159,17 @@ def test_subprocess_json_stdout_only(mlp_onnx, tmp_path):
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
 
+
+@pytest.mark.parametrize(("code", "status", "stderr"), [(None, 0, ""), (3, 3, ""), ("bad usage", 1, "bad usage\n")])
+def test_leave_maps_exit_codes_like_sys_exit(monkeypatch, capsys, code, status, stderr):
+    """The program ends with os._exit (no interpreter teardown): the status must be what sys.exit gives."""
+    from pathcond_cli import cli
+
+    left = []
+    monkeypatch.setattr(cli.os, "_exit", left.append)
+    cli._leave(code)
+    assert left == [status] and capsys.readouterr().err == stderr
+
 # -- PyTorch checkpoints through the CLI ---------------------------------------------------------------
 
 
