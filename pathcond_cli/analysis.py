@@ -356,7 +356,13 @@ def role_chunks(role: Role, log_g: torch.Tensor, u: torch.Tensor):
 
 
 def _role_extremes(role: Role, log_g: torch.Tensor, u: torch.Tensor) -> tuple[tuple[float, float], tuple[float, float]]:
-    """((min, max) of ln g before, (min, max) after) over entries with g > 0, scanned in chunks of rows."""
+    """((min, max) of ln g before, (min, max) after) over entries with g > 0, scanned in chunks of rows.
+
+    A kernel's positions share their (out, in) pair's factor, so a convolution is first reduced to the
+    extremes over its positions (one (O, I) pair of matrices) unless some g is 0."""
+    pairs = _kernel_extremes(role, log_g, u)
+    if pairs is not None:
+        return pairs
     b_lo = a_lo = math.inf
     b_hi = a_hi = -math.inf
     for before, after in role_chunks(role, log_g, u):
@@ -371,6 +377,24 @@ def _role_extremes(role: Role, log_g: torch.Tensor, u: torch.Tensor) -> tuple[tu
         b_lo, b_hi = min(b_lo, lo), max(b_hi, hi)
         a_lo, a_hi = min(a_lo, a_lo_c), max(a_hi, a_hi_c)
     return (b_lo, b_hi), (a_lo, a_hi)
+
+
+def _kernel_extremes(role: Role, log_g: torch.Tensor, u: torch.Tensor):
+    """:func:`_role_extremes` of a role with kernel positions, or None (no kernel, or some g = 0)."""
+    if role.in_idx is None or role.numel == 0:
+        return None
+    rows, width = role.shape[0], role.in_idx.shape[-1]
+    positions = role.numel // (rows * width)
+    if positions == 1:
+        return None
+    lo, hi = torch.aminmax(log_g.detach().reshape(rows, width, positions), dim=-1)
+    if float(lo.min()) == -math.inf:
+        return None
+    u = u.to(log_g.device)
+    out = u[role.out_idx][:, None]
+    factor = 2.0 * (out - (u[role.in_idx][None, :] if role.in_idx.dim() == 1 else u[role.in_idx]))
+    before = (float(lo.min()), float(hi.max()))
+    return before, (float((lo - factor).min()), float((hi - factor).max()))
 
 
 def _masked_extremes(values: torch.Tensor, keep: torch.Tensor) -> tuple[float, float]:

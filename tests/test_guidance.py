@@ -138,13 +138,15 @@ def test_inspect_json_carries_the_factors(mlp_onnx):
     assert all(r["median_sample"] == r["params"] for r in report["layers"])  # small layers: exact medians
 
 
-def test_zero_g_entries_are_left_out(monkeypatch):
+@pytest.mark.parametrize("name", ["mlp", "conv_pools", "grouped_conv"])
+def test_zero_g_entries_are_left_out(monkeypatch, name):
     """Entries with g = 0 (ln g = -inf) count in no figure: min / lower median / max over the others, with
-    the masked path taken in small chunks."""
+    the masked path taken in small chunks (a convolution's kernel reduction steps aside for it)."""
     monkeypatch.setattr(an, "_CHUNK", 7)
-    analysis, _, _ = rescaled("mlp")
+    analysis, _, _ = rescaled(name)
     log_g = [t.clone() for t in analysis.stats.log_g]
     first = analysis.groups.roles[0]
+    assert first.numel > first.shape[0] * (1 if first.in_idx is None else first.in_idx.shape[-1]) or name == "mlp"
     log_g[0].reshape(-1)[::3] = -math.inf
     fake = SimpleNamespace(u=analysis.u, groups=analysis.groups, stats=SimpleNamespace(log_g=log_g),
                            graph=analysis.graph)
