@@ -18,7 +18,11 @@ on the meta device included), which is what a user would compare. It also prints
 size of the stored float tensors + file size) (target <= 3x), and the floor's own peak on the same scale:
 one float64 squared forward keeps its activations for the backward, so on convolutional nets at 224x224
 the floor alone is above 3x. The start-up figure is the wall time of ``pathcond inspect
-sample_models/mlp_uneven.onnx`` minus that of ``python -c "import torch"`` (target <= 0.5 s).
+sample_models/mlp_uneven.onnx`` minus that of ``python -c "import torch"`` (target <= 0.5 s). Both the
+floor and ``rescale`` write a new file on every run (on some file systems rewriting an existing file in
+place is several times faster than creating one). The peak RSS of ``python -c "import torch, onnx,
+onnxruntime"`` is printed too: every process pays it, whatever the model, and each model's memory line
+also gives both peaks beyond it.
 
 Child processes run with Python's bytecode cache enabled (``PYTHONDONTWRITEBYTECODE`` is dropped from
 their environment), as an installed package has its ``.pyc`` files: otherwise every run would compile
@@ -169,6 +173,9 @@ def main() -> None:
     flag = "ok" if with_start - torch_start <= TARGET_STARTUP else "over target"
     print(f"start-up: inspect {SAMPLE.name} {with_start:.2f}s - import torch {torch_start:.2f}s = "
           f"{with_start - torch_start:.2f}s (target <= {TARGET_STARTUP}s: {flag})")
+    libraries = min(run_child([python, "-c", "import torch, onnx, onnxruntime"], env)[1] for _ in range(2))
+    print(f"libraries: peak RSS of python -c 'import torch, onnx, onnxruntime' {libraries / 2**30:.2f} GiB "
+          "(in every process, whatever the model)")
     with tempfile.TemporaryDirectory(prefix="pathcond-bench-") as tmp:
         folder = Path(tmp)
         for name in args.models:
@@ -177,6 +184,7 @@ def main() -> None:
                            stderr=subprocess.DEVNULL)
             floors, programs, rescales, rss, floor_rss, stages = [], [], [], [], [], {}
             for _ in range(args.repeats):
+                (folder / "floor.onnx").unlink(missing_ok=True)  # a new file, as rescale writes one
                 wall, peak, out, code = run_child([python, __file__, "--_floor", name, str(src), str(folder / "floor.onnx")], env)
                 if code != 0:
                     raise SystemExit(f"floor run on {name} exited with {code}")
@@ -208,6 +216,8 @@ def main() -> None:
             print(f"  memory  peak RSS {m / 2**30:.2f} GiB / (float32 tensors + file) {base / 2**30:.2f} GiB = "
                   f"{m / base:.2f}x (target <= {TARGET_RSS}x: {'ok' if m / base <= TARGET_RSS else 'over target'}; "
                   f"the floor's own peak: {min(floor_rss) / base:.2f}x)")
+            print(f"  memory  beyond the libraries: {(m - libraries) / base:.2f}x (the floor's: "
+                  f"{(min(floor_rss) - libraries) / base:.2f}x)")
             src.unlink()
 
 
