@@ -1,7 +1,9 @@
 """The ONNX front end: an ONNX ReLU network -> :class:`pathcond_cli.ir.Graph`, and back.
 
 Reading
-    The model is loaded with its external data. Input shapes are fixed (dynamic batch -> 1, other
+    The model is loaded with its external data. The values of its large initializers stored as raw
+    bytes then leave the ModelProto the model keeps: they are held once, as the read-only arrays the IR
+    parameters are views of (``OnnxModel._data``, :func:`.onnx_read._detach_data`). Input shapes are fixed (dynamic batch -> 1, other
     dynamic dims from ``--input-shape``) and ONNX shape inference gives every value a shape. A first
     pass folds every value that does not depend on the inputs (initializers, Constant nodes, Identity
     chains, shape subgraphs such as ``Shape -> Gather -> Concat`` feeding a Reshape): those are
@@ -36,7 +38,9 @@ Writing
     parameter is computed (Cast, Mul, ... of stored tensors), which cannot be written back. Transforms
     applied on reading (Gemm ``transB=0`` and ``alpha``/``beta``, MatMul's (I, O) layout, Sub's
     negation, Div's reciprocal, broadcast scalars) are inverted. With external data, float tensors of
-    1 KiB or more go to ``OUT.data``; smaller and integer tensors (shapes, axes) stay inline.
+    1 KiB or more go to ``OUT.data``; smaller and integer tensors (shapes, axes) stay inline. The file
+    is serialised piece by piece, each held-out tensor's bytes written from its array (unchanged ones
+    byte for byte as read), so that the model is never held twice nor serialised whole in memory.
 
 Modules
     This module holds the loaded model (:class:`OnnxModel`) and :func:`load_onnx`, which drive the

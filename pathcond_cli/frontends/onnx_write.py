@@ -1,7 +1,8 @@
 """Writing new parameter values into an ONNX model, the last part of the ONNX front end
 (:mod:`.onnx_frontend` tells the whole story): the name plan (:func:`_plan_names`: which value every
 name gets), writing it into the ModelProto (stored tensors in place, views replaced by initializers,
-new tensors where needed), and saving the file with the external data layout (:func:`_save_proto`)."""
+new tensors where needed), and saving the file with the external data layout (:func:`_save_proto`),
+serialised piece by piece with the large tensors' bytes written from the arrays that hold them."""
 
 from __future__ import annotations
 
@@ -319,17 +320,23 @@ def _key(number: int, length: int) -> bytes:
 
 
 def _split(message, number: int) -> tuple[bytes, bytes]:
-    """The serialised fields of ``message`` numbered below ``number``, and those above it (with its unknown
-    fields, which are serialised last)."""
+    """The serialised fields of ``message`` numbered below ``number``, and those above it with its unknown
+    fields (serialised last). The fields below are copied one by one, those above with the unknown ones by
+    copying the message less them: each field is copied once."""
     below, above = type(message)(), type(message)()
-    below.CopyFrom(message)
+    for field, value in message.ListFields():
+        if field.number >= number:
+            continue
+        if field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED:
+            getattr(below, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(below, field.name).CopyFrom(value)
+        else:
+            setattr(below, field.name, value)
     above.CopyFrom(message)
     for field, _ in message.ListFields():
-        if field.number >= number:
-            below.ClearField(field.name)
         if field.number <= number:
             above.ClearField(field.name)
-    below.DiscardUnknownFields()
     return below.SerializeToString(), above.SerializeToString()
 
 
