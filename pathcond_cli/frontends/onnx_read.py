@@ -489,7 +489,8 @@ class _Folder:
     """Evaluates the nodes whose outputs do not depend on the graph inputs."""
 
     def __init__(self, model: onnx.ModelProto, info, opset: int, stored: Mapping[str, np.ndarray] | None = None):
-        """``stored``: the initializers as arrays (read-only; read from the model when not given)."""
+        """``stored``: the initializers as arrays (read-only; read from the model when not given, which
+        then must hold their data: see _detach_data)."""
         self.model, self.info, self.opset = model, info, opset
         if stored is None:
             stored = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
