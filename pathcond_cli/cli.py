@@ -389,7 +389,8 @@ def rescale(
 
         load, solve = options.checked()
         check_tolerances(options.tol, rtol)
-        how = RescaleOptions(force=force, report_path=report, rtol=rtol, verify_inputs=verify_inputs, seed=seed)
+        how = RescaleOptions(force=force, report_path=report, rtol=rtol, verify_inputs=verify_inputs, seed=seed,
+                             distributions=bool(display.plot))
         with output.progress() as notify:
             result = rescale_model(source, target, load, solve, how, notify)
         if display.plot:

@@ -44,13 +44,15 @@ class RescaleOptions:
     rtol: float | None = None  # default: by parameter dtype
     verify_inputs: int = 3
     seed: int = 0
+    distributions: bool = False  # keep ln g (float32) in JobResult.analysis, for --plot's histograms
 
 
 @dataclass
 class JobResult:
     report: dict[str, Any]
     written: list[Path] = field(default_factory=list)
-    analysis: Analysis | None = None  # for what the report does not carry (--plot's distributions)
+    analysis: Analysis | None = None  # for what the report does not carry (--plot's distributions; rescale:
+    # ln g only with RescaleOptions.distributions)
 
 
 def detect_format(path: Path) -> str:
@@ -145,11 +147,15 @@ def file_roles(source: Path, target: Path, report_path: Path) -> tuple[list[Role
     return outputs, inputs
 
 
-def _narrow_log_g(analysis: Analysis) -> None:
-    """Keep ln g in float32 once the solve and the layers table are done: from here it only feeds
-    ``--plot``'s histograms of log10 g, and the write and verify stages then start from half of what is
-    usually the largest thing held (VGG-16: 1.1 GB of float64). Tensor by tensor, so each float64 copy
-    goes as its float32 one is made."""
+def _narrow_log_g(analysis: Analysis, keep: bool) -> None:
+    """Once the solve and the layers table are done, ln g (usually the largest thing held: VGG-16, 1.1 GB
+    of float64) only feeds ``--plot``'s histograms of log10 g and a partial model's segment scores: it
+    goes (``stats.log_g`` is None) unless ``keep`` or a partial model, else it is kept in float32, tensor
+    by tensor, so each float64 copy goes as its float32 one is made. The write and verify stages start
+    without it, or with half of it."""
+    if not keep and analysis.source_graph is None:
+        analysis.stats.log_g = None  # type: ignore[assignment]
+        return
     log_g = analysis.stats.log_g
     for i, value in enumerate(log_g):
         if value.dtype == torch.float64:
@@ -178,7 +184,7 @@ def rescale_model(
         # the number of paths and the path-1 norm are left to inspect: they cost two forward passes and
         # a rescaling leaves them unchanged (the report's values are null)
         model, analysis = _load_and_analyze(source, load, solve, notify, timings, path_counts=False)
-        _narrow_log_g(analysis)
+        _narrow_log_g(analysis, keep=options.distributions)
         notify("write", {"path": str(target)})
         with timed(timings, "write"):
             model.save(rescaled_params(analysis), stage.path)

@@ -169,13 +169,40 @@ def test_cuda_index_beyond_the_machine_is_a_usage_error(monkeypatch):
         resolve_device("cuda:7")
 
 
+def test_rescale_lets_ln_g_go_before_the_write_unless_asked(fake_source, tmp_path, monkeypatch):
+    """Without --plot nothing reads ln g after the layers table: it is gone by the time the model is
+    written, and the run (written, verified, reported) is the one that keeps it for the plot."""
+    source, _ = fake_source
+    stats, at_write = [], []
+    real_analyze, real_save = jobs.analyze, FakeModel.save
+
+    def analyze(*args, **kwargs):
+        analysis = real_analyze(*args, **kwargs)
+        stats.append(analysis.stats)
+        return analysis
+
+    def save(self, new_params, path):
+        at_write.append(stats[-1].log_g)
+        real_save(self, new_params, path)
+
+    monkeypatch.setattr(jobs, "analyze", analyze)
+    monkeypatch.setattr(FakeModel, "save", save)
+    lean = _rescale(source, tmp_path / "lean.fake")
+    kept = _rescale(source, tmp_path / "kept.fake", distributions=True)
+    assert at_write[0] is None and lean.analysis.stats.log_g is None
+    assert all(lg.dtype == torch.float32 for lg in at_write[1]) and kept.analysis.stats.log_g is at_write[1]
+    for key in ("model", "conditioning", "verdict", "relative_step", "layers", "verification"):
+        assert lean.report[key] == kept.report[key], key
+
+
 def test_rescale_keeps_ln_g_in_float32_after_the_layers_table(fake_source, tmp_path):
-    """After the solve and the layers table, rescale keeps ln g in float32 (it only feeds --plot): the
-    values are the float64 ones rounded, the layers table is inspect's, and the plot's samples agree."""
+    """Asked for the distributions (--plot), rescale keeps ln g in float32 after the solve and the layers
+    table: the values are the float64 ones rounded, the layers table is inspect's, and the plot's samples
+    agree."""
     from pathcond_cli.analysis import layer_entries, layer_samples
 
     source, _ = fake_source
-    result = _rescale(source, tmp_path / "out.fake")
+    result = _rescale(source, tmp_path / "out.fake", distributions=True)
     reference = jobs.inspect_model(source, LoadOptions(), jobs.SolveOptions(device="cpu")).analysis
     assert all(lg.dtype == torch.float32 for lg in result.analysis.stats.log_g)
     for narrow, wide in zip(result.analysis.stats.log_g, reference.stats.log_g, strict=True):

@@ -761,3 +761,170 @@ def test_writer_set_tensor_matches_numpy_helper(dtype):
     back = numpy_helper.to_array(tensor)
     assert back.dtype == value.dtype and np.array_equal(back, value)
     assert tensor.SerializeToString() == numpy_helper.from_array(value, "w").SerializeToString()
+
+
+# --------------------------------------------------------------------------------------------------
+# The weights held once: large initializers' values live in the arrays the IR reads, out of the held
+# ModelProto, and are written back from them byte for byte
+
+
+def _held_once_model(dtype: str, layout: str) -> onnx.ModelProto:
+    """x -> Reshape (a stored int64 shape) -> Gemm w1 (96x64: large) -> Relu -> Gemm w2 -> y, and a second
+    output x @ ws (64x80: large) that no rescaling touches (both its ends are the model's). ``layout``:
+    "raw" (raw_data), "typed" (float_data) or "external" (saved by the test with every tensor external)."""
+    rng = np.random.default_rng(5)
+    values = {"w1": rng.standard_normal((96, 64)) * np.exp(rng.uniform(-2, 2, (96, 1))), "b1": rng.standard_normal(96),
+              "w2": rng.standard_normal((10, 96)), "b2": rng.standard_normal(10), "ws": rng.standard_normal((64, 80))}
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    inits = []
+    for name, value in values.items():
+        value = value.astype(dtype)
+        if layout == "typed":
+            inits.append(helper.make_tensor(name, elem, value.shape, value.reshape(-1).tolist()))
+        else:
+            inits.append(numpy_helper.from_array(value, name))
+    inits.append(numpy_helper.from_array(np.array([1, 64], np.int64), "shape"))
+    inits[0].doc_string = "the first layer"  # fields around raw_data, kept as they are
+    inits[4].doc_string = "a linear skip"
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["x2"], "reshape"),
+             helper.make_node("Gemm", ["x2", "w1", "b1"], ["h"], "fc1", transB=1),
+             helper.make_node("Relu", ["h"], ["r"], "relu"),
+             helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], "fc2", transB=1),
+             helper.make_node("MatMul", ["x2", "ws"], ["z"], "skip")]
+    info = [helper.make_tensor_value_info(n, elem, s) for n, s in (("x", [1, 64]), ("y", [1, 10]), ("z", [1, 80]))]
+    graph = helper.make_graph(nodes, "held", info[:1], info[1:], inits, doc_string="a graph")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="test")
+    onnx.helper.set_model_props(model, {"author": "pathcond tests"})
+    onnx.checker.check_model(model)
+    return model
+
+
+def _stored_data(path: Path) -> dict[str, tuple]:
+    """Each initializer as stored: (type, dims, its raw bytes or its typed fields' bytes), external data read."""
+    out = {}
+    for t in onnx.load(str(path)).graph.initializer:
+        typed = b"".join(np.asarray(f, dt).tobytes() for f, dt in (
+            (t.float_data, np.float32), (t.int32_data, np.int32), (t.int64_data, np.int64), (t.double_data, np.float64)))
+        out[t.name] = (t.data_type, tuple(t.dims), t.raw_data if t.HasField("raw_data") else b"typed:" + typed)
+    return out
+
+
+def _held_once_forward(values: dict[str, np.ndarray], x: np.ndarray) -> list[np.ndarray]:
+    v = {k: a.astype(np.float64) for k, a in values.items()}
+    return [np.maximum(x @ v["w1"].T + v["b1"], 0) @ v["w2"].T + v["b2"], x @ v["ws"]]
+
+
+def test_large_initializers_are_held_once(tmp_path):
+    """After loading, a large raw_data initializer's values are held once: by the array the IR parameter
+    is a view of, not also as bytes inside the kept ModelProto (which keeps its name, type and dims). Small
+    tensors and typed fields stay in the model."""
+    source = _write(_held_once_model("float32", "raw"), tmp_path)
+    model = load_onnx(source)
+    held = {t.name: t for t in model._model.graph.initializer}
+    assert set(model._data) == {"w1", "ws"}
+    for name in ("w1", "ws"):
+        assert not held[name].HasField("raw_data") and list(held[name].dims) == list(model._data[name].shape)
+    assert all(held[name].HasField("raw_data") for name in ("b1", "w2", "b2", "shape"))
+    assert model._model.ByteSize() < source.stat().st_size / 10
+    assert np.shares_memory(model.graph.params["w1"].numpy(), model._data["w1"])
+    typed = load_onnx(_write(_held_once_model("float32", "typed"), tmp_path, "typed.onnx"))
+    assert typed._data == {}  # float_data is not raw bytes: the model keeps it
+
+
+@pytest.mark.parametrize("dtype,layout", [("float32", "raw"), ("float32", "typed"), ("float16", "raw"),
+                                          ("float32", "external")])
+def test_unchanged_initializers_are_written_byte_for_byte(tmp_path, dtype, layout):
+    """rescale: every initializer whose value is unchanged is stored in the output exactly as in the input
+    (raw bytes, or typed fields), large ones held out of the model included; the changed ones hold the
+    rescaled values; both files compute the same function (onnxruntime, verified, and numpy in float64);
+    the file is protobuf's own serialisation of what it holds, and the report's sha256 is that of its bytes."""
+    import hashlib
+
+    from pathcond_cli import jobs
+
+    proto = _held_once_model(dtype, layout)
+    source, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    if layout == "external":  # every tensor external, the int64 shape too: onnxruntime cannot open the input
+        onnx.save_model(proto, str(source), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="in.onnx.data", size_threshold=0)
+    else:
+        onnx.save(proto, str(source))
+    files_before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    result = jobs.rescale_model(source, out, LoadOptions(), jobs.SolveOptions(device="cpu"), jobs.RescaleOptions())
+    report = result.report
+    assert report["verification"]["passed"]
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name in files_before} == files_before
+
+    before, after = _stored_data(source), _stored_data(out)
+    values_before, values_after = _inits(source), _inits(out)
+    changed = {k for k in before if not np.array_equal(values_before[k], values_after[k])}
+    assert {"w1", "b1", "w2"} <= changed and "ws" not in changed and set(after) == set(before)
+    for name in set(before) - changed:
+        assert after[name] == before[name], name
+    docs = {t.name: t.doc_string for t in onnx.load(str(out)).graph.initializer}
+    assert docs["w1"] == "the first layer" and docs["ws"] == "a linear skip"
+
+    x = np.random.default_rng(7).standard_normal((1, 64))
+    want = _held_once_forward(values_before, x)
+    for have, ref in zip(_held_once_forward(values_after, x), want):
+        np.testing.assert_allclose(have, ref, rtol=0, atol=(1e-2 if dtype == "float16" else 1e-5) * np.abs(ref).max())
+    feeds = {"x": x.astype(dtype)}
+    inline = tmp_path / "inline.onnx"  # the input in one file: onnxruntime opens it whatever its layout
+    onnx.save(onnx.load(str(source)), str(inline))
+    runs = [_session(inline).run(None, feeds), _session(out).run(None, feeds)]
+    for ref, have in zip(*runs):
+        tol = 2e-2 if dtype == "float16" else 1e-4
+        np.testing.assert_allclose(have.astype(np.float64), ref, rtol=0, atol=tol * float(np.abs(ref).max()))
+
+    written = out.read_bytes()
+    assert report["output"]["sha256"] == hashlib.sha256(written).hexdigest()
+    assert onnx.load_model_from_string(written).SerializeToString() == written
+    if layout == "external":
+        saved = onnx.load(str(out), load_external_data=False)
+        assert {t.name for t in saved.graph.initializer if t.data_location == TensorProto.EXTERNAL} == \
+            {"w1", "w2", "ws"}  # 1 KiB or more, not integers
+        assert any("small tensors stored inline" in w for w in report["warnings"])  # the input was re-laid
+
+
+def _session(path: Path):
+    from pathcond_cli.frontends.onnx_frontend import _session as session
+
+    return session(path)
+
+
+def _with_unknown_fields(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with an unknown field (number 111) in the model, its graph and its tensor w1: a newer
+    onnx's fields, which protobuf keeps and serialises after the known ones."""
+    unknown = b"\xfa\x06\x03xyz"
+    w1 = next(t for t in model.graph.initializer if t.name == "w1")
+    w1.ParseFromString(w1.SerializeToString() + unknown)
+    model.graph.ParseFromString(model.graph.SerializeToString() + unknown)
+    return onnx.ModelProto.FromString(model.SerializeToString() + unknown)
+
+
+@pytest.mark.parametrize("dtype,external", [("float32", False), ("float32", True), ("bfloat16", False),
+                                            ("float16", True)])
+def test_writer_gives_the_bytes_of_the_whole_model(tmp_path, dtype, external):
+    """The writer serialises the model piece by piece, each held-out tensor's bytes from its array: the
+    file is byte for byte what protobuf (and onnx.save_model, for the external layout) writes for the
+    whole model, fields around the spliced ones and unknown fields included."""
+    import ml_dtypes  # noqa: F401 - numpy knows "bfloat16" once it is imported
+
+    from pathcond_cli.frontends import onnx_read, onnx_write
+
+    full = _with_unknown_fields(_held_once_model(dtype, "raw"))
+    light, data = onnx_read._detach_data(onnx.ModelProto.FromString(full.SerializeToString()))
+    assert set(data) == {"w1", "ws"} and light.ByteSize() < full.ByteSize() / 5
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ours.mkdir(), theirs.mkdir()
+    onnx_write._save_proto(light, ours / "m.onnx", external=external, data=data)
+    if external:  # what the writer did before it held tensors out of the model: onnx marks and writes them
+        for tensor in full.graph.initializer:
+            if onnx_write._goes_external(tensor):
+                onnx.external_data_helper.set_external_data(tensor, "m.onnx.data")
+        onnx.save_model(full, str(theirs / "m.onnx"))
+    else:
+        (theirs / "m.onnx").write_bytes(full.SerializeToString())
+    assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir())
+    for path in theirs.iterdir():
+        assert (ours / path.name).read_bytes() == path.read_bytes(), path.name

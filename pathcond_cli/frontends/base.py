@@ -120,9 +120,13 @@ class DigestInBackground:
     def record(self, path: Path) -> str:
         """Wait for the digest and remember it for ``path`` as it is now (call once its bytes are on disk)."""
         self._thread.join()
-        value = self._digest.hexdigest()
-        _DIGESTS[_identity(path)] = value
-        return value
+        return record_digest(path, self._digest.hexdigest())
+
+
+def record_digest(path: Path, value: str) -> str:
+    """Remember ``value`` as the sha256 of ``path`` as it is now (its bytes were hashed as they were written)."""
+    _DIGESTS[_identity(path)] = value
+    return value
 
 
 class SameLayout(Sets):

@@ -1,7 +1,9 @@
 """The ONNX front end: an ONNX ReLU network -> :class:`pathcond_cli.ir.Graph`, and back.
 
 Reading
-    The model is loaded with its external data. Input shapes are fixed (dynamic batch -> 1, other
+    The model is loaded with its external data. The values of its large initializers stored as raw
+    bytes then leave the ModelProto the model keeps: they are held once, as the read-only arrays the IR
+    parameters are views of (``OnnxModel._data``, :func:`.onnx_read._detach_data`). Input shapes are fixed (dynamic batch -> 1, other
     dynamic dims from ``--input-shape``) and ONNX shape inference gives every value a shape. A first
     pass folds every value that does not depend on the inputs (initializers, Constant nodes, Identity
     chains, shape subgraphs such as ``Shape -> Gather -> Concat`` feeding a Reshape): those are
@@ -36,7 +38,9 @@ Writing
     parameter is computed (Cast, Mul, ... of stored tensors), which cannot be written back. Transforms
     applied on reading (Gemm ``transB=0`` and ``alpha``/``beta``, MatMul's (I, O) layout, Sub's
     negation, Div's reciprocal, broadcast scalars) are inverted. With external data, float tensors of
-    1 KiB or more go to ``OUT.data``; smaller and integer tensors (shapes, axes) stay inline.
+    1 KiB or more go to ``OUT.data``; smaller and integer tensors (shapes, axes) stay inline. The file
+    is serialised piece by piece, each held-out tensor's bytes written from its array (unchanged ones
+    byte for byte as read), so that the model is never held twice nor serialised whole in memory.
 
 Modules
     This module holds the loaded model (:class:`OnnxModel`) and :func:`load_onnx`, which drive the
@@ -79,11 +83,13 @@ class OnnxModel:
     format = "onnx"
 
     def __init__(self, path: Path, model: onnx.ModelProto, graph: Graph, refs: dict[str, _ParamRef],
-                 names: _Names, specs: list[InputSpec], external: bool, warnings: list[str]):
+                 names: _Names, specs: list[InputSpec], external: bool, warnings: list[str],
+                 data: dict[str, np.ndarray] | None = None):
         self.path = path
         self.graph = graph
         self.warnings = warnings
         self._model = model
+        self._data = data or {}  # the large initializers' values, held out of the model (onnx_read._detach_data)
         self._refs = refs
         self._names = names
         self._specs = specs
@@ -117,11 +123,12 @@ class OnnxModel:
                 wanted[(ref.node_index, ref.slot)] = stored if same_dims else None
                 layouts[(ref.node_index, ref.slot)] = stored
         plan = _plan_names(self._names, wanted)
-        model = _copy_model(self._model, replaced=set(plan.roots))
+        model = _copy_model(self._model, replaced={name for name in plan.roots if name not in self._data})
+        data = dict(self._data)  # the detached tensors' values: new ones replace their entries
         node_names = _node_names(self._model)
-        for index, slot, old, new_name in _apply_plan(model, plan, layouts):
+        for index, slot, old, new_name in _apply_plan(model, plan, layouts, data):
             self._note(_rewired_note(node_names[index], slot, old, new_name, self._names.origin[old][0]))
-        _save_proto(model, Path(path), self._external)
+        _save_proto(model, Path(path), self._external, data)
 
     def _note(self, warning: str) -> None:
         if warning not in self.warnings:
@@ -165,7 +172,7 @@ class OnnxModel:
             copy = onnx.ModelProto()
             copy.CopyFrom(self._model)
             relaid = Path(folder) / "input.onnx"
-            _save_proto(copy, relaid, external=True)
+            _save_proto(copy, relaid, external=True, data=self._data)
             outputs = [np.asarray(out) for out in _session(relaid).run(None, feeds)]
         note = (f"onnxruntime cannot open {self.path.name} as stored ({type(exc).__name__}: "
                 f"{str(exc).splitlines()[0][:200]}); it was run with its small tensors stored inline")
@@ -187,8 +194,10 @@ def _copy_model(model: onnx.ModelProto, replaced: set[str]) -> onnx.ModelProto:
     _copy_fields(model, copy, skip="graph")
     _copy_fields(model.graph, copy.graph, skip="initializer")
     for tensor in model.graph.initializer:
-        if tensor.name in replaced:
-            copy.graph.initializer.add(name=tensor.name)
+        if tensor.name in replaced:  # what _set_tensor keeps: name, doc string, metadata
+            placeholder = copy.graph.initializer.add(name=tensor.name, metadata_props=tensor.metadata_props)
+            if tensor.HasField("doc_string"):
+                placeholder.doc_string = tensor.doc_string
         else:
             copy.graph.initializer.add().CopyFrom(tensor)
     return copy
@@ -262,14 +271,14 @@ def load_onnx(path: Path, options: LoadOptions | None = None) -> OnnxModel:
     """
     path = Path(path)
     options = options or LoadOptions()
-    model, external = _read_model(path)
+    model, external, data = _read_model(path)
     shapes = _input_shapes(model, options)
     warnings: list[str] = []
     upgraded = _upgrade(model)
     node_names = _names_after_original(model, upgraded) if upgraded is not model else None
-    graph, refs, stored = _translate(upgraded, shapes, warnings, node_names, options.partial)
-    model, refs, stored = _writable(model, upgraded, refs, stored, warnings)
-    return OnnxModel(path, model, graph, refs, stored, _input_specs(model, shapes), external, warnings)
+    graph, refs, stored = _translate(upgraded, shapes, warnings, node_names, options.partial, data)
+    model, refs, stored = _writable(model, upgraded, refs, stored, warnings, data)
+    return OnnxModel(path, model, graph, refs, stored, _input_specs(model, shapes), external, warnings, data)
 
 
 __all__ = ["OnnxModel", "load_onnx", "CONVERTERS"]

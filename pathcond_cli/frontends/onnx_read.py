@@ -7,6 +7,7 @@ tensor (:class:`_Transform`, :class:`_ParamRef`). It imports no other part of th
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,8 +202,9 @@ def _external_locations(proto: onnx.ModelProto) -> list[str]:
                    for e in t.external_data if e.key == "location"})
 
 
-def _read_model(path: Path) -> tuple[onnx.ModelProto, bool]:
-    """The model with its external data loaded, and whether it had any (parsed once)."""
+def _read_model(path: Path) -> tuple[onnx.ModelProto, bool, dict[str, np.ndarray]]:
+    """The model with its external data loaded, whether it had any (parsed once), and the values of
+    its large initializers, which the returned model holds without their data (:func:`_detach_data`)."""
     if not path.is_file():
         raise UsageError(f"{path}: no such file")
     try:
@@ -214,7 +216,70 @@ def _read_model(path: Path) -> tuple[onnx.ModelProto, bool]:
         raise UsageError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
     if model.ir_version <= 0 or not model.graph.node or not model.graph.output:
         raise UsageError(f"{path} is not an ONNX model (no graph found in the file)")
-    return model, external
+    model, data = _detach_data(model)
+    return model, external, data
+
+
+#: an initializer stored as raw bytes with more entries than this is held out of the ModelProto once read
+#: (:func:`_detach_data`); the same bound as the weights the opset upgrade leaves out (onnx_upgrade)
+DETACH_MIN_ENTRIES = 4096
+
+
+def _detachable(tensor: onnx.TensorProto) -> np.dtype | None:
+    """The numpy dtype of this initializer's ``raw_data`` if the array read from it holds exactly those
+    bytes (checked against their length by the caller), else None: typed fields (``float_data``...),
+    strings, external markers, small tensors, or a big-endian host (numpy_helper swaps bytes there)."""
+    if (sys.byteorder != "little" or not tensor.HasField("raw_data") or tensor.HasField("segment")
+            or tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.data_type == onnx.TensorProto.STRING
+            or math.prod(tensor.dims) <= DETACH_MIN_ENTRIES):
+        return None
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    except (KeyError, TypeError, ValueError):  # an element type this onnx does not know
+        return None
+
+
+def _detach_data(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """(the model without the data of its large raw-data initializers, their values by name).
+
+    The values are the read-only arrays the rest of the front end reads anyway (numpy_helper.to_array of
+    such a tensor is a view of a copy of its ``raw_data``), and the writer writes them back as raw bytes:
+    the weights are held once, not also as the file's bytes inside the ModelProto. A protobuf message's
+    memory goes only with the whole message (clearing a field frees nothing), hence the copy: ``model``'s
+    tensors lose their ``raw_data`` first, so that copy is small, and the caller drops ``model``.
+    Detached tensors are the top graph's initializers only, each with no ``raw_data`` field left and its
+    name unique among the initializers (:func:`detached_value` tells them apart)."""
+    counts: dict[str, int] = {}
+    for tensor in model.graph.initializer:
+        counts[tensor.name] = counts.get(tensor.name, 0) + 1
+    data: dict[str, np.ndarray] = {}
+    for tensor in model.graph.initializer:
+        dtype = _detachable(tensor)
+        if dtype is None or counts[tensor.name] > 1:
+            continue
+        raw = tensor.raw_data  # a copy of the bytes, read once
+        if len(raw) != dtype.itemsize * math.prod(tensor.dims):  # packed 4/2/6-bit types, a malformed tensor
+            continue
+        data[tensor.name] = np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
+        tensor.ClearField("raw_data")
+    if not data:
+        return model, data
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    return light, data
+
+
+def detached_value(tensor: onnx.TensorProto, data: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """The value :func:`_detach_data` took out of this initializer, or None when it holds its own data."""
+    if tensor.name not in data or tensor.HasField("raw_data") or tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return None
+    return data[tensor.name]
+
+
+def initializer_value(tensor: onnx.TensorProto, data: Mapping[str, np.ndarray]) -> np.ndarray:
+    """An initializer's value, detached (:func:`_detach_data`) or not."""
+    value = detached_value(tensor, data)
+    return numpy_helper.to_array(tensor) if value is None else value
 
 
 # -- pathcond's file checks (jobs.py): the files a model consists of, the side files a save writes ----
@@ -376,9 +441,12 @@ def _infer_probe(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]], 
     return info
 
 
-def _fold_graph(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]], opset: int):
-    """Alternate folding and shape inference until no more value becomes static."""
-    stored = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}  # once, shared by every pass
+def _fold_graph(model: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]], opset: int,
+                data: Mapping[str, np.ndarray] | None = None):
+    """Alternate folding and shape inference until no more value becomes static. ``data``: the values
+    :func:`_detach_data` took out of the model's initializers."""
+    data = data or {}
+    stored = {t.name: initializer_value(t, data) for t in model.graph.initializer}  # once, shared by every pass
     folder = _Folder(model, {}, opset, stored)
     for _ in range(8):
         info = _infer_probe(model, shapes, folder)
@@ -421,7 +489,8 @@ class _Folder:
     """Evaluates the nodes whose outputs do not depend on the graph inputs."""
 
     def __init__(self, model: onnx.ModelProto, info, opset: int, stored: Mapping[str, np.ndarray] | None = None):
-        """``stored``: the initializers as arrays (read-only; read from the model when not given)."""
+        """``stored``: the initializers as arrays (read-only; read from the model when not given, which
+        then must hold their data: see _detach_data)."""
         self.model, self.info, self.opset = model, info, opset
         if stored is None:
             stored = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}

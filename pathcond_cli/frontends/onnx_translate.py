@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -825,8 +825,9 @@ def _frontier_inputs(ctx: _Context, model: onnx.ModelProto, pre: list[int], inpu
 
 
 def _translate(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], warnings: list[str],
-               names: list[str] | None = None, partial: bool = False):
-    folder, _ = _fold_graph(model, shapes, _opset(model))  # the model is at MIN_OPSET or later (_upgrade)
+               names: list[str] | None = None, partial: bool = False, data: Mapping[str, np.ndarray] | None = None):
+    """``data``: the initializer values held out of ``model`` (onnx_read._detach_data)."""
+    folder, _ = _fold_graph(model, shapes, _opset(model), data)  # the model is at MIN_OPSET or later (_upgrade)
     names = names or _node_names(model)
     stored = _names(model, folder)
     ctx = _Context(model, folder, names, stored)

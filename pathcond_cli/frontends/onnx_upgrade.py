@@ -10,10 +10,9 @@ from collections.abc import Mapping
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from ..errors import UnsupportedModelError
-from .onnx_read import MIN_OPSET, _constant_value, _Names, _opset, _ParamRef, _Refuse
+from .onnx_read import MIN_OPSET, _constant_value, _Names, _opset, _ParamRef, _Refuse, initializer_value
 from .onnx_translate import _node_names
 from .onnx_write import _fresh_name
 
@@ -85,13 +84,14 @@ def _stored_tensors(model: onnx.ModelProto) -> dict[tuple[str, str], onnx.Tensor
     return stored
 
 
-def _original_value(stored: Mapping, ref: _ParamRef) -> np.ndarray | None:
-    """The stored tensor behind ``ref`` as the original file holds it (None when it has no such tensor)."""
+def _original_value(stored: Mapping, ref: _ParamRef, data: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """The stored tensor behind ``ref`` as the original file holds it (None when it has no such tensor);
+    ``data``: the initializer values held out of the model (onnx_read._detach_data)."""
     holder = stored.get((ref.kind, ref.base))
     if holder is None:
         return None
     if isinstance(holder, onnx.TensorProto):
-        return numpy_helper.to_array(holder)
+        return initializer_value(holder, data)
     try:
         return _constant_value(holder)
     except _Refuse:
@@ -111,8 +111,8 @@ def _node_index(model: onnx.ModelProto) -> dict[tuple, int]:
     return {(n.op_type, n.domain, tuple(n.output)): i for i, n in enumerate(model.graph.node)}
 
 
-def _rebase_refs(original: onnx.ModelProto, upgraded: onnx.ModelProto,
-                 refs: Mapping[str, _ParamRef]) -> tuple[dict[str, _ParamRef] | None, str]:
+def _rebase_refs(original: onnx.ModelProto, upgraded: onnx.ModelProto, refs: Mapping[str, _ParamRef],
+                 data: Mapping[str, np.ndarray]) -> tuple[dict[str, _ParamRef] | None, str]:
     """The parameter references of the upgraded model moved onto the original graph, or (None, why not).
 
     A reference moves when the node reading it is in the original (same op and outputs) and reads the
@@ -131,7 +131,7 @@ def _rebase_refs(original: onnx.ModelProto, upgraded: onnx.ModelProto,
             where = node.name or node.output[0]
             return None, f"the upgrade changed {node.op_type} node {where!r}, which reads {ref.base!r}"
         if ref.kind != "computed":
-            value = _original_value(stored, ref)
+            value = _original_value(stored, ref, data)
             if value is None or value.dtype != ref.stored.dtype or not np.array_equal(value, ref.stored):
                 return None, f"the upgrade changed the stored tensor {ref.base!r}"
             if readers_before.get(ref.base, 0) != readers_after.get(ref.base, 0):
@@ -178,14 +178,16 @@ def _rebase_names(original: onnx.ModelProto, upgraded: onnx.ModelProto, names: _
 
 
 def _writable(original: onnx.ModelProto, upgraded: onnx.ModelProto, refs: dict[str, _ParamRef], names: _Names,
-              warnings: list[str]) -> tuple[onnx.ModelProto, dict[str, _ParamRef], _Names]:
+              warnings: list[str], data: Mapping[str, np.ndarray] | None = None,
+              ) -> tuple[onnx.ModelProto, dict[str, _ParamRef], _Names]:
     """The model to write the new values into, with its references and name table: the original graph
     and opset when the upgraded model's parameters can be found in it, else the upgraded model (with a
-    warning)."""
+    warning). ``data``: the initializer values held out of both models (onnx_read._detach_data; the
+    upgrade copies the original's large initializers by name)."""
     if upgraded is original:
         return original, refs, names
     opset = _opset(original)
-    rebased, why = _rebase_refs(original, upgraded, refs)
+    rebased, why = _rebase_refs(original, upgraded, refs, data or {})
     moved = _rebase_names(original, upgraded, names, refs) if rebased is not None else None
     if rebased is not None and moved is None:
         why = "the upgrade changed a node that reads a parameter under another name"

@@ -1,7 +1,8 @@
 """Writing new parameter values into an ONNX model, the last part of the ONNX front end
 (:mod:`.onnx_frontend` tells the whole story): the name plan (:func:`_plan_names`: which value every
 name gets), writing it into the ModelProto (stored tensors in place, views replaced by initializers,
-new tensors where needed), and saving the file with the external data layout (:func:`_save_proto`)."""
+new tensors where needed), and saving the file with the external data layout (:func:`_save_proto`),
+serialised piece by piece with the large tensors' bytes written from the arrays that hold them."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from .onnx_read import _Names, _subgraph_reads, data_file_for
+from .onnx_read import _Names, _subgraph_reads, data_file_for, detached_value
 
 
 # --------------------------------------------------------------------------------------------------
@@ -130,11 +131,13 @@ def _add_initializer(model: onnx.ModelProto, value: np.ndarray, name: str) -> No
         model.graph.input.append(onnx.helper.make_tensor_value_info(name, elem, value.shape))
 
 
-def _apply_plan(model: onnx.ModelProto, plan: _NamePlan,
-                layouts: Mapping[tuple[int, int], np.ndarray]) -> list[tuple[int, int, str, str]]:
+def _apply_plan(model: onnx.ModelProto, plan: _NamePlan, layouts: Mapping[tuple[int, int], np.ndarray],
+                data: dict[str, np.ndarray] | None = None) -> list[tuple[int, int, str, str]]:
     """Write ``plan`` into ``model``: stored tensors in place, views replaced by initializers of their
     name (the view node goes), and the rare role that needs a tensor of its own (new name, rewired).
-    Returns those rewired inputs: (node index, slot, name read before, new name)."""
+    ``data``: the values held out of ``model``'s initializers (onnx_read._detach_data); the new value of
+    such a tensor replaces its entry there. Returns those rewired inputs: (node index, slot, name read
+    before, new name)."""
     taken = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
     taken |= {v.name for v in model.graph.input}
     rewired = []
@@ -146,7 +149,7 @@ def _apply_plan(model: onnx.ModelProto, plan: _NamePlan,
         rewired.append((index, slot, node.input[slot], name))
         node.input[slot] = name
     for name, value in plan.roots.items():
-        _write_in_place(model, name, value)
+        _write_in_place(model, name, value, data if data is not None else {})
     dropped = {i for i, node in enumerate(model.graph.node) if node.output and node.output[0] in plan.views}
     for name, value in plan.views.items():
         _add_initializer(model, value, name)
@@ -185,23 +188,29 @@ def _drop_orphans(model: onnx.ModelProto, names: list[str]) -> None:
 
 
 def _set_tensor(tensor: TensorProto, value: np.ndarray) -> None:
-    """Give an initializer a new value (same name), with one copy of the bytes: ``CopyFrom`` of a
-    ``numpy_helper.from_array`` tensor would copy them twice."""
+    """Give an initializer a new value (same name, doc string and metadata), with one copy of the bytes:
+    ``CopyFrom`` of a ``numpy_helper.from_array`` tensor would copy them twice."""
+    kept = TensorProto(name=tensor.name, metadata_props=tensor.metadata_props)
+    if tensor.HasField("doc_string"):
+        kept.doc_string = tensor.doc_string
     if value.dtype.kind not in "fiub" or value.dtype.itemsize == 1 and value.dtype.kind == "f":
         tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))  # strings, float8...: onnx's rules
-        return
-    name = tensor.name
-    tensor.Clear()
-    tensor.name = name
-    tensor.dims.extend(value.shape)
-    tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
-    tensor.raw_data = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<")).tobytes()
+    else:
+        tensor.Clear()
+        tensor.dims.extend(value.shape)
+        tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+        tensor.raw_data = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<")).tobytes()
+    tensor.MergeFrom(kept)
 
 
-def _write_in_place(model: onnx.ModelProto, name: str, stored: np.ndarray) -> None:
+def _write_in_place(model: onnx.ModelProto, name: str, stored: np.ndarray, data: dict[str, np.ndarray]) -> None:
     for tensor in model.graph.initializer:
         if tensor.name == name:
-            _set_tensor(tensor, stored)
+            old = detached_value(tensor, data)
+            if old is not None and old.shape == stored.shape and old.dtype == stored.dtype:
+                data[name] = stored  # written as its raw bytes by _save_proto; the tensor's other fields stay
+            else:
+                _set_tensor(tensor, stored)
             return
     for node in model.graph.node:
         if node.op_type == "Constant" and node.output[0] == name:
@@ -239,35 +248,151 @@ def _goes_external(tensor: TensorProto) -> bool:
     return math.prod(tensor.dims) * itemsize >= EXTERNAL_MIN_BYTES
 
 
-def _save_proto(model: onnx.ModelProto, path: Path, external: bool) -> None:
-    """Write ``model`` (its tensors loaded); with ``external``, large float initializers go to
-    ``data_file_for(path)`` beside it, whatever the input's own layout was."""
+def _save_proto(model: onnx.ModelProto, path: Path, external: bool, data: Mapping[str, np.ndarray] | None = None) -> None:
+    """Write ``model`` (its tensors loaded, or held out of it in ``data``: onnx_read._detach_data); with
+    ``external``, large float initializers go to ``data_file_for(path)`` beside it, whatever the input's
+    own layout was. The report's sha256 of ``path`` is computed from the bytes as they are written."""
+    data = dict(data or {})
     for tensor in _all_tensors(model.graph):  # onnx.load keeps the input's external markers
         if tensor.data_location == TensorProto.EXTERNAL:
             tensor.data_location = TensorProto.DEFAULT
             del tensor.external_data[:]
     if external:
-        location = data_file_for(path).name
-        data_file = path.parent / location
-        if data_file.exists():  # onnx appends to an existing data file
-            data_file.unlink()
-        for index, tensor in enumerate(model.graph.initializer):
-            if _goes_external(tensor):
-                if not tensor.HasField("raw_data"):
-                    tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
-                onnx.external_data_helper.set_external_data(tensor, location)
-        onnx.save_model(model, str(path))
-        return
-    from .base import DigestInBackground
+        _write_external_data(model, data_file_for(path), data)
+    _write_serialised(model, path, data)
 
-    # serialised once here so that the report's sha256 comes from these bytes, hashed while they are
-    # written, instead of a second read of the file
-    try:
-        data = model.SerializeToString()
-    except ValueError:  # over protobuf's 2 GB: onnx.save_model says so in its words
-        onnx.save_model(model, str(path))
+
+def _write_external_data(model: onnx.ModelProto, data_file: Path, data: dict[str, np.ndarray]) -> None:
+    """Move the initializers that go external (:func:`_goes_external`) into ``data_file``, one after the
+    other in graph order, with the markers ``onnx.save_model`` gives them (location, offset, length).
+    Their entries leave ``data``. No file is made when no tensor goes there."""
+    if data_file.exists():  # a stale file of that name is replaced, never appended to
+        data_file.unlink()
+    going = [tensor for tensor in model.graph.initializer if _goes_external(tensor)]
+    if not going:
         return
-    digest = DigestInBackground(data)
+    with open(data_file, "wb") as fh:
+        for tensor in going:
+            value = detached_value(tensor, data)
+            if value is None and not tensor.HasField("raw_data"):  # typed fields: onnx's own raw layout
+                tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
+            offset = fh.tell()
+            if value is None:
+                fh.write(tensor.raw_data)
+                tensor.ClearField("raw_data")
+            else:
+                fh.write(_raw_bytes(value))
+                del data[tensor.name]
+            del tensor.external_data[:]
+            tensor.data_location = TensorProto.EXTERNAL
+            for key, entry in (("location", data_file.name), ("offset", offset), ("length", fh.tell() - offset)):
+                tensor.external_data.add(key=key, value=str(entry))
+
+
+# -- the model file, serialised piece by piece --------------------------------------------------------
+#
+# A protobuf message is serialised as its fields in field-number order, each a key and (for messages and
+# bytes) a length then the payload, and unknown fields last. So a ModelProto whose large initializers'
+# raw bytes are held in numpy arrays (data) is written as: the model's fields before ``graph``, graph's
+# key and length, graph's fields before ``initializer``, each initializer (key, length, its fields before
+# ``raw_data``, raw_data's key, length and the array's bytes, its fields after), graph's fields after, the
+# model's fields after. The bytes are those of ``SerializeToString()`` on the model with every raw_data
+# put back (asserted in the tests), without making that model nor its serialisation: at no time is the
+# model held twice (VGG-16: 0.55 GB each).
+
+_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9  # field numbers in onnx.proto
+#: protobuf's limit on a serialised message, as onnx checks it before saving
+_MAX_PROTOBUF = 2**31
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _key(number: int, length: int) -> bytes:
+    """The key and length of a length-delimited field."""
+    return _varint(number << 3 | 2) + _varint(length)
+
+
+def _split(message, number: int) -> tuple[bytes, bytes]:
+    """The serialised fields of ``message`` numbered below ``number``, and those above it with its unknown
+    fields (serialised last). The fields below are copied one by one, those above with the unknown ones by
+    copying the message less them: each field is copied once."""
+    below, above = type(message)(), type(message)()
+    for field, value in message.ListFields():
+        if field.number >= number:
+            continue
+        if field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED:
+            getattr(below, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(below, field.name).CopyFrom(value)
+        else:
+            setattr(below, field.name, value)
+    above.CopyFrom(message)
+    for field, _ in message.ListFields():
+        if field.number <= number:
+            above.ClearField(field.name)
+    return below.SerializeToString(), above.SerializeToString()
+
+
+def _raw_bytes(value: np.ndarray) -> memoryview:
+    """The bytes of ``value`` as ``raw_data`` holds them (little-endian, C order), without a copy where
+    the array already is laid out so."""
+    if value.dtype.byteorder == ">":
+        value = value.astype(value.dtype.newbyteorder("<"))
+    return memoryview(np.ascontiguousarray(value).reshape(-1).view(np.uint8))
+
+
+def _size(pieces: list) -> int:
+    """The length of serialised pieces: bytes, or arrays written as their raw bytes."""
+    return sum(p.nbytes if isinstance(p, np.ndarray) else len(p) for p in pieces)
+
+
+def _pieces(model: onnx.ModelProto, data: Mapping[str, np.ndarray]) -> list:
+    """The serialisation of ``model`` with the values in ``data`` as raw_data, in pieces (see above)."""
+    tensors: list = []
+    for tensor in model.graph.initializer:
+        value = detached_value(tensor, data)
+        if value is None:
+            body: list = [tensor.SerializeToString()]
+        else:
+            below, above = _split(tensor, _TENSOR_RAW_DATA)
+            body = [below, _key(_TENSOR_RAW_DATA, value.nbytes), value, above]
+        tensors += [_key(_GRAPH_INITIALIZER, _size(body))] + body
+    graph_below, graph_above = _split(model.graph, _GRAPH_INITIALIZER)
+    graph = [graph_below] + tensors + [graph_above]
+    model_below, model_above = _split(model, _MODEL_GRAPH)
+    return [model_below, _key(_MODEL_GRAPH, _size(graph))] + graph + [model_above]
+
+
+def _write_serialised(model: onnx.ModelProto, path: Path, data: Mapping[str, np.ndarray]) -> None:
+    """Write ``model`` with ``data``'s values to ``path``, and record the sha256 of what was written (each
+    large piece hashed in a thread while it is written: hashlib and file writes release the GIL)."""
+    import hashlib
+    import threading
+
+    from .base import record_digest
+
+    pieces = _pieces(model, data)
+    if _size(pieces) >= _MAX_PROTOBUF:  # onnx.save_model's refusal, in its words
+        raise ValueError("The proto size is larger than the 2 GB limit. Please use save_as_external_data to save "
+                         "tensors separately from the model file.")
+    digest = hashlib.sha256()
     with open(path, "wb") as fh:
-        fh.write(data)
-    digest.record(path)
+        for piece in pieces:
+            chunk = _raw_bytes(piece) if isinstance(piece, np.ndarray) else piece
+            if len(chunk) < 1 << 20:
+                digest.update(chunk)
+                fh.write(chunk)
+                continue
+            thread = threading.Thread(target=digest.update, args=(chunk,), daemon=True)
+            thread.start()
+            fh.write(chunk)
+            thread.join()
+            del chunk
+    record_digest(path, digest.hexdigest())
