@@ -15,6 +15,7 @@ from scipy.special import logsumexp, softmax
 from pathcond_cli.analysis import analyze, rescaled_params, role_factor
 from pathcond_cli.groups import build_groups
 from pathcond_cli.ir import Graph, evaluate
+from pathcond_cli import solver
 from pathcond_cli.solver import _prepare, build_blocks, colour_classes, solve
 from pathcond_cli.stats import path_statistics
 from tests.conftest import slow_params
@@ -200,11 +201,15 @@ def test_colour_classes_are_independent_sets(name, layout):
         assert not bool((colour[pairs[:, 0]] & colour[pairs[:, 1]]).any())
 
 
+@pytest.mark.parametrize("rows_chunk", [None, 3])
 @pytest.mark.parametrize("layout", ["pairs", "dense"])
 @pytest.mark.parametrize("name", ["conv_bn", "grouped_conv", "residual", "uneven_mlp"])
-def test_blocks_aggregate_every_parameter_with_zero_entries(name, layout):
+def test_blocks_aggregate_every_parameter_with_zero_entries(name, layout, rows_chunk, monkeypatch):
     """A fifth of the entries of g set to 0: the blocks still give F, the score and the parameter
-    counts of the per-parameter objective at an arbitrary u (the path for g = 0 is a separate one)."""
+    counts of the per-parameter objective at an arbitrary u (the path for g = 0 is a separate one);
+    also when the sums run one output row at a time (``rows_chunk``, as on VGG-16's fc6)."""
+    if rows_chunk is not None:
+        monkeypatch.setattr(solver, "_ROWS_CHUNK", rows_chunk)
     groups, stats, _, _ = problem(name)
     gen = torch.Generator().manual_seed(3)
     log_g = [torch.where(torch.rand(lg.shape, generator=gen) < 0.2, -math.inf, lg) for lg in stats.log_g]
