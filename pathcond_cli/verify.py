@@ -11,7 +11,7 @@ the new values are copied in, so the reference outputs are computed first (:func
 
 Two files can run at once: where the front end allows it (ONNX: onnxruntime draws no torch random numbers
 and releases the GIL while it runs) and the model is small enough to be held twice
-(:data:`CONCURRENT_MAX_PARAM_BYTES`), the original runs in a thread while the rewritten copy runs in
+(:data:`CONCURRENT_MAX_STORED_BYTES`), the original runs in a thread while the rewritten copy runs in
 the caller's, each on one core (:class:`ReferenceRuns`). Batch-1 runs of a convolutional net use two
 cores poorly (the intra-op threads wait on each other at every op, and much longer when another process
 takes a core); two runs side by side use both (ResNet-50 on 2 cores: the verify stage 0.6 s -> 0.5 s
@@ -180,11 +180,11 @@ def compare_cases(cases: Sequence[Case], reference: Sequence[Sequence[np.ndarray
     return Verification(worst_rel <= rtol, rtol, n_inputs, worst_abs, worst_rel, errors)
 
 
-#: the original and the rewritten file run at once only when the stored parameters take at most this many
-#: bytes; above, one after the other, one runtime held at a time. The second runtime costs about twice the
-#: parameters' bytes (VGG-16, 553 MB: the verify stage's peak 3.4 GB -> 4.4 GB, above every other stage's,
-#: for 1 s saved); ResNet-50 (98 MiB) runs at once, its peak process memory up by at most 50 MB of 1.1 GB
-CONCURRENT_MAX_PARAM_BYTES = 128 * 2**20
+#: the original and the rewritten file run at once only when the model's stored tensors take at most this
+#: many bytes (:func:`_stored_bytes`); above, one after the other, one runtime held at a time. The second
+#: runtime costs about twice those bytes (VGG-16, 553 MB: the verify stage's peak 3.4 GB -> 4.4 GB, above
+#: every other stage's, for 1 s saved); ResNet-50 (98 MiB) runs at once, its peak up by at most 50 MB of 1.1 GB
+CONCURRENT_MAX_STORED_BYTES = 128 * 2**20
 
 
 class ReferenceRuns:
@@ -234,13 +234,16 @@ class ReferenceRuns:
         self.close()
 
 
-def _param_bytes(model: LoadedModel) -> int:
-    return sum(t.numel() * t.element_size() for t in model.graph.params.values())
+def _stored_bytes(model: LoadedModel) -> int:
+    """What the runtime loads: ``model.stored_bytes`` where the front end counts it (every stored tensor,
+    parameters or not: opaque layers' weights with ``--partial``), else the parameters' bytes."""
+    stored = getattr(model, "stored_bytes", None)
+    return stored if stored is not None else sum(t.numel() * t.element_size() for t in model.graph.params.values())
 
 
 def runs_concurrently(model: LoadedModel) -> bool:
     """Whether :func:`verify` runs the original and the rewritten file at once (see the module docstring)."""
-    return bool(getattr(model, "concurrent_runs", False)) and _param_bytes(model) <= CONCURRENT_MAX_PARAM_BYTES
+    return bool(getattr(model, "concurrent_runs", False)) and _stored_bytes(model) <= CONCURRENT_MAX_STORED_BYTES
 
 
 def _run_both(model: LoadedModel, rewritten: Path, cases: Sequence[Case]) -> tuple[list, list]:

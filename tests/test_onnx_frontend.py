@@ -686,7 +686,7 @@ def test_concurrent_verification_runs_the_original_in_a_thread_and_agrees(mlp_on
             for got, expected in zip(outputs, want):
                 np.testing.assert_array_equal(got, expected)
 
-    monkeypatch.setattr(verification, "CONCURRENT_MAX_PARAM_BYTES", 0)  # too large: one after the other
+    monkeypatch.setattr(verification, "CONCURRENT_MAX_STORED_BYTES", 0)  # too large: one after the other
     seen.clear()
     assert not verification.runs_concurrently(model)
     apart = verification.verify(model, out, n_inputs=3)
@@ -719,6 +719,34 @@ def test_concurrent_verification_reraises_the_originals_failure_first(mlp_onnx, 
     with pytest.raises(RuntimeError, match="cannot load out.onnx"):
         verification.verify(model, out)
     assert not _reference_threads()
+
+
+def test_side_by_side_only_up_to_the_stored_bytes_limit(tmp_path, monkeypatch):
+    """The limit counts every initializer as onnxruntime holds it, parameters or not (here an int64 shape
+    tensor as well as the weights), summed independently from the arrays onnx reads back."""
+    from pathcond_cli import verify as verification
+
+    rng = np.random.default_rng(0)
+    stored = {"w1": rng.standard_normal((8, 4)).astype(np.float32), "b1": rng.standard_normal(8).astype(np.float32),
+              "shape": np.array([1, 8], np.int64), "w2": rng.standard_normal((2, 8)).astype(np.float32)}
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], "fc1", transB=1),
+         helper.make_node("Relu", ["h"], ["r"], "relu"),
+         helper.make_node("Reshape", ["r", "shape"], ["f"], "reshape"),
+         helper.make_node("Gemm", ["f", "w2"], ["y"], "fc2", transB=1)],
+        "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        [numpy_helper.from_array(v, k) for k, v in stored.items()])
+    source = tmp_path / "in.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source)
+    arrays = [numpy_helper.to_array(t) for t in onnx.load(source).graph.initializer]
+    model = load_onnx(source)
+    assert model.stored_bytes == sum(a.nbytes for a in arrays)
+    assert model.stored_bytes > sum(t.numel() * t.element_size() for t in model.graph.params.values())
+    monkeypatch.setattr(verification, "CONCURRENT_MAX_STORED_BYTES", model.stored_bytes)
+    assert verification.runs_concurrently(model)
+    monkeypatch.setattr(verification, "CONCURRENT_MAX_STORED_BYTES", model.stored_bytes - 1)
+    assert not verification.runs_concurrently(model)
 
 
 def test_interrupted_verification_stops_and_joins_the_reference_thread(mlp_onnx, tmp_path, monkeypatch):

@@ -151,6 +151,18 @@ class OnnxModel:
         return [np.asarray(out) for out in session.run(None, feeds)]
 
     @property
+    def stored_bytes(self) -> int:
+        """The bytes of every initializer (parameters or not), as an onnxruntime session holds them."""
+        total = 0
+        for tensor in self._model.graph.initializer:
+            try:
+                itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+            except (KeyError, TypeError, ValueError):  # strings and other types without a fixed size
+                itemsize = 1
+            total += int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+        return total
+
+    @property
     def _sessions(self) -> dict[tuple, object]:
         """The calling thread's sessions by (file version, threads): at most one."""
         if not hasattr(self._held, "sessions"):
