@@ -401,6 +401,41 @@ def test_interrupt_during_the_commit_takes_back_what_was_moved(mlp_onnx, tmp_pat
     assert len(calls) == 2 and listing(tmp_path) == ["in.onnx", "in.onnx.data"]
 
 
+def _reference_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "pathcond-reference-runs"]
+
+
+@pytest.mark.parametrize(("failure", "code", "line"), [
+    # onnxruntime cannot open the input (it runs in the verification thread): a refusal, as before
+    (RuntimeError("[ONNXRuntimeError] cannot load the input"), 3, "onnxruntime cannot run"),
+    (KeyboardInterrupt(), 130, "interrupted; nothing was written"),
+])
+def test_verification_thread_failure_or_interrupt_exits_as_before_and_leaves_nothing(
+        failure, code, line, mlp_onnx, tmp_path, monkeypatch):
+    """The original runs in a thread beside the rewritten copy: its failure is the job's (exit 3, the same
+    message), an interrupt in the caller's thread exits 130, and either way the staging folders go and
+    the thread is joined."""
+    from pathcond_cli.frontends import onnx_frontend
+
+    source = tmp_path / "in.onnx"
+    source.write_bytes(mlp_onnx.read_bytes())
+    real = onnx_frontend._session
+    fail_on = "in.onnx" if isinstance(failure, RuntimeError) else "out.onnx"
+
+    def session(path, threads=None):
+        if Path(path).name == fail_on:
+            raise failure
+        return real(path, threads)
+
+    monkeypatch.setattr(onnx_frontend, "_session", session)
+    result = invoke("rescale", source, tmp_path / "out.onnx", "--device", "cpu")
+    assert result.exit_code == code, result.output
+    assert line in " ".join(result.stderr.split())
+    assert listing(tmp_path) == ["in.onnx"] and not _reference_threads()
+
+
 def test_interrupt_after_the_commit_says_what_was_written(mlp_onnx, tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

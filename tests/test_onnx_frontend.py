@@ -625,11 +625,155 @@ def test_verification_makes_one_session_per_model(tmp_path, monkeypatch):
     torch.onnx.export(nets.mlp(), torch.randn(1, 8), str(source), dynamo=False)
     made = []
     real = onnx_frontend._session
-    monkeypatch.setattr(onnx_frontend, "_session", lambda path: made.append(Path(path).name) or real(path))
+    monkeypatch.setattr(onnx_frontend, "_session", lambda path, *a: made.append(Path(path).name) or real(path, *a))
     result = jobs.rescale_model(source, tmp_path / "out.onnx", LoadOptions(), jobs.SolveOptions(device="cpu"),
                                 jobs.RescaleOptions(verify_inputs=4))
     assert result.report["verification"]["passed"] and result.report["verification"]["inputs"] == 4
     assert sorted(made) == ["in.onnx", "out.onnx"], made
+
+
+# --------------------------------------------------------------------------------------------------
+# Verification: the original and the rewritten file side by side
+
+
+def _rescaled_copy(source: Path, folder: Path):
+    """(the loaded model, a rescaled copy of it written in ``folder``)."""
+    from pathcond_cli.analysis import analyze, rescaled_params
+
+    model = load_onnx(source)
+    out = folder / "out.onnx"
+    model.save(rescaled_params(analyze(model.graph, device="cpu")), out)
+    return model, out
+
+
+def _reference_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "pathcond-reference-runs"]
+
+
+def test_concurrent_verification_runs_the_original_in_a_thread_and_agrees(mlp_onnx, tmp_path, monkeypatch):
+    """The original runs in its own thread, the rewritten copy in the caller's, each session on one core;
+    the outputs compared are onnxruntime's own (an independent session on each file) and the result is
+    the one-after-the-other check's, to the bit."""
+    import threading
+
+    import onnxruntime as ort
+
+    from pathcond_cli import verify as verification
+    from pathcond_cli.frontends import onnx_frontend
+
+    model, out = _rescaled_copy(mlp_onnx, tmp_path)
+    assert verification.runs_concurrently(model)
+    seen, real = [], onnx_frontend._session
+    monkeypatch.setattr(onnx_frontend, "_session", lambda path, threads=None: seen.append(
+        (Path(path).name, threading.current_thread().name, threads)) or real(path, threads))
+    captured = {}
+    real_compare = verification.compare_cases
+    monkeypatch.setattr(verification, "compare_cases", lambda cases, a, b, **kw: captured.update(
+        cases=cases, before=a, after=b) or real_compare(cases, a, b, **kw))
+    together = verification.verify(model, out, n_inputs=3)
+    assert sorted(seen) == [("mlp.onnx", "pathcond-reference-runs", 1), ("out.onnx", "MainThread", 1)]
+    assert together.passed and together.inputs == 3 and not _reference_threads()
+    options = ort.SessionOptions()  # the file's own graph, node by node, on one core: the same bits
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    options.add_session_config_entry("session.disable_prepacking", "1")  # the same kernels as pathcond's
+    for case, before, after in zip(captured["cases"], captured["before"], captured["after"], strict=True):
+        for file, outputs in ((mlp_onnx, before), (out, after)):
+            want = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"]).run(None, case.feeds)
+            assert len(outputs) == len(want)
+            for got, expected in zip(outputs, want):
+                np.testing.assert_array_equal(got, expected)
+
+    monkeypatch.setattr(verification, "CONCURRENT_MAX_STORED_BYTES", 0)  # too large: one after the other
+    seen.clear()
+    assert not verification.runs_concurrently(model)
+    apart = verification.verify(model, out, n_inputs=3)
+    assert [(name, thread) for name, thread, _ in seen] == [("mlp.onnx", "MainThread"), ("out.onnx", "MainThread")]
+    assert apart == together
+
+
+def test_concurrent_verification_reraises_the_originals_failure_first(mlp_onnx, tmp_path, monkeypatch):
+    """onnxruntime cannot open the original (here: made to fail): the thread's UnsupportedModelError is
+    what verify raises, also when the rewritten copy fails too, and no thread is left running."""
+    from pathcond_cli import verify as verification
+    from pathcond_cli.frontends import onnx_frontend
+
+    model, out = _rescaled_copy(mlp_onnx, tmp_path)
+    real = onnx_frontend._session
+    failing = {"mlp.onnx"}
+
+    def session(path, threads=None):
+        if Path(path).name in failing:
+            raise RuntimeError(f"[ONNXRuntimeError] cannot load {Path(path).name}")
+        return real(path, threads)
+
+    monkeypatch.setattr(onnx_frontend, "_session", session)
+    for failing in ({"mlp.onnx"}, {"mlp.onnx", "out.onnx"}):
+        model.release_runtime()
+        with pytest.raises(UnsupportedModelError, match="onnxruntime cannot run .*cannot load mlp.onnx"):
+            verification.verify(model, out)
+        assert not _reference_threads()
+    failing = {"out.onnx"}  # the rewritten copy alone: pathcond's own fault, raised as it is
+    with pytest.raises(RuntimeError, match="cannot load out.onnx"):
+        verification.verify(model, out)
+    assert not _reference_threads()
+
+
+def test_side_by_side_only_up_to_the_stored_bytes_limit(tmp_path, monkeypatch):
+    """The limit counts every initializer as onnxruntime holds it, parameters or not (here an int64 shape
+    tensor as well as the weights), summed independently from the arrays onnx reads back."""
+    from pathcond_cli import verify as verification
+
+    rng = np.random.default_rng(0)
+    stored = {"w1": rng.standard_normal((8, 4)).astype(np.float32), "b1": rng.standard_normal(8).astype(np.float32),
+              "shape": np.array([1, 8], np.int64), "w2": rng.standard_normal((2, 8)).astype(np.float32)}
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], "fc1", transB=1),
+         helper.make_node("Relu", ["h"], ["r"], "relu"),
+         helper.make_node("Reshape", ["r", "shape"], ["f"], "reshape"),
+         helper.make_node("Gemm", ["f", "w2"], ["y"], "fc2", transB=1)],
+        "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        [numpy_helper.from_array(v, k) for k, v in stored.items()])
+    source = tmp_path / "in.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source)
+    arrays = [numpy_helper.to_array(t) for t in onnx.load(source).graph.initializer]
+    model = load_onnx(source)
+    assert model.stored_bytes == sum(a.nbytes for a in arrays)
+    assert model.stored_bytes > sum(t.numel() * t.element_size() for t in model.graph.params.values())
+    monkeypatch.setattr(verification, "CONCURRENT_MAX_STORED_BYTES", model.stored_bytes)
+    assert verification.runs_concurrently(model)
+    monkeypatch.setattr(verification, "CONCURRENT_MAX_STORED_BYTES", model.stored_bytes - 1)
+    assert not verification.runs_concurrently(model)
+
+
+def test_interrupted_verification_stops_and_joins_the_reference_thread(mlp_onnx, tmp_path, monkeypatch):
+    """Ctrl-C while the rewritten copy runs: verify raises it only once the original's thread has
+    finished the run in progress and skipped the cases not started."""
+    import threading
+    import time
+
+    from pathcond_cli import verify as verification
+
+    model, out = _rescaled_copy(mlp_onnx, tmp_path)
+    real_run, started = model.run, threading.Event()
+    original_runs = []
+
+    def run(path, feeds, *, train=False, threads=None):
+        if Path(path) == model.path:
+            original_runs.append(1)
+            started.set()
+            time.sleep(0.3)  # a slow original: the thread is mid-run when the interrupt comes
+            return real_run(path, feeds, train=train, threads=threads)
+        started.wait(5)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model, "run", run)
+    with pytest.raises(KeyboardInterrupt):
+        verification.verify(model, out, n_inputs=5)
+    assert not _reference_threads() and len(original_runs) == 1
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ name), and onnxruntime runs of the files.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -233,6 +234,9 @@ def test_external_data_keeps_small_tensors_inline(tmp_path):
     result = runner.invoke(app, ["rescale", str(source), str(target), "--device", "cpu", "--json"])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in dst.iterdir()) == ["out.onnx", "out.onnx.data", "out.onnx.pathcond.json"]
+    # the input was run relaid, in verification's thread for the original: the note reaches the report
+    warnings = json.loads(result.stdout)["warnings"]
+    assert any("cannot open model.onnx as stored" in w for w in warnings), warnings
 
     saved = onnx.load(str(target), load_external_data=False)
     external = {t.name for t in saved.graph.initializer if t.data_location == TensorProto.EXTERNAL}

@@ -70,6 +70,12 @@ class LoadedModel(Protocol):
     # optional: floating dtypes the runtime computes in (torch front ends); verification's default
     # tolerance is that of the least precise of these and the stored parameters' dtypes
     runtime_dtypes: set[torch.dtype]
+    # optional: True when run() draws no torch random numbers and may run two files at once from two
+    # threads, taking ``threads=`` (how many cores each run may use); verification then runs the original
+    # and the rewritten file side by side (pathcond_cli.verify.runs_concurrently) if the model is small
+    concurrent_runs: bool
+    # optional: the bytes the runtime loads (every stored tensor, parameters or not), for that decision
+    stored_bytes: int
 
     def save(self, new_params: Mapping[str, torch.Tensor], path: Path) -> None:
         """Write the same container to ``path`` with only these parameters changed (each cast to

@@ -53,6 +53,7 @@ Modules
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -81,6 +82,9 @@ class OnnxModel:
     """An ONNX model read by :func:`load_onnx` (implements the ``LoadedModel`` protocol)."""
 
     format = "onnx"
+    # onnxruntime draws no torch random numbers and releases the GIL while it runs: verification may run
+    # the original in a thread while the rewritten copy runs (pathcond_cli.verify)
+    concurrent_runs = True
 
     def __init__(self, path: Path, model: onnx.ModelProto, graph: Graph, refs: dict[str, _ParamRef],
                  names: _Names, specs: list[InputSpec], external: bool, warnings: list[str],
@@ -94,7 +98,7 @@ class OnnxModel:
         self._names = names
         self._specs = specs
         self._external = external
-        self._sessions: dict[tuple, object] = {}  # one onnxruntime session per file version (verification)
+        self._held = threading.local()  # each thread's onnxruntime session (verification), see _session_for
 
     @property
     def has_batchnorm(self) -> bool:
@@ -134,35 +138,64 @@ class OnnxModel:
         if warning not in self.warnings:
             self.warnings.append(warning)
 
-    def run(self, path: Path, inputs: Mapping[str, np.ndarray], *, train: bool = False) -> list[np.ndarray]:
+    def run(self, path: Path, inputs: Mapping[str, np.ndarray], *, train: bool = False,
+            threads: int | None = None) -> list[np.ndarray]:
+        """``threads``: onnxruntime's intra-op threads (None: its default, one per core); verification
+        passes 1 when it runs the original and the rewritten copy at once, each on a core."""
         dtypes = {spec.name: spec.dtype for spec in self._specs}
         feeds = {name: np.asarray(v, dtype=dtypes.get(name)) for name, v in inputs.items()}
         try:
-            session = self._session_for(Path(path))
+            session = self._session_for(Path(path), threads)
         except Exception as exc:  # noqa: BLE001 - the input: say why it cannot be verified against
             if Path(path) != self.path:
                 raise  # the rewritten copy: pathcond's own fault
             if self._external:
                 try:
-                    return self._run_relaid(exc, feeds)
+                    return self._run_relaid(exc, feeds, threads)
                 except Exception:  # noqa: BLE001 - not the external layout either: report the first error
                     pass
             raise _unrunnable(self.path, self._model, exc) from exc
         return [np.asarray(out) for out in session.run(None, feeds)]
 
-    def _session_for(self, path: Path):
-        """The onnxruntime session of ``path``, made once per version of the file: verification runs the
-        original and the rewritten model on several inputs, and a session costs more than a run."""
-        stat = path.stat()
-        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
-        if key not in self._sessions:
-            # one session held at a time: verification runs every case on the original, then on the
-            # rewritten copy, so the first session (the model's weights, a second time) can go
-            self._sessions.clear()
-            self._sessions[key] = _session(path)
-        return self._sessions[key]
+    @property
+    def stored_bytes(self) -> int:
+        """The bytes of every initializer (parameters or not), as an onnxruntime session holds them."""
+        total = 0
+        for tensor in self._model.graph.initializer:
+            try:
+                itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+            except (KeyError, TypeError, ValueError):  # strings and other types without a fixed size
+                itemsize = 1
+            total += int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+        return total
 
-    def _run_relaid(self, exc: Exception, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    @property
+    def _sessions(self) -> dict[tuple, object]:
+        """The calling thread's sessions by (file version, threads): at most one."""
+        if not hasattr(self._held, "sessions"):
+            self._held.sessions = {}
+        return self._held.sessions
+
+    def _session_for(self, path: Path, threads: int | None = None):
+        """The onnxruntime session of ``path``, made once per version of the file: verification runs the
+        original and the rewritten model on several inputs, and a session costs more than a run.
+
+        One session held per thread: verification runs every case on the original, then on the rewritten
+        copy, so the first session (the model's weights, a second time) can go when the second is made;
+        running both at once, it runs them in two threads."""
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, threads)
+        sessions = self._sessions
+        if key not in sessions:
+            sessions.clear()
+            sessions[key] = _session(path, threads)
+        return sessions[key]
+
+    def release_runtime(self) -> None:
+        """Drop the calling thread's onnxruntime session (it holds the model's weights once more)."""
+        self._sessions.clear()
+
+    def _run_relaid(self, exc: Exception, feeds: Mapping[str, np.ndarray], threads: int | None) -> list[np.ndarray]:
         """Run the input when onnxruntime cannot open it as stored (small shape tensors in the external
         data file: its shape inference cannot read them) from the same tensors laid out as the writer
         lays them out."""
@@ -173,7 +206,7 @@ class OnnxModel:
             copy.CopyFrom(self._model)
             relaid = Path(folder) / "input.onnx"
             _save_proto(copy, relaid, external=True, data=self._data)
-            outputs = [np.asarray(out) for out in _session(relaid).run(None, feeds)]
+            outputs = [np.asarray(out) for out in _session(relaid, threads).run(None, feeds)]
         note = (f"onnxruntime cannot open {self.path.name} as stored ({type(exc).__name__}: "
                 f"{str(exc).splitlines()[0][:200]}); it was run with its small tensors stored inline")
         self._note(note)
@@ -217,10 +250,12 @@ def _copy_fields(source, target, skip: str) -> None:
             setattr(target, field.name, value)
 
 
-def _session(path: Path):
+def _session(path: Path, threads: int | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3  # errors only: its warnings are about the runtime, not the model
     # no pre-packed copies of the MatMul/Gemm/Conv weights: a kernel-internal layout (not a graph change)
