@@ -312,3 +312,25 @@ def test_layer_scaled_far_off_converges_in_few_sweeps(layer):
     assert sol.converged and sol.sweeps <= 20, sol.sweeps
     tight = solve(blocks, tol=1e-9)
     assert abs(obj.value(tight.u.numpy()) - f_star) <= 1e-7 * max(1.0, abs(f_star))
+
+
+def test_float32_activations_keep_their_headroom():
+    """A float32 chain with one middle layer scaled by 1e-20 wants the layers before it scaled far up.
+    Every rescaled parameter stays under √max, and the rescaled net, run in float32 on inputs 100 times
+    larger than verification's, stays finite and equal to the original. With the former bound of max/16
+    the first layers' parameters reached 2e37 and these outputs were NaN (fuzz seed 3035)."""
+    graph = mlp(8, (3, 4, 6, 4, 14, 6, 9, 5), scale=KAIMING)
+    keys = [k for k in graph.params if k.startswith("linear6.")]
+    assert len(keys) == 2
+    single = graph.with_params({k: (v * 1e-20 if k in keys else v).float() for k, v in graph.params.items()})
+    analysis = analyze(single, device="cpu")
+    new = rescaled_params(analysis)
+    assert analysis.solution.bounds_active and analysis.solution.log_score_after < analysis.solution.log_score_before
+    _, high = dtype_log_range(torch.float32)
+    assert max(float(v.abs().max()) for v in new.values()) <= math.exp(high) * (1 + 2.0**-20)
+    x = {"x": 100 * torch.randn((64, 3), generator=torch.Generator().manual_seed(1))}
+    out = graph.outputs[0]
+    y0 = evaluate(single, x, dtype=None)[out]
+    y1 = evaluate(single.with_params(new), x, dtype=None)[out]
+    assert y1.dtype == torch.float32 and bool(torch.isfinite(y1).all())
+    torch.testing.assert_close(y1, y0, rtol=1e-4, atol=1e-4 * float(y0.abs().max()))
