@@ -17,7 +17,7 @@ import sys
 import traceback
 import typing
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
@@ -31,7 +31,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, PathcondError, Terminated,
+from .errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, PathcondError, Terminated,
                      UnsupportedModelError, UsageError, VerificationError)
 
 if TYPE_CHECKING:  # imported inside the commands: torch comes with them
@@ -240,12 +240,13 @@ class Output:
             yield notify
 
     def report(self, report: dict[str, Any], *, layers: bool) -> None:
-        if self.as_json:
-            print(json.dumps(report, indent=2))
-        elif not self.quiet:
-            from .report import render
+        with _stdout_may_close():
+            if self.as_json:
+                print(json.dumps(report, indent=2))
+            elif not self.quiet:
+                from .report import render
 
-            render(report, self.out, layers=layers)
+                render(report, self.out, layers=layers)
 
     def internal_error(self, exc: Exception, trace: str) -> None:
         self.err.print(trace, markup=False, highlight=False, end="")
@@ -253,8 +254,9 @@ class Output:
         self.err.print("This is a bug in pathcond, not in your model or options; nothing was written. Please "
                        "report it with the traceback above.")
         if self.as_json:
-            print(json.dumps({"error": {"type": type(exc).__name__, "message": str(exc),
-                                        "exit_code": EXIT_INTERNAL}}, indent=2))
+            with _stdout_may_close():
+                print(json.dumps({"error": {"type": type(exc).__name__, "message": str(exc),
+                                            "exit_code": EXIT_INTERNAL}}, indent=2))
 
     def error(self, exc: PathcondError) -> None:
         self.err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)  # paths stay whole
@@ -271,7 +273,8 @@ class Output:
                 payload["error"]["offenders"] = [vars(o) for o in exc.offenders]
             if isinstance(exc, VerificationError) and exc.report is not None:
                 payload["report"] = exc.report
-            print(json.dumps(payload, indent=2))
+            with _stdout_may_close():
+                print(json.dumps(payload, indent=2))
 
 
 def _run(output: Output, job: Callable[[], Any]) -> Any:
@@ -289,20 +292,35 @@ def _run(output: Output, job: Callable[[], Any]) -> Any:
             # torch's child loggers carry their own levels, so logging is switched off for the job
             logging.disable(logging.CRITICAL)
             return job()
-    except PathcondError as exc:
+    except (KeyboardInterrupt, Exception) as exc:  # noqa: BLE001 - sorted below
+        _exit_for(output, exc)
+    finally:
+        logging.disable(disabled)
+
+
+def _exit_for(output: Output, exc: BaseException) -> None:
+    """Say what ``exc`` means to the user and exit with its code. An error raised *by* an interrupt (Ctrl-C
+    landing in an extension module's import turns into ImportError, which a front end may wrap in turn)
+    is the interrupt."""
+    cause: BaseException | None = exc
+    seen = set()
+    while cause is not None and id(cause) not in seen and not isinstance(cause, KeyboardInterrupt):
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+        exc = cause
+    if isinstance(exc, PathcondError):
         output.error(exc)
         raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt as exc:  # staged files were removed on the way out, committed ones taken back
+    if isinstance(exc, KeyboardInterrupt):  # staged files were removed on the way out, committed ones taken back
         terminated = isinstance(exc, Terminated)
         message = ((TERMINATED if terminated else INTERRUPTED) if not output.written else
                    f"{'terminated' if terminated else 'interrupted'}; already written: {', '.join(output.written)}")
         output.err.print(message, markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED) from None
-    except Exception as exc:  # noqa: BLE001 - a bug: say so, keep the traceback, and exit with its own code
-        output.internal_error(exc, traceback.format_exc())
-        raise typer.Exit(EXIT_INTERNAL) from None
-    finally:
-        logging.disable(disabled)
+    # a bug: say so, keep the traceback, and exit with its own code
+    output.internal_error(exc, "".join(traceback.format_exception(exc)))
+    raise typer.Exit(EXIT_INTERNAL) from None
 
 
 def parse_input_shapes(values: list[str] | None) -> dict[str, tuple[int, ...]]:
@@ -475,16 +493,48 @@ def _leave(code: int | str | None) -> None:
     """Exit with ``code`` as ``sys.exit`` would (None is 0, a message goes to stderr and is 1), after
     flushing the standard streams and logging, but without the interpreter's teardown."""
     if not isinstance(code, int):
-        if code is not None:
+        if code is not None and sys.stderr is not None:
             print(code, file=sys.stderr)
         code = 0 if code is None else 1
     try:
         logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except (OSError, ValueError):  # a closed or broken pipe: the exit status still says how it went
+    except Exception:  # noqa: BLE001 - a handler on a closed stream: nothing left to say there
         pass
+    for stream in (sys.stdout, sys.stderr):  # None when the program was started with it closed
+        try:
+            if stream is not None:
+                stream.flush()
+        except (BrokenPipeError, ValueError):  # the reader left: the exit status still says how it went
+            pass
+        except OSError as exc:  # a full disk: what was asked for is lost
+            if code == 0:
+                _say(f"error: could not write the output: {exc}")
+                code = EXIT_USAGE
     os._exit(code)
+
+
+def _say(line: str) -> None:
+    try:
+        if sys.stderr is not None:
+            print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+@contextmanager
+def _stdout_may_close() -> Iterator[None]:
+    """A reader that leaves early (``pathcond inspect --json | head``) silences the rest of the output
+    instead of turning a finished job into exit 1; any other failure to write it is exit 2, said on stderr."""
+    try:
+        yield
+    except BrokenPipeError:
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the final flush has nowhere to fail
+        except (OSError, ValueError, AttributeError):
+            pass
+    except OSError as exc:
+        _say(f"error: could not write the output: {exc}")
+        raise typer.Exit(EXIT_USAGE) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -251,6 +251,9 @@ def _run_both(model: LoadedModel, rewritten: Path, cases: Sequence[Case]) -> tup
     if not runs_concurrently(model):  # every reference run first (the front end then frees its runtime)
         before = run_cases(lambda feeds, train: model.run(model.path, feeds, train=train), cases)
         return before, run_cases(lambda feeds, train: model.run(rewritten, feeds, train=train), cases)
+    load_runtime = getattr(model, "load_runtime", None)
+    if load_runtime is not None:  # imported here, not by both threads at once (a Ctrl-C in one of them
+        load_runtime()  # would leave the other a half-imported module to blame on the input)
     with ReferenceRuns(lambda feeds, train: model.run(model.path, feeds, train=train, threads=1), cases,
                        after=getattr(model, "release_runtime", None)) as reference:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -169,6 +170,50 @@ def test_leave_maps_exit_codes_like_sys_exit(monkeypatch, capsys, code, status, 
     monkeypatch.setattr(cli.os, "_exit", left.append)
     cli._leave(code)
     assert left == [status] and capsys.readouterr().err == stderr
+
+
+def test_closed_stdout_or_a_reader_that_leaves_keeps_the_exit_status(mlp_onnx, tmp_path):
+    """A program started with stdout closed (``>&-``) or whose reader leaves before it writes (``| head``)
+    still exits 0 once its job is done, with its files in place: exit 1 means verification failed."""
+    out = tmp_path / "o.onnx"
+    proc = subprocess.run([sys.executable, "-m", "pathcond_cli", "rescale", str(mlp_onnx), str(out), "--device", "cpu"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300,
+                          preexec_fn=lambda: os.close(1))
+    assert proc.returncode == 0, proc.stderr
+    assert out.exists() and "Traceback" not in proc.stderr
+    reader = subprocess.Popen([sys.executable, "-m", "pathcond_cli", "inspect", str(mlp_onnx), "--json", "--layers"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reader.stdout.close()  # gone before the first byte
+    _, stderr = reader.communicate(timeout=300)
+    assert reader.returncode == 0, stderr
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_an_error_raised_by_an_interrupt_is_the_interrupt(wrapped):
+    """Ctrl-C inside an extension module's import comes out as ImportError (then maybe a refusal made from
+    it): exit 130 with the interrupted line, not 3 or 4."""
+    import typer
+
+    from pathcond_cli import cli
+    from pathcond_cli.errors import UnsupportedModelError
+
+    try:
+        try:
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt as stop:
+                raise ImportError("initialization failed") from stop
+        except ImportError as exc:
+            if not wrapped:
+                raise
+            raise UnsupportedModelError("onnxruntime cannot run it") from exc
+    except Exception as exc:  # noqa: BLE001
+        error = exc
+    output = cli.Output(as_json=False, quiet=False)
+    with pytest.raises(typer.Exit) as stop:
+        cli._exit_for(output, error)
+    assert stop.value.exit_code == 130
 
 # -- PyTorch checkpoints through the CLI ---------------------------------------------------------------
 

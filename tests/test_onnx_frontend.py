@@ -722,15 +722,18 @@ def test_concurrent_verification_reraises_the_originals_failure_first(mlp_onnx, 
 
 
 def test_side_by_side_only_up_to_the_stored_bytes_limit(tmp_path, monkeypatch):
-    """The limit counts every initializer as onnxruntime holds it, parameters or not (here an int64 shape
-    tensor as well as the weights), summed independently from the arrays onnx reads back."""
+    """The limit counts every stored tensor as onnxruntime holds it, parameters or not (here an int64 shape
+    tensor held by a Constant node as well as the weights), summed independently from the arrays onnx
+    reads back."""
     from pathcond_cli import verify as verification
 
     rng = np.random.default_rng(0)
     stored = {"w1": rng.standard_normal((8, 4)).astype(np.float32), "b1": rng.standard_normal(8).astype(np.float32),
-              "shape": np.array([1, 8], np.int64), "w2": rng.standard_normal((2, 8)).astype(np.float32)}
+              "w2": rng.standard_normal((2, 8)).astype(np.float32)}
+    shape = np.array([1, 8], np.int64)
     graph = helper.make_graph(
-        [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], "fc1", transB=1),
+        [helper.make_node("Constant", [], ["shape"], "shape", value=numpy_helper.from_array(shape)),
+         helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], "fc1", transB=1),
          helper.make_node("Relu", ["h"], ["r"], "relu"),
          helper.make_node("Reshape", ["r", "shape"], ["f"], "reshape"),
          helper.make_node("Gemm", ["f", "w2"], ["y"], "fc2", transB=1)],
@@ -741,7 +744,7 @@ def test_side_by_side_only_up_to_the_stored_bytes_limit(tmp_path, monkeypatch):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source)
     arrays = [numpy_helper.to_array(t) for t in onnx.load(source).graph.initializer]
     model = load_onnx(source)
-    assert model.stored_bytes == sum(a.nbytes for a in arrays)
+    assert model.stored_bytes == sum(a.nbytes for a in arrays) + shape.nbytes
     assert model.stored_bytes > sum(t.numel() * t.element_size() for t in model.graph.params.values())
     monkeypatch.setattr(verification, "CONCURRENT_MAX_STORED_BYTES", model.stored_bytes)
     assert verification.runs_concurrently(model)

@@ -76,6 +76,8 @@ class LoadedModel(Protocol):
     concurrent_runs: bool
     # optional: the bytes the runtime loads (every stored tensor, parameters or not), for that decision
     stored_bytes: int
+    # optional: load_runtime() imports the runtime in the calling thread before the second one starts;
+    # release_runtime() frees what the calling thread's runs hold
 
     def save(self, new_params: Mapping[str, torch.Tensor], path: Path) -> None:
         """Write the same container to ``path`` with only these parameters changed (each cast to

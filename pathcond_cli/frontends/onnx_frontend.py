@@ -67,7 +67,7 @@ from .base import InputSpec, LoadOptions
 from .onnx_read import POOL_OPS, _attr, _input_shapes, _Names, _opset, _ParamRef, _read_model, _real_inputs
 from .onnx_translate import _node_names, _translate
 from .onnx_upgrade import _names_after_original, _upgrade, _writable
-from .onnx_write import _apply_plan, _plan_names, _save_proto
+from .onnx_write import _all_tensors, _apply_plan, _plan_names, _save_proto
 
 # Names other code reads from this module (jobs.py's file checks, tests), now defined in its parts.
 from .onnx_read import _Refuse, data_file_for, external_data_files  # noqa: F401 - jobs.py and tests import them here
@@ -159,9 +159,10 @@ class OnnxModel:
 
     @property
     def stored_bytes(self) -> int:
-        """The bytes of every initializer (parameters or not), as an onnxruntime session holds them."""
+        """The bytes of every stored tensor (initializers, parameters or not, Constant values, subgraphs'),
+        as an onnxruntime session holds them."""
         total = 0
-        for tensor in self._model.graph.initializer:
+        for tensor in _all_tensors(self._model.graph):
             try:
                 itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
             except (KeyError, TypeError, ValueError):  # strings and other types without a fixed size
@@ -190,6 +191,10 @@ class OnnxModel:
             sessions.clear()
             sessions[key] = _session(path, threads)
         return sessions[key]
+
+    def load_runtime(self) -> None:
+        """Import onnxruntime in the calling thread (verification does it before starting a second one)."""
+        import onnxruntime  # noqa: F401
 
     def release_runtime(self) -> None:
         """Drop the calling thread's onnxruntime session (it holds the model's weights once more)."""
