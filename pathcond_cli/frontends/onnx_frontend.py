@@ -64,10 +64,10 @@ import torch
 from ..errors import UnsupportedModelError
 from ..ir import Graph
 from .base import InputSpec, LoadOptions
-from .onnx_read import POOL_OPS, _attr, _input_shapes, _Names, _opset, _ParamRef, _read_model, _real_inputs
+from .onnx_read import POOL_OPS, _all_tensors, _attr, _input_shapes, _Names, _opset, _ParamRef, _read_model, _real_inputs
 from .onnx_translate import _node_names, _translate
 from .onnx_upgrade import _names_after_original, _upgrade, _writable
-from .onnx_write import _all_tensors, _apply_plan, _plan_names, _save_proto
+from .onnx_write import _apply_plan, _plan_names, _save_proto
 
 # Names other code reads from this module (jobs.py's file checks, tests), now defined in its parts.
 from .onnx_read import _Refuse, data_file_for, external_data_files  # noqa: F401 - jobs.py and tests import them here
@@ -155,7 +155,12 @@ class OnnxModel:
                 except Exception:  # noqa: BLE001 - not the external layout either: report the first error
                     pass
             raise _unrunnable(self.path, self._model, exc) from exc
-        return [np.asarray(out) for out in session.run(None, feeds)]
+        try:
+            return [np.asarray(out) for out in session.run(None, feeds)]
+        except Exception as exc:  # noqa: BLE001 - loaded, but fails on these inputs (an index out of range...)
+            if Path(path) != self.path:
+                raise
+            raise _unrunnable(self.path, self._model, exc) from exc
 
     @property
     def stored_bytes(self) -> int:

@@ -195,11 +195,55 @@ def _load_hashed(path: Path) -> onnx.ModelProto:
     return proto
 
 
+def _all_tensors(graph: onnx.GraphProto):
+    """Every tensor of a graph: initializers, attribute tensors (Constant values), subgraphs'."""
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                yield a.t
+            yield from a.tensors
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                yield from _all_tensors(sub)
+
+
 def _external_locations(proto: onnx.ModelProto) -> list[str]:
-    tensors = list(proto.graph.initializer)
-    tensors += [a.t for n in proto.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
-    return sorted({e.value for t in tensors if onnx.external_data_helper.uses_external_data(t)
+    """The external data files of every tensor, subgraphs' included (onnx loads them all)."""
+    return sorted({e.value for t in _all_tensors(proto.graph) if onnx.external_data_helper.uses_external_data(t)
                    for e in t.external_data if e.key == "location"})
+
+
+#: element types stored two to a byte
+_PACKED = frozenset(getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n))
+
+
+def _check_tensors(path: Path, model: onnx.ModelProto) -> None:
+    """Every stored tensor has an element type ONNX defines and as much data as its dims say: a
+    malformed one is an unreadable file (exit 2), not an error deep inside numpy. The raw bytes of
+    large tensors are checked when they are read (:func:`_detach_data`), not copied here."""
+    for t in _all_tensors(model.graph):
+        if t.data_type == onnx.TensorProto.STRING or t.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        try:
+            itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+            field = onnx.helper.tensor_dtype_to_field(t.data_type)
+        except (KeyError, TypeError, ValueError):
+            raise UsageError(f"{path}: tensor {t.name!r} has element type {t.data_type}, which ONNX does not "
+                             "define (a corrupt or hand-made file)") from None
+        n = math.prod(t.dims)
+        packed = t.data_type in _PACKED
+        if t.HasField("raw_data"):
+            if n > DETACH_MIN_ENTRIES and _detachable(t) is not None:
+                continue  # _detach_data reads and checks it
+            have, want = len(t.raw_data), (n + 1) // 2 if packed else n * itemsize
+        else:
+            have = len(getattr(t, field))
+            want = (n + 1) // 2 if packed else 2 * n if t.data_type in (onnx.TensorProto.COMPLEX64,
+                                                                       onnx.TensorProto.COMPLEX128) else n
+        if have != want:
+            raise UsageError(f"{path}: tensor {t.name!r} of shape {tuple(t.dims)} holds {have} "
+                             f"{'bytes' if t.HasField('raw_data') else 'values'} of data where {want} are "
+                             "expected (a corrupt or truncated file)")
 
 
 def _read_model(path: Path) -> tuple[onnx.ModelProto, bool, dict[str, np.ndarray]]:
@@ -216,7 +260,8 @@ def _read_model(path: Path) -> tuple[onnx.ModelProto, bool, dict[str, np.ndarray
         raise UsageError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
     if model.ir_version <= 0 or not model.graph.node or not model.graph.output:
         raise UsageError(f"{path} is not an ONNX model (no graph found in the file)")
-    model, data = _detach_data(model)
+    _check_tensors(path, model)
+    model, data = _detach_data(model, path)
     return model, external, data
 
 
@@ -239,7 +284,7 @@ def _detachable(tensor: onnx.TensorProto) -> np.dtype | None:
         return None
 
 
-def _detach_data(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+def _detach_data(model: onnx.ModelProto, path: Path | None = None) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """(the model without the data of its large raw-data initializers, their values by name).
 
     The values are the read-only arrays the rest of the front end reads anyway (numpy_helper.to_array of
@@ -259,6 +304,10 @@ def _detach_data(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.
             continue
         raw = tensor.raw_data  # a copy of the bytes, read once
         if len(raw) != dtype.itemsize * math.prod(tensor.dims):  # packed 4/2/6-bit types, a malformed tensor
+            if path is not None and tensor.data_type not in _PACKED:
+                raise UsageError(f"{path}: tensor {tensor.name!r} of shape {tuple(tensor.dims)} holds {len(raw)} "
+                                 f"bytes of data where {dtype.itemsize * math.prod(tensor.dims)} are expected "
+                                 "(a corrupt or truncated file)")
             continue
         data[tensor.name] = np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
         tensor.ClearField("raw_data")

@@ -837,7 +837,7 @@ def _translate(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], warni
                         "statistics: they are computed on its input")
     outputs = [heads[v.name].input[0] if v.name in heads else v.name for v in model.graph.output]
     live = _live_nodes(model, folder, outputs)
-    last = channels_last(model, folder, live, all(shape[0] == 1 for shape in shapes.values()))
+    last = channels_last(model, folder, live, all(shape[0] == 1 for shape in shapes.values() if shape))
     ctx.last = last
     _convert(ctx, live)
     pre = _preprocessing(model, folder, live, list(shapes), ctx.offender_nodes) if ctx.offenders else []

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from .onnx_read import _Names, _subgraph_reads, data_file_for, detached_value
+from .onnx_read import _all_tensors, _Names, _subgraph_reads, data_file_for, detached_value
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,18 +227,6 @@ EXTERNAL_MIN_BYTES = 1024
 _INLINE_TYPES = frozenset({
     TensorProto.INT8, TensorProto.INT16, TensorProto.INT32, TensorProto.INT64, TensorProto.UINT8,
     TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64, TensorProto.BOOL, TensorProto.STRING})
-
-
-def _all_tensors(graph: onnx.GraphProto):
-    """Every tensor of a graph: initializers, attribute tensors (Constant values), subgraphs'."""
-    yield from graph.initializer
-    for node in graph.node:
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.TENSOR:
-                yield a.t
-            yield from a.tensors
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                yield from _all_tensors(sub)
 
 
 def _goes_external(tensor: TensorProto) -> bool:
