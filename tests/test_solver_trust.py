@@ -148,13 +148,13 @@ def test_dead_units_reach_the_brute_force_minimum(build, seed):
 
 def constrained_minimum(graph: Graph, groups, obj: PerParamObjective) -> float:
     """scipy's minimum of the brute-force objective under one constraint per nonzero parameter:
-    ln|θ_i| + (Bu)_i within [BOTTOM·tiny, max/TOP] of its dtype; a value above that range may not grow,
+    ln|θ_i| + (Bu)_i within [BOTTOM·tiny, √max] of its dtype; a value above that range may not grow,
     a value below it is not held."""
     rows, lows, highs = [], [], []
     for role in groups.roles:
         stored = graph.params[role.key]
         info = torch.finfo(stored.dtype)
-        low, high = math.log(info.tiny * BOTTOM), math.log(info.max / TOP)
+        low, high = math.log(info.tiny * BOTTOM), math.log(ceiling(info))
         values = stored.double().numpy()
         for idx in np.ndindex(*role.shape):
             if values[idx] == 0:
@@ -199,18 +199,22 @@ def half_mlp_with_scaled_layer(seed: int) -> Graph:
     return graph.with_params({**{k: v.half() for k, v in graph.params.items()}, key: (graph.params[key] * scale).half()})
 
 
-TOP, BOTTOM = 16.0, 2.0  # the bounds keep every value 2^4 below the dtype's max, 2x above its tiny
+BOTTOM = 2.0  # the bounds keep every value at least 2x the dtype's tiny and at most √max (its ceiling)
+
+
+def ceiling(info) -> float:
+    return math.sqrt(float(info.max))
 
 
 def leaves_range(graph: Graph, groups, u: torch.Tensor, slack: float = 1.0) -> bool:
-    """Whether θ·e^{Bu} puts a parameter outside [BOTTOM·tiny, max/TOP] of its dtype (``slack`` widens
+    """Whether θ·e^{Bu} puts a parameter outside [BOTTOM·tiny, √max] of its dtype (``slack`` widens
     it for rounding): above it and larger than it was, or below it while it was not, in float64."""
     for role in groups.roles:
         stored = graph.params[role.key]
         info = torch.finfo(stored.dtype)
         theta = stored.double().abs()
         new = theta * torch.exp(role_log_factor(role, u))
-        too_big = (new > info.max / TOP * slack) & (new > theta)
+        too_big = (new > ceiling(info) * slack) & (new > theta)
         too_small = (new * slack < info.tiny * BOTTOM) & (theta >= info.tiny * BOTTOM)
         if bool((too_big | too_small).any()):
             return True
@@ -303,7 +307,7 @@ def test_rescale_beyond_dtype_range_is_bounded(name, tmp_path):
     result = invoke("rescale", source, out, "--json", "--device", "cpu")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    # every written parameter finite; inside [BOTTOM·tiny, max/TOP] unless it was outside already (checked
+    # every written parameter finite; inside [BOTTOM·tiny, √max] unless it was outside already (checked
     # on the written file: the cast rounds, hence the slack)
     before, after = initializers(source), initializers(out)
     info = np.finfo(next(iter(before.values())).dtype)
@@ -315,7 +319,7 @@ def test_rescale_beyond_dtype_range_is_bounded(name, tmp_path):
         big, small = np.abs(new.astype(np.float64)), np.abs(old.astype(np.float64))
         held = small >= float(info.tiny) * BOTTOM
         assert (big[held] * slack >= float(info.tiny) * BOTTOM).all(), key  # no held value subnormal or 0
-        assert (big <= np.maximum(float(info.max) / TOP, small) * slack).all(), key
+        assert (big <= np.maximum(ceiling(info), small) * slack).all(), key
         changed += int(not np.array_equal(new, old))
     assert changed > 0
     assert report["verification"]["passed"]
