@@ -481,10 +481,10 @@ def main() -> None:
     except SystemExit as exc:
         code = exc.code
     except Terminated:
-        print(TERMINATED, file=sys.stderr)
+        _say(TERMINATED)
         code = EXIT_TERMINATED
     except KeyboardInterrupt:  # outside a job (typer exits 130 silently inside its own parsing)
-        print(INTERRUPTED, file=sys.stderr)
+        _say(INTERRUPTED)
         code = EXIT_INTERRUPTED
     _leave(code)
 
@@ -493,8 +493,8 @@ def _leave(code: int | str | None) -> None:
     """Exit with ``code`` as ``sys.exit`` would (None is 0, a message goes to stderr and is 1), after
     flushing the standard streams and logging, but without the interpreter's teardown."""
     if not isinstance(code, int):
-        if code is not None and sys.stderr is not None:
-            print(code, file=sys.stderr)
+        if code is not None:
+            _say(str(code))
         code = 0 if code is None else 1
     try:
         logging.shutdown()
