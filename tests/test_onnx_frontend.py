@@ -1199,3 +1199,16 @@ def test_a_scalar_graph_input_is_not_an_internal_error(tmp_path):
         result = invoke("inspect", source, "--device", "cpu", *extra)
         assert result.exit_code in (0, 3), result.output
         assert "internal error" not in result.output
+
+
+def test_an_output_over_protobufs_limit_is_refused_with_what_to_do(mlp_onnx, tmp_path, monkeypatch):
+    """An inline output over protobuf's 2 GiB limit (here a limit made tiny) is exit 3 naming the fix
+    (external data), not onnx's ValueError as exit 4; nothing is written."""
+    from pathcond_cli.frontends import onnx_write
+    from tests.test_cli import invoke
+
+    monkeypatch.setattr(onnx_write, "_MAX_PROTOBUF", 100)
+    result = invoke("rescale", mlp_onnx, tmp_path / "out.onnx", "--device", "cpu")
+    assert result.exit_code == 3, result.output
+    assert "save_as_external_data=True" in " ".join(result.output.split())
+    assert list(tmp_path.iterdir()) == []

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from ..errors import UnsupportedModelError
 from .onnx_read import _all_tensors, _Names, _subgraph_reads, data_file_for, detached_value
 
 
@@ -367,9 +368,12 @@ def _write_serialised(model: onnx.ModelProto, path: Path, data: Mapping[str, np.
     from .base import record_digest
 
     pieces = _pieces(model, data)
-    if _size(pieces) >= _MAX_PROTOBUF:  # onnx.save_model's refusal, in its words
-        raise ValueError("The proto size is larger than the 2 GB limit. Please use save_as_external_data to save "
-                         "tensors separately from the model file.")
+    if _size(pieces) >= _MAX_PROTOBUF:  # only when new tensors push an inline model over the limit
+        raise UnsupportedModelError(
+            f"the rescaled model would be {_size(pieces) / 2**30:.2f} GiB in one file, over protobuf's 2 GiB "
+            "limit (tensors shared by layers that get different values are stored anew); store the input's "
+            "weights as external data (onnx.save_model(model, path, save_as_external_data=True)) and "
+            "rescale that: the output then keeps its weights in a .data file beside it")
     digest = hashlib.sha256()
     with open(path, "wb") as fh:
         for piece in pieces:
