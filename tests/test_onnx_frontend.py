@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -1212,3 +1213,31 @@ def test_an_output_over_protobufs_limit_is_refused_with_what_to_do(mlp_onnx, tmp
     assert result.exit_code == 3, result.output
     assert "save_as_external_data=True" in " ".join(result.output.split())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_fields_of_the_model_graph_and_nodes_are_kept(tmp_path):
+    """Fields of a newer ONNX schema (unknown to this onnx) on the model, the graph, a node and a large
+    weight survive a rescaling that rewrites that weight (the model and graph lost theirs)."""
+    from google.protobuf import unknown_fields
+
+    from tests.test_cli import invoke
+
+    model = _two_layer(np.random.default_rng(4))
+    extra = b"\xc2\x3e\x05hello"  # field 1000, length-delimited
+
+    def add(message):
+        data = message.SerializeToString() + extra
+        message.Clear()
+        message.ParseFromString(data)
+
+    for message in (model.graph.initializer[0], model.graph.node[0], model.graph, model):
+        add(message)
+    source, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    source.write_bytes(model.SerializeToString())
+    result = invoke("rescale", source, out, "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["conditioning"]["max_abs_log_scale"] > 0.01, "W1 must be rewritten"
+    written = onnx.ModelProto()
+    written.ParseFromString(out.read_bytes())
+    for message in (written, written.graph, written.graph.node[0], written.graph.initializer[0]):
+        assert [f.field_number for f in unknown_fields.UnknownFieldSet(message)] == [1000]

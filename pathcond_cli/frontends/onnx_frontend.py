@@ -227,37 +227,19 @@ _NUMPY_FLOATS = frozenset({torch.float16, torch.float32, torch.float64})
 
 
 def _copy_model(model: onnx.ModelProto, replaced: set[str]) -> onnx.ModelProto:
-    """A copy of ``model`` in which the initializers named in ``replaced`` are empty placeholders (their
-    new values are written next): the old values of the tensors being rewritten are never copied."""
-    if not replaced:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        return copy
+    """A copy of ``model`` (all of it, unknown fields too) in which the initializers named in ``replaced``
+    are placeholders: name, doc string and metadata, what ``_set_tensor`` keeps; their new values are
+    written next. Large raw-data tensors are not in ``model`` (``_detach_data``), so the copy is small."""
     copy = onnx.ModelProto()
-    _copy_fields(model, copy, skip="graph")
-    _copy_fields(model.graph, copy.graph, skip="initializer")
-    for tensor in model.graph.initializer:
-        if tensor.name in replaced:  # what _set_tensor keeps: name, doc string, metadata
-            placeholder = copy.graph.initializer.add(name=tensor.name, metadata_props=tensor.metadata_props)
+    copy.CopyFrom(model)
+    for tensor in copy.graph.initializer:
+        if tensor.name in replaced:
+            kept = onnx.TensorProto(name=tensor.name, metadata_props=tensor.metadata_props)
             if tensor.HasField("doc_string"):
-                placeholder.doc_string = tensor.doc_string
-        else:
-            copy.graph.initializer.add().CopyFrom(tensor)
+                kept.doc_string = tensor.doc_string
+            tensor.Clear()
+            tensor.MergeFrom(kept)
     return copy
-
-
-def _copy_fields(source, target, skip: str) -> None:
-    """Copy every set field of a protobuf message but one into ``target`` (field by field)."""
-    for field, value in source.ListFields():
-        if field.name == skip:
-            continue
-        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
-        if repeated:
-            getattr(target, field.name).extend(value)
-        elif field.message_type is not None:
-            getattr(target, field.name).CopyFrom(value)
-        else:
-            setattr(target, field.name, value)
 
 
 def _session(path: Path, threads: int | None = None):
