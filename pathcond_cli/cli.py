@@ -203,6 +203,7 @@ class Output:
         self.out = Console()
         if not self.out.is_terminal:  # piped or captured: do not squeeze tables into 80 columns
             self.out = Console(width=140)
+        self.out.on_broken_pipe = _silence_stdout  # rich's own handler exits 1: "verification failed"
         self.err = Console(stderr=True)
         self.written: list[str] = []  # files the job has moved into place (what an interrupt keeps)
 
@@ -521,6 +522,14 @@ def _say(line: str) -> None:
         pass
 
 
+def _silence_stdout() -> None:
+    """The reader of stdout left: what is still to be written (and the final flush) goes to /dev/null."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 @contextmanager
 def _stdout_may_close() -> Iterator[None]:
     """A reader that leaves early (``pathcond inspect --json | head``) silences the rest of the output
@@ -528,10 +537,7 @@ def _stdout_may_close() -> Iterator[None]:
     try:
         yield
     except BrokenPipeError:
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the final flush has nowhere to fail
-        except (OSError, ValueError, AttributeError):
-            pass
+        _silence_stdout()
     except OSError as exc:
         _say(f"error: could not write the output: {exc}")
         raise typer.Exit(EXIT_USAGE) from None

@@ -187,6 +187,13 @@ def test_closed_stdout_or_a_reader_that_leaves_keeps_the_exit_status(mlp_onnx, t
     _, stderr = reader.communicate(timeout=300)
     assert reader.returncode == 0, stderr
     assert "Traceback" not in stderr
+    # tables for people (rich's own broken-pipe handler exited 1)
+    human = subprocess.Popen([sys.executable, "-m", "pathcond_cli", "rescale", str(mlp_onnx), str(tmp_path / "h.onnx"),
+                              "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    human.stdout.close()
+    _, stderr = human.communicate(timeout=300)
+    assert human.returncode == 0, stderr
+    assert (tmp_path / "h.onnx").exists()
 
 
 @pytest.mark.parametrize("wrapped", [False, True])

@@ -1092,7 +1092,8 @@ def _two_layer(rng, n_in: int = 64, hidden: int = 100, n_out: int = 50):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-@pytest.mark.parametrize("damage", ["empty", "short", "long", "undefined", "unknown", "short_small", "typed"])
+@pytest.mark.parametrize("damage", ["empty", "short", "long", "undefined", "unknown", "short_small", "typed",
+                                    "duplicate", "segment"])
 def test_malformed_tensors_are_unreadable_files(damage, tmp_path):
     """Raw data shorter or longer than the dims say, or an element type ONNX does not define: exit 2 naming
     the tensor (it was an error deep inside numpy, exit 4), for large tensors and small ones."""
@@ -1106,6 +1107,10 @@ def test_malformed_tensors_are_unreadable_files(damage, tmp_path):
         w1.raw_data = w1.raw_data[:-4] if damage == "short" else w1.raw_data + b"\0" * 4
     elif damage in ("undefined", "unknown"):
         w1.data_type = 0 if damage == "undefined" else 999
+    elif damage == "duplicate":
+        model.graph.initializer.append(model.graph.initializer[1])
+    elif damage == "segment":
+        w1.segment.begin, w1.segment.end = 0, 10
     elif damage == "short_small":
         model = _two_layer(np.random.default_rng(0), 4, 8, 3)
         model.graph.initializer[1].raw_data = model.graph.initializer[1].raw_data[:-4]
@@ -1119,7 +1124,7 @@ def test_malformed_tensors_are_unreadable_files(damage, tmp_path):
     for args in (("inspect", source), ("rescale", source, tmp_path / "out.onnx")):
         result = invoke(*args, "--device", "cpu")
         assert result.exit_code == 2, result.output
-        assert "tensor 'W" in " ".join(result.output.split()) and "Traceback" not in result.output
+        assert "'W" in " ".join(result.output.split()) and "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
 
 
@@ -1241,3 +1246,55 @@ def test_unknown_fields_of_the_model_graph_and_nodes_are_kept(tmp_path):
     written.ParseFromString(out.read_bytes())
     for message in (written, written.graph, written.graph.node[0], written.graph.initializer[0]):
         assert [f.field_number for f in unknown_fields.UnknownFieldSet(message)] == [1000]
+
+
+
+@pytest.mark.parametrize("case", ["string_bias", "vector_input"])
+def test_odd_but_valid_models_are_refused_not_crashed(case, tmp_path):
+    """A string tensor where a weight goes, a 1-D graph input (no batch or channel axis): exit 3 naming
+    the node, not a TypeError / IndexError as exit 4."""
+    from tests.test_cli import invoke
+
+    rng = np.random.default_rng(5)
+    if case == "string_bias":
+        w = rng.standard_normal((4, 3)).astype(np.float32)
+        nodes = [helper.make_node("Gemm", ["x", "W", "b"], ["h"]), helper.make_node("Relu", ["h"], ["y"])]
+        inits = [numpy_helper.from_array(w, "W"), helper.make_tensor("b", TensorProto.STRING, [3], [b"a", b"b", b"c"])]
+        shape = [1, 4]
+    else:
+        nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+                 helper.make_node("MatMul", ["r", "W2"], ["y"])]
+        inits = [numpy_helper.from_array(rng.standard_normal((4, 5)).astype(np.float32), "W"),
+                 numpy_helper.from_array(rng.standard_normal((5, 3)).astype(np.float32), "W2")]
+        shape = [4]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    source = tmp_path / "in.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source)
+    result = invoke("rescale", source, tmp_path / "out.onnx", "--device", "cpu")
+    assert result.exit_code == 3, result.output
+    assert "internal error" not in result.output
+
+
+def test_inputs_too_large_to_verify_are_a_usage_error():
+    """A declared (or --input-shape) dim so large that one verification input would need terabytes:
+    exit 2 before allocating, not a MemoryError as exit 4."""
+    from pathcond_cli.frontends.base import InputSpec
+    from pathcond_cli.verify import random_inputs
+
+    with pytest.raises(UsageError, match="too large to verify"):
+        random_inputs([InputSpec("x", (2**40, 4), "float32")], seed=0)
+    assert random_inputs([InputSpec("x", (2, 4), "float32")], seed=0)["x"].shape == (2, 4)
+
+
+def test_identical_non_finite_outputs_pass_and_new_ones_fail():
+    """An original whose outputs hold inf or NaN (a NaN weight kept in an opaque layer) is matched where
+    the rewritten file gives the same inf or NaN; a new non-finite value, or a changed one, still fails."""
+    from pathcond_cli.verify import _compare
+
+    a = np.array([1.0, np.inf, -np.inf, np.nan, 2.0])
+    assert _compare([a], [a.copy()], "eval")[0].max_rel_error == 0.0
+    assert _compare([a], [a + np.array([1e-9, 0, 0, 0, 0])], "eval")[0].max_rel_error < 1e-8
+    for changed in (np.array([1.0, np.nan, -np.inf, np.nan, 2.0]), np.array([1.0, np.inf, -np.inf, 0.0, 2.0])):
+        assert _compare([a], [changed], "eval")[0].max_rel_error == np.inf
+    assert _compare([np.array([1.0, 2.0])], [np.array([1.0, np.inf])], "eval")[0].max_rel_error == np.inf

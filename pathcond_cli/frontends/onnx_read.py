@@ -221,7 +221,14 @@ def _check_tensors(path: Path, model: onnx.ModelProto) -> None:
     """Every stored tensor has an element type ONNX defines and as much data as its dims say: a
     malformed one is an unreadable file (exit 2), not an error deep inside numpy. The raw bytes of
     large tensors are checked when they are read (:func:`_detach_data`), not copied here."""
+    names = [t.name for t in model.graph.initializer]
+    if len(set(names)) < len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise UsageError(f"{path}: initializer name(s) {', '.join(map(repr, twice[:5]))} appear more than once "
+                         "(a corrupt or hand-made file: ONNX names each value once)")
     for t in _all_tensors(model.graph):
+        if t.HasField("segment"):
+            raise UsageError(f"{path}: tensor {t.name!r} is stored in segments, which onnx cannot load")
         if t.data_type == onnx.TensorProto.STRING or t.data_location == onnx.TensorProto.EXTERNAL:
             continue
         try:

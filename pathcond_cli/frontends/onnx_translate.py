@@ -104,6 +104,8 @@ class _Context:
         else:
             key = f"{name}@{self.node_names[self.index]}:{slot}"
         stored = self.folder.values[name]
+        if np.asarray(stored).dtype.kind in "OSU":  # strings (bfloat16 and float8 are kind V)
+            raise _Refuse(f"its input {slot} ({name!r}) is not a numeric tensor")
         value = transform.forward(stored)
         if not np.all(np.isfinite(value)):  # the path statistics would overflow without saying where
             raise _Refuse(f"its input {slot} ({name!r}) holds inf or NaN")
@@ -496,6 +498,8 @@ def _split_operands(ctx: _Context) -> tuple[int, int]:
 
 def _per_channel(ctx: _Context, xs: int, cs: int, what: str) -> tuple[int, tuple[int, ...]]:
     shape = ctx.shape(xs)
+    if len(shape) < 2:
+        raise _Refuse(f"its input of shape {tuple(shape)} has no channel axis (pathcond reads (batch, channels, ...))")
     layout = _channel_vector(ctx, ctx.const(ctx.node.input[cs]), len(shape), shape[1])
     if layout is None:
         raise _Refuse(f"its constant of shape {ctx.const(ctx.node.input[cs]).shape} is not {what}")
