@@ -127,7 +127,8 @@ class OnnxModel:
                 wanted[(ref.node_index, ref.slot)] = stored if same_dims else None
                 layouts[(ref.node_index, ref.slot)] = stored
         plan = _plan_names(self._names, wanted)
-        model = _copy_model(self._model, replaced={name for name in plan.roots if name not in self._data})
+        model = onnx.ModelProto()  # all of it, unknown fields too; small: the large weights are in _data
+        model.CopyFrom(self._model)
         data = dict(self._data)  # the detached tensors' values: new ones replace their entries
         node_names = _node_names(self._model)
         for index, slot, old, new_name in _apply_plan(model, plan, layouts, data):
@@ -224,22 +225,6 @@ class OnnxModel:
 
 
 _NUMPY_FLOATS = frozenset({torch.float16, torch.float32, torch.float64})
-
-
-def _copy_model(model: onnx.ModelProto, replaced: set[str]) -> onnx.ModelProto:
-    """A copy of ``model`` (all of it, unknown fields too) in which the initializers named in ``replaced``
-    are placeholders: name, doc string and metadata, what ``_set_tensor`` keeps; their new values are
-    written next. Large raw-data tensors are not in ``model`` (``_detach_data``), so the copy is small."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    for tensor in copy.graph.initializer:
-        if tensor.name in replaced:
-            kept = onnx.TensorProto(name=tensor.name, metadata_props=tensor.metadata_props)
-            if tensor.HasField("doc_string"):
-                kept.doc_string = tensor.doc_string
-            tensor.Clear()
-            tensor.MergeFrom(kept)
-    return copy
 
 
 def _session(path: Path, threads: int | None = None):
